@@ -1,0 +1,1 @@
+"""Footprints, cluster inventory, the planner, expert affinity and placement, the KV cache."""

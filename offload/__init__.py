@@ -1,0 +1,1 @@
+"""Weight tiers (device, host, NVMe), tier files, async reads, prefetch and the expert cache."""

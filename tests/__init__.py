@@ -1,0 +1,1 @@
+"""tessera's test suite (CPU + gloo; GPU tests skip when no CUDA device is present)."""
