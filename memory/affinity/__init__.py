@@ -1,0 +1,1 @@
+"""Expert affinity: routing traces, transition statistics, placement solvers, load balance."""

@@ -1,0 +1,1 @@
+"""Diffusion engine: the denoising loop over a patch/sequence/CFG-parallel transformer."""

@@ -1,0 +1,1 @@
+"""Language-model generation engine: paged KV cache, continuous batching, sampling, streaming."""
