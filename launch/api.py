@@ -1,0 +1,457 @@
+"""The Python launcher: ``tessera.launch(model=..., plan=...)`` -> a running :class:`Handle`.
+
+A handle owns one :class:`~tessera.runtime.controller.Controller` (its
+placement groups and worker actors) and, when a model is given, one engine
+(``LLMEngine`` or ``DiffusionEngine``, through the driver-side contract in
+docs/DEVELOPING.md). Several handles of one process share one Ray
+connection: the launcher counts its users and shuts an embedded Ray down
+only when the last handle is gone, so one handle's shutdown never pulls Ray
+out from under another.
+
+Everything that can be checked before workers start is checked first: the
+job (``JobFile``), the model (exists, or is a buildable ``tiny-*`` name), the
+engine module (importable), the cluster address (a GCS address, not the
+dashboard's ``http://`` one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from tessera.memory.placement import Placement
+from tessera.runtime.config import ConfigError, JobSpec, Timeouts
+from tessera.runtime.controller import Controller, RankInfo
+from tessera.runtime.errors import WaitTimeout
+
+from tessera.launch.jobfile import JobFile
+
+log = logging.getLogger("tessera.launch")
+
+LLM_ENGINE = "tessera.runtime.llm.engine"
+DIFFUSION_ENGINE = "tessera.runtime.diffusion.engine"
+PLANNER = "tessera.memory.planner"
+
+
+class EngineUnavailable(ConfigError):
+    """The engine this job needs is not part of this installation."""
+
+
+# -- one Ray connection per process, shared by every handle ------------------------
+
+
+class _RayConnection:
+    """Reference-counted ``ray.init``: the first handle connects, the last one disconnects.
+
+    If Ray was initialised by someone else (the user, a test fixture, the
+    ``ray job`` driver), handles use it and never shut it down.
+    """
+
+    _lock = threading.Lock()
+    _users = 0
+    _owned = False
+    _temp_dir: str | None = None
+
+    @classmethod
+    def acquire(cls, address: str | None, runtime_env: Mapping[str, Any] | None, num_cpus: int) -> None:
+        import ray
+
+        with cls._lock:
+            if not ray.is_initialized():
+                kwargs: dict[str, Any] = {"namespace": "tessera", "log_to_driver": True}
+                if runtime_env:
+                    kwargs["runtime_env"] = dict(runtime_env)
+                if address is None:
+                    cls._temp_dir = tempfile.mkdtemp(prefix="tessera-ray-")
+                    kwargs.update(num_cpus=num_cpus, include_dashboard=False, _temp_dir=cls._temp_dir)
+                else:
+                    kwargs["address"] = address
+                ray.init(**kwargs)
+                cls._owned = True
+            cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        import ray
+
+        with cls._lock:
+            cls._users = max(0, cls._users - 1)
+            if cls._users == 0 and cls._owned:
+                ray.shutdown()
+                cls._owned = False
+
+    @classmethod
+    def users(cls) -> int:
+        return cls._users
+
+
+def resolve_address(cluster: str | None) -> str | None:
+    """``None``: embedded Ray, unless ``RAY_ADDRESS`` names a cluster (as inside
+    ``ray job submit`` and the SLURM scripts); ``"auto"`` or ``HOST:PORT`` otherwise."""
+    if cluster is None:
+        env = os.environ.get("RAY_ADDRESS", "").strip()
+        cluster = env or None
+    if cluster is None:
+        return None
+    if cluster.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"cluster {cluster!r} is the dashboard (job submission) address; to submit there use "
+            f"`tessera submit JOB --address {cluster}`, to connect directly give the GCS address HOST:6379"
+        )
+    return cluster
+
+
+def wait_for_nodes(min_nodes: int, timeout_s: float) -> int:
+    """Block until the connected Ray cluster has ``min_nodes`` alive nodes; returns the count."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive >= min_nodes:
+            return alive
+        if time.monotonic() > deadline:
+            raise WaitTimeout(
+                f"waited {timeout_s:.0f}s for {min_nodes} Ray node(s) to join; {alive} did. "
+                f"Check that every worker node ran `ray start --address` with the same auth token"
+            )
+        time.sleep(0.25)
+
+
+# -- models and engines -------------------------------------------------------------
+
+
+def model_kind(model: str) -> str:
+    """``"llm"`` or ``"diffusion"``, from a ``tiny-*`` name or the checkpoint's files."""
+    if model.startswith("tiny-moe:"):
+        return "llm"
+    if model.startswith("tiny-diffusion:"):
+        return "diffusion"
+    path = Path(model)
+    if not path.exists():
+        raise ConfigError(
+            f"model {model!r} is neither a checkpoint directory nor a tiny model name; "
+            f"give a directory with config.json and *.safetensors, or tiny-moe:mixtral / tiny-diffusion:pixart"
+        )
+    if (path / "model_index.json").exists():
+        return "diffusion"
+    config = path / "config.json"
+    if config.exists() and "_class_name" in config.read_text()[:4096]:
+        return "diffusion"  # a diffusers transformer directory
+    return "llm"
+
+
+def _import_engine(kind: str) -> Any:
+    module_name = LLM_ENGINE if kind == "llm" else DIFFUSION_ENGINE
+    cls_name = "LLMEngine" if kind == "llm" else "DiffusionEngine"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise EngineUnavailable(
+                f"{cls_name} ({module_name}) is not in this installation, so {kind} models cannot run yet; "
+                f"use task mesh, or install a tessera version with the {kind} engine"
+            ) from None
+        raise
+    return getattr(module, cls_name)
+
+
+def materialise_model(model: str) -> str:
+    """A checkpoint directory for ``model``; ``tiny-*:<family>`` is built once and cached
+    under ``$TESSERA_CACHE`` (default ``~/.cache/tessera``)."""
+    for prefix, module_name, builder in (
+        ("tiny-moe:", "tessera.models.tiny_moe", "build_tiny_moe"),
+        ("tiny-diffusion:", "tessera.models.tiny_diffusion", "build_tiny_diffusion"),
+    ):
+        if model.startswith(prefix):
+            family = model[len(prefix):]
+            try:
+                build = getattr(importlib.import_module(module_name), builder)
+            except ModuleNotFoundError:
+                raise EngineUnavailable(
+                    f"{module_name} is not in this installation, so {model!r} cannot be built; "
+                    f"give a checkpoint directory instead"
+                ) from None
+            cache = Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
+            target = cache / prefix.rstrip(":") / family
+            built = build(family, target)
+            return str(built or target)
+    return model
+
+
+def plan_placement(job: JobSpec, plan_auto: bool) -> Placement:
+    """Ask ``tessera.memory.planner.plan_job`` when present (always for ``auto``);
+    otherwise an explicit plan becomes a Placement as is."""
+    try:
+        planner = importlib.import_module(PLANNER)
+    except ModuleNotFoundError as err:
+        if err.name and PLANNER.startswith(err.name):
+            planner = None
+        else:
+            raise
+    if planner is None:
+        if plan_auto:
+            raise ConfigError(
+                "plan 'auto' needs tessera.memory.planner, which is not in this installation; "
+                "give explicit degrees such as plan='tp=2,ep=2'"
+            )
+        return Placement.from_job(job)
+    if plan_auto or job.model:
+        return planner.plan_job(job)
+    return Placement.from_job(job)
+
+
+# -- the handle -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchTimings:
+    """Where the launch time went, in seconds."""
+
+    ray_connect_s: float
+    model_s: float
+    plan_s: float
+    workers_s: float
+    engine_load_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.ray_connect_s + self.model_s + self.plan_s + self.workers_s + self.engine_load_s
+
+
+class Handle:
+    """A launched job: placed workers plus (with a model) a loaded engine.
+
+    Use as a context manager, or call :meth:`shutdown`; both release the
+    engine, the workers, the placement groups and (if this handle was the
+    last user of a Ray it started) Ray itself.
+    """
+
+    def __init__(self, job: JobSpec, placement: Placement, controller: Controller, engine: Any,
+                 engine_kind: str | None, model_dir: str | None, timings: LaunchTimings) -> None:
+        self.job = job
+        self.placement = placement
+        self.controller = controller
+        self.engine = engine
+        self.engine_kind = engine_kind
+        self.model_dir = model_dir
+        self.timings = timings
+        self._closed = False
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running"
+        return f"<tessera Handle {self.placement.plan} on {self.placement.device}, model={self.job.model!r}, {state}>"
+
+    # -- where things are -------------------------------------------------------
+
+    @property
+    def ranks(self) -> list[RankInfo]:
+        """Where every rank landed: node, pid, device, mesh coordinates."""
+        return self.controller.describe()
+
+    def describe(self) -> str:
+        """A table of the placement: one line per rank."""
+        lines = [f"plan {self.placement.plan} ({self.placement.world_size} ranks, {self.placement.device})"]
+        lines.append(f"  {'rank':>4}  {'node':<16} {'host':<16} {'pid':>7}  {'device':<7} mesh coords")
+        for info in self.ranks:
+            coords = ", ".join(f"{d}={c}" for d, c in info.coords.items())
+            lines.append(
+                f"  {info.rank:>4}  {info.node_ip:<16} {info.hostname[:16]:<16} {info.pid:>7}  {info.device:<7} {coords}"
+            )
+        return "\n".join(lines)
+
+    def stats(self) -> dict[str, Any]:
+        """Launch timings, worker health and, with an engine, the engine's own stats."""
+        self._check_open()
+        out: dict[str, Any] = {
+            "plan": str(self.placement.plan),
+            "world_size": self.placement.world_size,
+            "nodes": len({r.node_id for r in self.ranks}),
+            "launch_s": {**self.timings.__dict__, "total_s": self.timings.total_s},
+            "controller_startup_s": dict(self.controller.startup_timings),
+            "health": self.controller.health(),
+        }
+        if self.engine is not None:
+            out["engine"] = self.engine.stats()
+        return out
+
+    # -- work --------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str], sampling: Any = None, **sampling_kw: Any) -> list[Any]:
+        """Generate text for each prompt (MoE LM); returns the engine's GenerationResults."""
+        engine = self._engine("llm", "generate")
+        single = isinstance(prompts, str)
+        results = engine.generate([prompts] if single else list(prompts), self._sampling(sampling, sampling_kw))
+        return results
+
+    def stream(self, prompt: str, sampling: Any = None, **sampling_kw: Any) -> Iterator[int]:
+        """Token ids of one prompt as they are produced (MoE LM)."""
+        engine = self._engine("llm", "stream")
+        return engine.stream(prompt, self._sampling(sampling, sampling_kw))
+
+    def generate_images(self, prompts: str | Sequence[str], **options: Any) -> list[Any]:
+        """Images (PIL) for each prompt (diffusion); options go to DiffusionEngine.generate_images."""
+        engine = self._engine("diffusion", "generate_images")
+        return engine.generate_images([prompts] if isinstance(prompts, str) else list(prompts), **options)
+
+    def check_mesh(self, payload_bytes: int = 1 << 16) -> dict[str, Any]:
+        """Run the collectives check over every mesh dim; verify each value against the plan."""
+        from tessera.runtime.diagnostics import expected_collectives, mesh_collectives
+
+        self._check_open()
+        results = self.controller.collective_rpc(mesh_collectives, kwargs={"payload_bytes": payload_bytes})
+        plan = self.placement.plan
+        coords = {r: plan.coordinates(r) for r in range(plan.world_size)}
+        failures = []
+        for rank, out in enumerate(results):
+            for dim, got in out["dims"].items():
+                want = expected_collectives(coords, rank, dim)
+                failures += [f"rank {rank} {dim} {k}" for k in want if got[k] != want[k]]
+        return {
+            "correct": not failures,
+            "failures": failures,
+            "timings_ms": {dim: got["timings_ms"] for dim, got in results[0]["dims"].items()},
+            "dims": {dim: got["group_size"] for dim, got in results[0]["dims"].items()},
+        }
+
+    def shutdown(self) -> None:
+        """Release engine, workers, placement groups, and Ray if this was its last user."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            try:
+                self.controller.shutdown()
+            finally:
+                _RayConnection.release()
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this tessera handle is shut down; launch a new one")
+
+    def _engine(self, kind: str, verb: str) -> Any:
+        self._check_open()
+        if self.engine is None:
+            raise ConfigError(f"{verb}() needs a model; this handle was launched without one (launch(model=...))")
+        if self.engine_kind != kind:
+            other = "generate_images()" if self.engine_kind == "diffusion" else "generate()"
+            raise ConfigError(f"{verb}() needs a {kind} model, but {self.job.model!r} is a {self.engine_kind} model; use {other}")
+        return self.engine
+
+    def _sampling(self, sampling: Any, overrides: Mapping[str, Any]) -> Any:
+        if sampling is not None and not overrides:
+            return sampling
+        from tessera.launch.jobfile import _check_sampling
+
+        params = importlib.import_module(LLM_ENGINE).SamplingParams
+        base = dict(sampling.__dict__) if sampling is not None else {}
+        base.update(_check_sampling(overrides))
+        return params(**base)
+
+
+def launch(
+    model: str | None = None,
+    plan: str | Mapping[str, int] | Any = "auto",
+    cluster: str | None = None,
+    *,
+    device: str = "cpu",
+    offload: Mapping[str, Any] | None = None,
+    cpus_per_rank: float = 1.0,
+    timeouts: Timeouts | None = None,
+    log_level: str = "INFO",
+    engine_options: Mapping[str, Any] | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+    min_nodes: int = 1,
+    num_cpus: int | None = None,
+) -> Handle:
+    """Place workers for ``model`` with ``plan`` on ``cluster`` and load the engine.
+
+    ``model``: checkpoint directory, ``tiny-moe:<family>``, ``tiny-diffusion:<family>``,
+    or ``None`` (workers and mesh only). ``plan``: degrees (``{"tp": 2}``,
+    ``"tp=2,ep=2"``, a ParallelPlan) or ``"auto"`` (tessera.memory.planner).
+    ``cluster``: ``None`` (embedded Ray, or ``$RAY_ADDRESS`` when set),
+    ``"auto"`` or a GCS address. ``num_cpus``: logical CPUs of an embedded
+    Ray (default: enough for the plan, at least 8, so several handles fit).
+    """
+    data: dict[str, Any] = {
+        "task": {None: "mesh", "llm": "generate", "diffusion": "images"}[model_kind(model) if model else None],
+        "plan": plan if not hasattr(plan, "degrees") else dict(plan.degrees),
+        "device": device,
+        "cpus_per_rank": cpus_per_rank,
+        "log_level": log_level,
+        "min_nodes": min_nodes,
+    }
+    if model is not None:
+        data["model"] = model
+    if cluster is not None:
+        data["cluster"] = cluster
+    if offload is not None:
+        data["offload"] = dict(offload)
+    if engine_options is not None:
+        data["engine"] = dict(engine_options)
+    jobfile = JobFile.from_dict(data)
+    if timeouts is not None:
+        jobfile = jobfile.with_overrides(timeouts=timeouts)
+    return launch_job(jobfile, runtime_env=runtime_env, num_cpus=num_cpus)
+
+
+def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, num_cpus: int | None = None) -> Handle:
+    """Launch a validated JobFile (what ``tessera run`` and :func:`launch` both do)."""
+    job = jobfile.job
+    address = resolve_address(job.cluster)
+    # The mesh check needs no engine: a model given with task mesh is not loaded.
+    kind = model_kind(job.model) if job.model and jobfile.task != "mesh" else None
+    engine_cls = _import_engine(kind) if kind else None
+    t0 = time.perf_counter()
+    model_dir = materialise_model(job.model) if job.model and kind else job.model
+    if model_dir != job.model:
+        from dataclasses import replace
+
+        job = replace(job, model=model_dir)
+    t1 = time.perf_counter()
+    placement = plan_placement(job, jobfile.plan_auto)
+    t2 = time.perf_counter()
+    needed = int(placement.world_size * placement.cpus_per_rank + 0.999)
+    _RayConnection.acquire(address, runtime_env, num_cpus or max(os.cpu_count() or 1, needed, 8))
+    controller = None
+    try:
+        if jobfile.min_nodes > 1:
+            wait_for_nodes(jobfile.min_nodes, jobfile.wait_nodes_s)
+        t3 = time.perf_counter()
+        controller = Controller(placement, address=address, timeouts=job.timeouts, log_level=job.log_level)
+        controller.start()
+        t4 = time.perf_counter()
+        engine = None
+        if engine_cls is not None:
+            options = dict(job.options.get("engine", {}))
+            if "offload" in job.options:
+                options["offload"] = dict(job.options["offload"])
+            engine = engine_cls.load(controller, model_dir, **options)
+        t5 = time.perf_counter()
+    except BaseException:
+        if controller is not None:
+            controller.shutdown()
+        _RayConnection.release()
+        raise
+    timings = LaunchTimings(
+        ray_connect_s=t3 - t2, model_s=t1 - t0, plan_s=t2 - t1, workers_s=t4 - t3, engine_load_s=t5 - t4
+    )
+    return Handle(job, placement, controller, engine, kind if engine is not None else None, model_dir, timings)

@@ -1,0 +1,356 @@
+"""The job file: one YAML document (or flags) -> one validated :class:`JobFile`.
+
+Every launch surface (``tessera run``, ``tessera submit``, ``ray job submit``,
+SLURM batch scripts, the Python API) reads jobs through here, so a job that
+cannot work is refused once, at the edge, before any worker starts.
+
+A :class:`JobFile` holds the runtime's :class:`~tessera.runtime.config.JobSpec`
+(plan, model, device, cluster, resources, timeouts, engine options) plus what
+the job does with the workers (its ``task``) and where the result goes.
+
+Example ``job.yaml``::
+
+    name: tiny-moe
+    task: generate            # generate (MoE LM) | images (diffusion) | mesh (collectives check)
+    model: tiny-moe:mixtral   # a checkpoint directory, or tiny-moe:<family> / tiny-diffusion:<family>
+    plan: {ep: 2, tp: 2}      # or "ep=2,tp=2", or auto (needs tessera.memory.planner)
+    prompts: ["Hello"]
+    sampling: {max_new_tokens: 8}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from tessera.runtime.config import ConfigError, JobSpec, ParallelPlan, Timeouts
+
+TASKS: dict[str, str] = {
+    "generate": "generate text with a Mixture-of-Experts language model (LLMEngine)",
+    "images": "generate images with a diffusion transformer (DiffusionEngine)",
+    "mesh": "check collectives over every mesh dim (no model needed)",
+}
+
+# Keys of SamplingParams (docs/DEVELOPING.md), checked here so that a typo
+# fails before workers start rather than inside the engine.
+SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
+    "max_new_tokens": int,
+    "temperature": (int, float),
+    "top_k": int,
+    "top_p": (int, float),
+    "seed": (int, type(None)),
+    "stop_token_ids": (list, tuple),
+}
+
+TINY_MODEL_PREFIXES = ("tiny-moe:", "tiny-diffusion:")
+
+# The top-level keys a job file may have, with a one-line meaning (used in errors).
+JOB_KEYS: dict[str, str] = {
+    "name": "a name for logs and SLURM (default: the file name)",
+    "task": "one of " + ", ".join(TASKS),
+    "model": "checkpoint directory, or tiny-moe:<family> / tiny-diffusion:<family>",
+    "plan": "degrees like {tp: 2, ep: 2} or 'tp=2,ep=2', or auto",
+    "device": "cpu or cuda",
+    "cluster": "null/local (embedded Ray), auto, or a Ray address",
+    "cpus_per_rank": "logical CPUs per rank (default 1)",
+    "timeouts": "placement_group_s, worker_start_s, process_group_s, call_s",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "offload": "offload options passed to the engine (tiers, budgets)",
+    "engine": "other keyword options passed to the engine's load()",
+    "prompts": "list of prompts (generate, images)",
+    "sampling": "max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids",
+    "stream": "print tokens of the first prompt as they are produced (generate)",
+    "images": "steps, height, width, guidance_scale, seed, mode, output_dir",
+    "mesh": "payload_bytes of the collectives check",
+    "min_nodes": "wait until the Ray cluster has this many nodes before placing",
+    "wait_nodes_s": "how long to wait for min_nodes (default 180)",
+    "output": "path of a JSON file to write the result to",
+}
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Options of the ``images`` task, passed to ``DiffusionEngine.generate_images``."""
+
+    steps: int = 4
+    height: int = 32
+    width: int = 32
+    guidance_scale: float = 4.0
+    seed: int = 0
+    mode: str = "exact"
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"images.{name} is {value!r}; it must be a positive integer")
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
+            raise ConfigError(f"images.guidance_scale is {self.guidance_scale!r}; it must be a number >= 0")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"images.seed is {self.seed!r}; it must be an integer")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "height": self.height,
+            "width": self.width,
+            "guidance_scale": float(self.guidance_scale),
+            "seed": self.seed,
+            "mode": self.mode,
+        }
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """A validated job: the runtime's JobSpec plus the task and where its result goes.
+
+    ``plan_auto`` is True when the plan is left to ``tessera.memory.planner``;
+    then ``job.plan`` is a placeholder (a single rank) and ``job.options``
+    carries ``plan_request="auto"`` for the planner.
+    """
+
+    job: JobSpec
+    task: str = "mesh"
+    name: str = "tessera-job"
+    plan_auto: bool = False
+    prompts: tuple[str, ...] = ()
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    images: ImageOptions = field(default_factory=ImageOptions)
+    mesh_payload_bytes: int = 1 << 16
+    min_nodes: int = 1
+    wait_nodes_s: float = 180.0
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(
+                f"task {self.task!r} is unknown; use one of: " + "; ".join(f"{k} ({v})" for k, v in TASKS.items())
+            )
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not all(isinstance(p, str) for p in self.prompts):
+            raise ConfigError("prompts must be a list of strings, e.g. prompts: [\"Hello\"]")
+        if self.task in ("generate", "images"):
+            if not self.job.model:
+                raise ConfigError(
+                    f"task {self.task!r} needs a model: a checkpoint directory or "
+                    f"{'tiny-moe:mixtral' if self.task == 'generate' else 'tiny-diffusion:pixart'}"
+                )
+        object.__setattr__(self, "sampling", _check_sampling(self.sampling))
+        if isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int) or self.min_nodes < 1:
+            raise ConfigError(f"min_nodes is {self.min_nodes!r}; it must be an integer >= 1")
+        if not (isinstance(self.wait_nodes_s, (int, float)) and self.wait_nodes_s > 0):
+            raise ConfigError(f"wait_nodes_s is {self.wait_nodes_s!r}; it must be a number of seconds > 0")
+        if not isinstance(self.mesh_payload_bytes, int) or self.mesh_payload_bytes < 4:
+            raise ConfigError(f"mesh.payload_bytes is {self.mesh_payload_bytes!r}; it must be an integer >= 4")
+
+    def check_runnable(self) -> None:
+        """Refuse a job that a batch run (``tessera run``, Ray job, SLURM) could not finish.
+
+        The Python API may launch without prompts (they come with each call);
+        a batch job must carry them.
+        """
+        if self.task in ("generate", "images") and not self.prompts:
+            raise ConfigError(f"task {self.task!r} needs at least one prompt; add prompts: [\"...\"] (or --prompt)")
+
+    # -- construction --------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> "JobFile":
+        """Read and validate a YAML job file; errors name the file and the key."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"job file {str(path)!r} does not exist; pass the path of a YAML job file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"job file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"job file {str(path)!r} must hold a mapping of keys (task, model, plan, ...)")
+        data = dict(data)
+        data.setdefault("name", path.stem)
+        try:
+            return cls.from_dict(data, base_dir=path.parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | os.PathLike[str] | None = None) -> "JobFile":
+        """Build from a mapping (a parsed YAML file, or flags turned into a dict)."""
+        unknown = [k for k in data if k not in JOB_KEYS]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(str(unknown[0]), list(JOB_KEYS), n=1)
+            hint = f" (did you mean {close[0]!r}: {JOB_KEYS[close[0]]}?)" if close else ""
+            raise ConfigError(f"unknown job key {unknown[0]!r}{hint}; known keys: {', '.join(JOB_KEYS)}")
+        plan_value = data.get("plan", None)
+        plan_auto = isinstance(plan_value, str) and plan_value.strip().lower() == "auto"
+        if plan_value is None:
+            raise ConfigError("the job has no plan; give degrees like plan: {tp: 2, ep: 2}, or plan: auto")
+        plan = ParallelPlan({}) if plan_auto else _parse_plan(plan_value)
+        options: dict[str, Any] = {}
+        if data.get("offload") is not None:
+            if not isinstance(data["offload"], Mapping):
+                raise ConfigError("offload must be a mapping of offload options, e.g. offload: {host_gib: 8}")
+            options["offload"] = dict(data["offload"])
+        if data.get("engine") is not None:
+            if not isinstance(data["engine"], Mapping):
+                raise ConfigError("engine must be a mapping of keyword options for the engine's load()")
+            options["engine"] = dict(data["engine"])
+        if plan_auto:
+            options["plan_request"] = "auto"
+        timeouts = data.get("timeouts") or {}
+        if not isinstance(timeouts, Mapping):
+            raise ConfigError("timeouts must be a mapping, e.g. timeouts: {worker_start_s: 120}")
+        known_timeouts = {f.name for f in fields(Timeouts)}
+        bad = [k for k in timeouts if k not in known_timeouts]
+        if bad:
+            raise ConfigError(f"unknown timeout {bad[0]!r}; use {', '.join(sorted(known_timeouts))}")
+        cluster = data.get("cluster")
+        if isinstance(cluster, str) and cluster.strip().lower() in ("", "local", "none", "null"):
+            cluster = None
+        job = JobSpec(
+            plan=plan,
+            model=resolve_model_path(data.get("model"), base_dir),
+            device=str(data.get("device", "cpu")),
+            cluster=cluster,
+            cpus_per_rank=float(data.get("cpus_per_rank", 1.0)),
+            timeouts=Timeouts(**{k: float(v) for k, v in timeouts.items()}),
+            log_level=str(data.get("log_level", "INFO")),
+            options=options,
+        )
+        images = data.get("images") or {}
+        if not isinstance(images, Mapping):
+            raise ConfigError("images must be a mapping, e.g. images: {steps: 4, height: 32, width: 32}")
+        bad = [k for k in images if k not in {f.name for f in fields(ImageOptions)}]
+        if bad:
+            raise ConfigError(f"unknown images option {bad[0]!r}; use {', '.join(f.name for f in fields(ImageOptions))}")
+        mesh = data.get("mesh") or {}
+        if not isinstance(mesh, Mapping) or any(k != "payload_bytes" for k in mesh):
+            raise ConfigError("mesh must be a mapping with only payload_bytes, e.g. mesh: {payload_bytes: 65536}")
+        prompts = data.get("prompts") or ()
+        if isinstance(prompts, str):
+            prompts = (prompts,)
+        return cls(
+            job=job,
+            task=str(data.get("task", "generate" if job.model else "mesh")),
+            name=str(data.get("name", "tessera-job")),
+            plan_auto=plan_auto,
+            prompts=tuple(prompts),
+            sampling=dict(data.get("sampling") or {}),
+            stream=bool(data.get("stream", False)),
+            images=ImageOptions(**dict(images)),
+            mesh_payload_bytes=int(mesh.get("payload_bytes", 1 << 16)),
+            min_nodes=data.get("min_nodes", 1),
+            wait_nodes_s=float(data.get("wait_nodes_s", 180.0)),
+            output=data.get("output"),
+        )
+
+    def with_overrides(self, **changes: Any) -> "JobFile":
+        """A copy with command-line overrides applied (``None`` means: keep the file's value)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        job_keys = {f.name for f in fields(JobSpec)}
+        job_changes = {k: changes.pop(k) for k in list(changes) if k in job_keys and k != "plan"}
+        plan_auto = self.plan_auto
+        job = self.job
+        if "plan" in changes:
+            value = changes.pop("plan")
+            plan_auto = isinstance(value, str) and value.strip().lower() == "auto"
+            options = dict(job.options)
+            if plan_auto:
+                options["plan_request"] = "auto"
+            else:
+                options.pop("plan_request", None)
+            job = replace(job, plan=ParallelPlan({}) if plan_auto else _parse_plan(value), options=options)
+        if "cluster" in job_changes and str(job_changes["cluster"]).lower() in ("local", "none", "null", ""):
+            job_changes["cluster"] = None
+        if job_changes:
+            job = replace(job, **job_changes)
+        return replace(self, job=job, plan_auto=plan_auto, **changes)
+
+    # -- views ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as a YAML-able mapping (what SLURM scripts embed); from_dict(to_dict()) round-trips."""
+        job = self.job
+        out: dict[str, Any] = {
+            "name": self.name,
+            "task": self.task,
+            "plan": "auto" if self.plan_auto else dict(job.plan.degrees),
+            "device": job.device,
+            "cpus_per_rank": job.cpus_per_rank,
+            "log_level": job.log_level,
+            "timeouts": {f.name: getattr(job.timeouts, f.name) for f in fields(Timeouts)},
+            "min_nodes": self.min_nodes,
+            "wait_nodes_s": self.wait_nodes_s,
+        }
+        if job.model:
+            out["model"] = job.model
+        if job.cluster:
+            out["cluster"] = job.cluster
+        for key in ("offload", "engine"):
+            if key in job.options:
+                out[key] = dict(job.options[key])
+        if self.prompts:
+            out["prompts"] = list(self.prompts)
+        if self.sampling:
+            out["sampling"] = dict(self.sampling)
+        if self.stream:
+            out["stream"] = True
+        if self.task == "images":
+            out["images"] = {f.name: getattr(self.images, f.name) for f in fields(ImageOptions)}
+        if self.task == "mesh":
+            out["mesh"] = {"payload_bytes": self.mesh_payload_bytes}
+        if self.output:
+            out["output"] = self.output
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _parse_plan(value: Any) -> ParallelPlan:
+    if isinstance(value, ParallelPlan):
+        return value
+    if isinstance(value, Mapping):
+        return ParallelPlan(dict(value))
+    if isinstance(value, str):
+        return ParallelPlan.parse(value)
+    raise ConfigError(f"plan {value!r} is neither degrees ({{tp: 2}} or 'tp=2') nor auto")
+
+
+def _check_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(sampling, Mapping):
+        raise ConfigError("sampling must be a mapping, e.g. sampling: {max_new_tokens: 8, temperature: 0}")
+    out = {}
+    for key, value in sampling.items():
+        if key not in SAMPLING_KEYS:
+            raise ConfigError(f"unknown sampling option {key!r}; use {', '.join(SAMPLING_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, SAMPLING_KEYS[key]):
+            raise ConfigError(f"sampling.{key} is {value!r}, which has the wrong type")
+        out[key] = tuple(value) if key == "stop_token_ids" else value
+    if "max_new_tokens" in out and out["max_new_tokens"] < 1:
+        raise ConfigError(f"sampling.max_new_tokens is {out['max_new_tokens']}; it must be >= 1")
+    return out
+
+
+def resolve_model_path(model: Any, base_dir: str | os.PathLike[str] | None) -> str | None:
+    """Keep ``tiny-*:<family>`` names; make a relative checkpoint path absolute
+    against the job file's folder (so a job runs the same from any cwd)."""
+    if model is None:
+        return None
+    model = str(model)
+    if model.startswith(TINY_MODEL_PREFIXES):
+        return model
+    path = Path(os.path.expanduser(model))
+    if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).exists():
+        path = Path(base_dir) / path
+    return str(path.resolve()) if path.exists() else model
