@@ -18,7 +18,7 @@ from tessera.memory.affinity.synthetic import planted_affinity_trace
 from tessera.memory.affinity.topology import Topology
 
 # Small instances with a time limit: the ILP stays bounded on 2 busy cores.
-ILP = {"time_limit_s": 4.0}
+ILP = {"time_limit_s": 2.0}
 
 
 def _options(name):

@@ -155,6 +155,15 @@ class IlpSolver(PlacementSolver):
                         -np.inf,
                         0.0,
                     )
+        # Capacity cuts (valid, and what gives the LP relaxation a non-zero bound):
+        # rank(p) holds only E/R experts of the next layer, so at most the
+        # heaviest E/R entries of p's row can stay local; likewise per column,
+        # and per node for the cross-node indicators.
+        for ind, offset, capacity in ((True, nx, problem.share), (with_nodes, nx + P, problem.share * topo.ranks_per_node if with_nodes else 0)):
+            if not ind:
+                continue
+            for members, vals_ in _capacity_groups(layer, p, q, count, capacity):
+                add([offset + i for i in members], [float(count[i]) for i in members], vals_, np.inf)
         if self.load_slack is not None:
             for l in range(L):
                 cap = (1.0 + self.load_slack) * stats.load[l].sum() / R
@@ -253,6 +262,17 @@ def _two_way(stats, pairs, groups, n_left, time_limit, gap, symmetric):
         lo.extend([-np.inf, -np.inf])
         hi.extend([0.0, 0.0])
         row += 2
+    # Capacity cuts: one side holds at most max(n_left, n_right) experts of the next layer.
+    sub = (np.array([layer[i] for i in keep], dtype=np.int64), np.array([p[i] for i in keep], dtype=np.int64),
+           np.array([q[i] for i in keep], dtype=np.int64), np.array([count[i] for i in keep]))
+    cap = max(n_left, len(groups[0]) - n_left)
+    for members, bound in _capacity_groups(*sub, cap):
+        cols.extend(nx + j for j in members)
+        vals.extend(float(sub[3][j]) for j in members)
+        rows.extend([row] * len(members))
+        lo.append(bound)
+        hi.append(np.inf)
+        row += 1
     A = sparse.csr_matrix((vals, (rows, cols)), shape=(row, n))
     lb, ub = np.zeros(n), np.ones(n)
     if symmetric:
@@ -271,6 +291,26 @@ def _two_way(stats, pairs, groups, n_left, time_limit, gap, symmetric):
         return None, status
     x = res.x[:nx] > 0.5
     return [np.array([x[index[(l, int(e))]] for e in g]) for l, g in enumerate(groups)], status
+
+
+def _capacity_groups(layer, p, q, count, capacity):
+    """For each expert's outgoing row and incoming column: (pair indices, lower bound on its cut mass).
+
+    At most ``capacity`` experts of the other layer share the expert's rank
+    (or side), so the mass kept local is at most the sum of the
+    ``capacity`` heaviest entries; the rest must cross.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(count)):
+        groups.setdefault(("out", int(layer[i]), int(p[i])), []).append(i)
+        groups.setdefault(("in", int(layer[i]), int(q[i])), []).append(i)
+    for members in groups.values():
+        if len(members) <= capacity:
+            continue
+        c = np.sort(np.asarray([count[i] for i in members]))[::-1]
+        bound = float(c[capacity:].sum())
+        if bound > 0:
+            yield members, bound
 
 
 def _split_point(ranks: list[int], ranks_per_node: int) -> int:

@@ -210,3 +210,29 @@ class TraceRecorder:
             )
         header = TraceHeader(self.model, len(self.layer_ids), self.num_experts, self.top_k, self.layer_ids)
         return RoutingTrace(header, np.stack(per_layer, axis=1))
+
+
+def trace_from_engine(routing: dict) -> RoutingTrace:
+    """Turn ``LLMEngine.routing_trace()`` (per-layer ``[tokens, k]`` arrays) into a :class:`RoutingTrace`.
+
+    The engine keeps one array per MoE layer, tokens in step order; every MoE
+    layer saw the same tokens, so stacking them gives ``[tokens, layers, k]``.
+    """
+    try:
+        moe_layers = [int(i) for i in routing["moe_layers"]]
+        layers = routing["layers"]
+        num_experts, top_k = int(routing["num_experts"]), int(routing["top_k"])
+    except (KeyError, TypeError) as err:
+        raise TraceError(
+            f"not an engine routing trace (needs moe_layers, layers, num_experts, top_k): missing {err}"
+        ) from err
+    missing = [i for i in moe_layers if i not in layers]
+    if missing:
+        raise TraceError(
+            f"the engine recorded no routing for MoE layer(s) {missing}; load it with record_routing=True and "
+            "generate at least one token before reading the trace"
+        )
+    recorder = TraceRecorder(str(routing.get("model", "")), num_experts, top_k, moe_layers)
+    for layer in moe_layers:
+        recorder.record(layer, np.asarray(layers[layer]))
+    return recorder.trace()
