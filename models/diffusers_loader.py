@@ -1,0 +1,159 @@
+"""Read a local diffusers-format pipeline directory without diffusers' model classes.
+
+Why our own reader: a rank must build *its* transformer (tessera's modules,
+maybe tensor-sharded) and read only the tensors and slices it needs, straight
+from the safetensors files (memory-mapped, sliced), whether the checkpoint is
+one file or sharded with an index. Schedulers, the VAE and the text encoders
+are not re-implemented: they are loaded with diffusers / transformers from
+their sub-folders (``load_component``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+# transformer class in transformer/config.json -> tessera family module
+FAMILY_BY_CLASS = {
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+class ModelDirError(ValueError):
+    """The directory is not a usable diffusers pipeline; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class DiffusersDir:
+    """What ``model_index.json`` and ``transformer/config.json`` say about a pipeline directory."""
+
+    path: Path
+    pipeline_class: str
+    family: str
+    components: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    transformer_config: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "DiffusersDir":
+        path = Path(path).expanduser()
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelDirError(
+                f"{path} has no model_index.json, so it is not a diffusers pipeline directory; pass the folder that "
+                "holds model_index.json, transformer/, scheduler/ and vae/ (or build one with "
+                "tessera.models.tiny_diffusion.build_tiny_diffusion)"
+            )
+        meta = json.loads(index.read_text())
+        components = {k: tuple(v) for k, v in meta.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+        for needed in ("transformer", "scheduler", "vae"):
+            if needed not in components:
+                raise ModelDirError(f"{index} lists no {needed!r} component; tessera needs transformer, scheduler and vae")
+        cfg_file = path / "transformer" / "config.json"
+        if not cfg_file.is_file():
+            raise ModelDirError(f"{cfg_file} is missing; the transformer sub-folder needs its config.json")
+        cfg = json.loads(cfg_file.read_text())
+        cls_name = cfg.get("_class_name", components["transformer"][1])
+        family = FAMILY_BY_CLASS.get(cls_name)
+        if family is None:
+            raise ModelDirError(
+                f"transformer class {cls_name!r} is not supported; tessera runs {', '.join(sorted(FAMILY_BY_CLASS))}"
+            )
+        return cls(path, meta.get("_class_name", "?"), family, components, cfg)
+
+    # -- transformer weights -----------------------------------------------------------
+
+    def weight_files(self) -> dict[str, Path]:
+        """Tensor name -> safetensors file holding it (single file or sharded with an index)."""
+        folder = self.path / "transformer"
+        index = folder / WEIGHTS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: folder / fname for name, fname in weight_map.items()}
+        single = folder / WEIGHTS
+        if not single.is_file():
+            raise ModelDirError(f"{folder} holds neither {WEIGHTS} nor {WEIGHTS_INDEX}; tessera reads safetensors only")
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+
+    def read_tensors(self, names: Iterable[str], slicer: Callable[[str, tuple[int, ...]], tuple | None] | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Read ``names`` from their files; ``slicer(name, shape)`` may return a tuple of slices to read only part."""
+        from safetensors import safe_open
+
+        files = self.weight_files()
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in files:
+                raise ModelDirError(f"tensor {name!r} is not in {self.path / 'transformer'}; the checkpoint does not "
+                                    "match its config (was it saved by a different model class?)")
+            by_file.setdefault(files[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in file_names:
+                    part = f.get_slice(name)
+                    index = slicer(name, tuple(part.get_shape())) if slicer else None
+                    tensor = part[index] if index is not None else part[:]
+                    out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return out
+
+    # -- everything else comes from diffusers / transformers ------------------------------
+
+    def load_component(self, name: str, **kwargs: Any) -> Any:
+        """Load ``scheduler``, ``vae``, ``text_encoder*`` or ``tokenizer*`` with its own library."""
+        if name not in self.components:
+            raise ModelDirError(f"component {name!r} is not in {self.path / 'model_index.json'}")
+        library, cls_name = self.components[name]
+        if library not in ("diffusers", "transformers"):
+            raise ModelDirError(f"component {name!r} comes from library {library!r}; only diffusers/transformers load")
+        module = __import__(library, fromlist=[cls_name])
+        cls = getattr(module, cls_name, None)
+        if cls is None and name.startswith("tokenizer"):
+            cls = getattr(module, "AutoTokenizer")
+        if cls is None:
+            raise ModelDirError(f"{library} has no class {cls_name!r} (component {name!r}); upgrade {library}")
+        return cls.from_pretrained(str(self.path / name), **kwargs)
+
+
+def build_transformer(family: str, config: Mapping[str, Any]):
+    """tessera's module for ``family`` built on the meta device (no memory until weights arrive)."""
+    if family == "pixart":
+        from tessera.models.pixart import PixArtConfig as Cfg, PixArtTransformer as Model
+    elif family == "flux":
+        from tessera.models.flux import FluxConfig as Cfg, FluxTransformer as Model
+    elif family == "sd3":
+        from tessera.models.sd3 import SD3Config as Cfg, SD3Transformer as Model
+    else:
+        raise ModelDirError(f"unknown family {family!r}")
+    with torch.device("meta"):
+        return Model(Cfg.from_dict(config))
+
+
+def load_transformer(model_dir: DiffusersDir, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                     prepare: Callable[[torch.nn.Module], Callable | None] | None = None) -> torch.nn.Module:
+    """Build the family's module and fill it from safetensors.
+
+    ``prepare(module)`` may reshape the module first (tensor parallel swaps in
+    sharded linears) and return a ``slicer`` so that only this rank's slices
+    are read from disk.
+    """
+    model = build_transformer(model_dir.family, model_dir.transformer_config)
+    slicer = prepare(model) if prepare is not None else None
+    wanted = dict(model.state_dict())
+    tensors = model_dir.read_tensors(wanted.keys(), slicer=slicer, dtype=dtype)
+    for name, meta in wanted.items():
+        if tuple(tensors[name].shape) != tuple(meta.shape):
+            raise ModelDirError(f"tensor {name!r} has shape {tuple(tensors[name].shape)} on disk but the model expects "
+                                f"{tuple(meta.shape)}; the config and the weights disagree")
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, assign=True)
+    return model.to(device).eval().requires_grad_(False)

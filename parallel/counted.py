@@ -1,0 +1,103 @@
+"""Collectives and point-to-point calls that count the bytes they are handed.
+
+Why: the diffusion benchmarks and tests compare communication volume of
+patch-parallel modes. The numbers must be what was actually passed to
+``torch.distributed`` on this rank, not a formula, so every exchange in
+``parallel/patch.py``, ``ulysses.py`` and ``cfg.py`` goes through here.
+``sent`` counts the bytes of tensors this rank hands over (its all-gather
+input, its all-to-all input minus the part addressed to itself, its isend
+payloads); ``received`` counts bytes that arrive from other ranks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tessera.parallel.comm import all_gather_tensor
+
+
+@dataclass
+class CommCounter:
+    """Per-kind byte and call counts; ``reset()`` between measurements."""
+
+    sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, sent: int, received: int) -> None:
+        self.sent[kind] += int(sent)
+        self.received[kind] += int(received)
+        self.calls[kind] += 1
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.received.clear()
+        self.calls.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "sent_bytes": sum(self.sent.values()),
+            "received_bytes": sum(self.received.values()),
+            "by_kind": {k: {"sent": self.sent[k], "received": self.received.get(k, 0), "calls": self.calls[k]}
+                        for k in sorted(self.sent)},
+        }
+
+
+def gather_tokens(local: torch.Tensor, counts: Sequence[int], group: Any, counter: CommCounter | None,
+                  kind: str, async_op: bool = False):
+    """All-gather token-major ``[n_local, ...]`` tensors whose lengths ``counts`` may differ.
+
+    gloo cannot all-gather lists of uneven tensors, so every rank pads to the
+    longest and the pad is dropped after. Returns ``(work, finish)``;
+    ``finish()`` (after ``work.wait()`` when async) gives ``[sum(counts), ...]``.
+    """
+    longest = max(counts)
+    world = len(counts)
+    if local.shape[0] < longest:
+        pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
+        local = torch.cat([local, pad], dim=0)
+    local = local.contiguous()
+    out = local.new_empty((world * longest, *local.shape[1:]))
+    work = all_gather_tensor(out, local, group=group, async_op=async_op)
+    if counter is not None:
+        counter.add(kind, local.nbytes, local.nbytes * (world - 1))
+
+    def finish() -> torch.Tensor:
+        parts = [out[i * longest: i * longest + n] for i, n in enumerate(counts)]
+        return torch.cat(parts, dim=0)
+
+    return work, finish
+
+
+def all_to_all_tokens(inp: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], group: Any,
+                      counter: CommCounter | None, kind: str, my_index: int) -> torch.Tensor:
+    """``all_to_all_single`` along dim 0 with (possibly uneven) split sizes in rows."""
+    inp = inp.contiguous()
+    out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
+    dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits), group=group)
+    if counter is not None:
+        row = inp[0].nbytes if inp.shape[0] else 0
+        counter.add(kind, (sum(in_splits) - in_splits[my_index]) * row, (sum(out_splits) - out_splits[my_index]) * row)
+    return out
+
+
+def exchange_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group: Any,
+                 counter: CommCounter | None, kind: str) -> tuple[list, list]:
+    """Post isend/irecv pairs (peers are ranks *within* ``group``).
+
+    Returns ``(works, ops)``: wait on the works; keep ``ops`` alive until then
+    (they hold the send buffers).
+    """
+    ops = []
+    for tensor, peer in sends:
+        ops.append(dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, peer), group))
+    for tensor, peer in recvs:
+        ops.append(dist.P2POp(dist.irecv, tensor, dist.get_global_rank(group, peer), group))
+    if counter is not None:
+        counter.add(kind, sum(t.nbytes for t, _ in sends), sum(t.nbytes for t, _ in recvs))
+    return (dist.batch_isend_irecv(ops) if ops else []), ops

@@ -1,0 +1,164 @@
+"""The driver-side diffusion engine: load a diffusers directory onto the workers, make images.
+
+One ``collective_rpc`` per denoising step (every rank runs the step SPMD),
+so the driver shows a tqdm bar over steps and records per-step wall time;
+the per-layer exchanges happen between ranks, never through the driver.
+Plans are checked here, before any worker does work: the ``cfg`` degree must
+be 1 or 2, Ulysses needs heads divisible by ``sp x tp``, the image must be
+tall enough to give every ``sp`` rank a row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tessera.models.diffusers_loader import DiffusersDir
+from tessera.runtime.diffusion.request import DiffusionRequest
+from tessera.runtime.diffusion import runner as _r
+
+DEFAULTS = {"pixart": {"guidance_scale": 4.5, "steps": 20}, "sd3": {"guidance_scale": 7.0, "steps": 28},
+            "flux": {"guidance_scale": 0.0, "steps": 28}}
+
+
+class DiffusionEngine:
+    """Text-to-image on a started :class:`~tessera.runtime.controller.Controller`."""
+
+    def __init__(self, controller: Any, model_dir: DiffusersDir, info: list[dict], options: dict) -> None:
+        self.controller = controller
+        self.dir = model_dir
+        self.info = info
+        self.options = options
+        self.degrees = dict(controller.placement.plan.degrees)
+        self.last: dict[str, Any] = {}
+        self.history: list[dict] = []
+
+    @classmethod
+    def load(cls, controller: Any, model_dir: str | Path, **options: Any) -> "DiffusionEngine":
+        """Open and check ``model_dir`` here, then have every rank build its shard of the transformer.
+
+        Options: ``dtype`` ("float32" | "bfloat16" | "float16"), ``progress`` (tqdm bar, default True).
+        """
+        model = DiffusersDir.open(model_dir)
+        degrees = dict(controller.placement.plan.degrees)
+        unsupported = [d for d in degrees if d not in ("sp", "cfg", "tp", "dp") and degrees[d] > 1]
+        if unsupported:
+            raise ValueError(f"diffusion runs over sp, cfg and tp; the plan also has {unsupported} > 1: drop them "
+                             "(use sp for patch/sequence parallel, cfg for guidance branches, tp for weight sharding)")
+        if degrees.get("dp", 1) > 1:
+            raise ValueError("diffusion does not use dp yet; run independent controllers for replicas")
+        if degrees.get("cfg", 1) not in (1, 2):
+            raise ValueError(f"cfg degree is {degrees['cfg']}; classifier-free guidance has exactly 2 branches, use cfg=2")
+        heads = int(model.transformer_config.get("num_attention_heads", 1))
+        tp = degrees.get("tp", 1)
+        if heads % tp:
+            raise ValueError(f"tp={tp} does not divide the {heads} attention heads; use a tp that divides {heads}")
+        dtype = options.get("dtype", "float32")
+        info = controller.collective_rpc(_r.load_runner, args=(str(model.path), dtype))
+        return cls(controller, model, info, dict(options))
+
+    def generate_images(self, prompts: str | Sequence[str], *, steps: int | None = None, height: int = 64,
+                        width: int = 64, guidance_scale: float | None = None, seed: int = 0, mode: str = "exact",
+                        warmup_steps: int = 1, partial_fraction: float = 0.25,
+                        negative_prompt: str | Sequence[str] = "", max_sequence_length: int | None = None,
+                        output: str = "image", trace: bool = False) -> list:
+        """Return one ``PIL.Image`` per prompt (``output="latent"``: the final latents tensor instead).
+
+        ``mode``: "exact", "displaced", "partial" (patch parallel) or "ulysses" (sequence parallel).
+        ``warmup_steps``: exact steps before displaced/partial start using stale K/V.
+        ``partial_fraction``: share of each neighbour band refreshed per step in "partial" mode.
+        """
+        req = self._request(prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps,
+                            partial_fraction, negative_prompt, max_sequence_length, output, trace)
+        ctl = self.controller
+        started = time.perf_counter()
+        ctl.collective_rpc(_r.begin_request, args=(req,))
+        step_s: list[float] = []
+        bar = None
+        if self.options.get("progress", True):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
+        step_bytes = []
+        for _ in range(req.steps):
+            t0 = time.perf_counter()
+            res = ctl.collective_rpc(_r.run_step)
+            step_s.append(time.perf_counter() - t0)
+            step_bytes.append(sum(r["sent_bytes"] for r in res))
+            if bar is not None:
+                bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        results = ctl.collective_rpc(_r.end_request)
+        head = results[0]
+        self.last = {
+            "mode": req.mode, "steps": req.steps, "height": req.height, "width": req.width,
+            "seconds": time.perf_counter() - started, "step_seconds": step_s,
+            "sent_bytes_per_step": step_bytes,
+            "sent_bytes_total": sum(r["comm"]["sent_bytes"] for r in results),
+            "comm_by_rank": [r["comm"] for r in results],
+            "latents": head["latents"],
+        }
+        if trace:
+            self.last["trace"] = head["trace"]
+            self.last["embeds"] = head["embeds"]
+        self.history.append({k: v for k, v in self.last.items() if k not in ("latents", "trace", "embeds")})
+        if output == "latent":
+            return [head["latents"]]
+        from PIL import Image
+
+        return [Image.fromarray((img * 255).round().clip(0, 255).astype("uint8")) for img in head["images"]]
+
+    def _request(self, prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps, partial_fraction,
+                 negative_prompt, max_sequence_length, output, trace) -> DiffusionRequest:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        defaults = DEFAULTS[self.dir.family]
+        req = DiffusionRequest(
+            prompts=tuple(prompts), negative_prompts=tuple(negatives),
+            steps=defaults["steps"] if steps is None else steps, height=height, width=width,
+            guidance_scale=defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale),
+            seed=seed, mode=mode, warmup_steps=warmup_steps, partial_fraction=partial_fraction,
+            max_sequence_length=max_sequence_length or (300 if self.dir.family == "pixart" else 256),
+            output=output, trace=trace,
+        )
+        sp, cfg, tp = self.degrees.get("sp", 1), self.degrees.get("cfg", 1), self.degrees.get("tp", 1)
+        if cfg == 2 and not req.guided:
+            raise ValueError(f"the plan has cfg=2 but guidance_scale={req.guidance_scale} (<= 1) means one branch; "
+                             "use guidance_scale > 1 or a plan without cfg")
+        if mode == "ulysses":
+            heads = self.info[0]["heads"]
+            if heads % (sp * tp):
+                raise ValueError(f"Ulysses needs the {heads} heads divisible by sp x tp = {sp * tp}; "
+                                 "use mode='exact' (patch parallel works for any sp)")
+        vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
+        vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
+        patch = 2 if self.dir.family == "flux" else int(self.dir.transformer_config.get("patch_size", 2))
+        unit = vae_scale * patch
+        if height % unit or width % unit:
+            raise ValueError(f"height and width must be multiples of {unit} pixels for this model "
+                             f"(VAE factor {vae_scale} x patch {patch}); got {height}x{width}")
+        if height // unit < sp:
+            raise ValueError(f"height {height} gives {height // unit} patch rows, fewer than sp={sp} ranks; "
+                             f"use height >= {sp * unit}")
+        return req
+
+    def stats(self) -> dict:
+        """The last request's timing and communication, plus model placement info."""
+        last = {k: v for k, v in self.last.items() if k not in ("latents", "trace", "embeds")}
+        per_rank = [i["param_bytes"] for i in self.info]
+        return {"family": self.dir.family, "plan": self.degrees, "param_bytes_per_rank": per_rank,
+                "requests": len(self.history), "last": last}
+
+    def close(self) -> None:
+        """Drop the model from every rank (the controller stays up)."""
+        self.controller.collective_rpc(_drop_runner)
+
+
+def _drop_runner(worker: Any) -> None:
+    runner = worker.store.pop(_r.STORE_KEY, None)
+    if runner is not None:
+        runner.close()

@@ -1,0 +1,246 @@
+"""The worker-side half of the diffusion engine: one denoising loop per rank (SPMD).
+
+The driver calls these module functions through ``collective_rpc``:
+``load_runner`` once, then per request ``begin_request``, ``run_step`` once
+per denoising step (one fan-out per step, so the driver owns the progress
+bar and per-step timing) and ``end_request``. Every rank keeps the latent
+rows of its patch band; ranks exchange activations only inside attention
+(``parallel/patch.py``, ``parallel/ulysses.py``) and predictions over the
+``cfg`` dim (``parallel/cfg.py``). Prompt encoding and VAE decoding happen on
+global rank 0 only, so text encoders and the VAE are not replicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tessera.models.diffusers_loader import DiffusersDir, load_transformer
+from tessera.models.dit_layers import TokenShard, local_self_attention, split_rows
+from tessera.parallel.cfg import COND, cfg_batched_combine, cfg_parallel_combine
+from tessera.parallel.counted import CommCounter, gather_tokens
+from tessera.parallel.patch import PatchParallelAttention
+from tessera.parallel.ulysses import UlyssesAttention, check_ulysses_heads
+from tessera.runtime.diffusion.families import Conditioning, adapter_for
+from tessera.runtime.diffusion.request import DiffusionRequest
+
+log = logging.getLogger("tessera.diffusion")
+STORE_KEY = "tessera.diffusion"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _degree(worker: Any, dim: str) -> int:
+    return int(getattr(worker, "plan_degrees", {}).get(dim, 1))
+
+
+def _group(worker: Any, dim: str):
+    return worker.group(dim) if _degree(worker, dim) > 1 else None
+
+
+class DiffusionRunner:
+    """Per-rank state: the (possibly sharded) transformer, and the request in flight."""
+
+    def __init__(self, worker: Any, model_dir: str, dtype: str = "float32") -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        self.worker = worker
+        self.dir = DiffusersDir.open(model_dir)
+        self.dtype = _DTYPES[dtype]
+        self.device = worker.device
+        self.sp = _degree(worker, "sp")
+        self.cfg = _degree(worker, "cfg")
+        self.tp = _degree(worker, "tp")
+        self.sp_group = _group(worker, "sp")
+        self.cfg_group = _group(worker, "cfg")
+        coords = worker.coordinates() if worker.mesh is not None else {}
+        self.sp_rank = coords.get("sp", 0)
+        self.cfg_rank = coords.get("cfg", 0)
+        prepare = None
+        if self.tp > 1:
+            from tessera.parallel.dit_tensor import tensor_parallel_prepare
+
+            prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp)
+        started = time.perf_counter()
+        self.model = load_transformer(self.dir, self.device, self.dtype, prepare=prepare)
+        self.load_s = time.perf_counter() - started
+        self.adapter = adapter_for(self.dir, self.model)
+        vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
+        self.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
+        self.vae = None
+        self.counter = CommCounter()
+        self.req: DiffusionRequest | None = None
+        self.attn = None
+
+    def close(self) -> None:
+        if self.req is not None and self.attn is not None:
+            self.attn.finish()
+        self.model = None
+
+    def describe(self) -> dict:
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {"family": self.dir.family, "param_bytes": params, "load_s": self.load_s,
+                "heads": self.model.num_heads, "rank": self.worker.rank}
+
+    # -- one request ---------------------------------------------------------------
+
+    def begin(self, req: DiffusionRequest) -> dict:
+        if self.req is not None and self.attn is not None:
+            self.attn.finish()
+        self.req = req
+        self.counter.reset()
+        unit = self.adapter.row_unit
+        lat_h, lat_w = req.height // self.vae_scale, req.width // self.vae_scale
+        if req.height % self.vae_scale or req.width % self.vae_scale or lat_h % unit or lat_w % unit:
+            step = self.vae_scale * unit
+            raise ValueError(f"height and width must be multiples of {step} pixels for this model "
+                             f"(VAE factor {self.vae_scale} x patch {unit}); got {req.height}x{req.width}")
+        grid_h, grid_w = lat_h // unit, lat_w // unit
+        bands = split_rows(grid_h, self.sp)
+        r0, r1 = bands[self.sp_rank]
+        self.shard = TokenShard(grid_h, grid_w, r0, r1)
+        self.bands = bands
+        self.rows = slice(r0 * unit, r1 * unit)
+        # Prompt encoding on global rank 0, broadcast to all (text encoders are not replicated).
+        payload = [None]
+        if self.worker.rank == 0:
+            cond, uncond = self.adapter.encode(list(req.prompts), list(req.negative_prompts), req.max_sequence_length)
+            payload = [(cond.tensors, uncond.tensors)]
+        if dist.is_initialized() and self.worker.world_size > 1:
+            dist.broadcast_object_list(payload, src=0)
+        cond, uncond = (Conditioning({k: v.to(self.device) for k, v in d.items()}) for d in payload[0])
+        if not req.guided:
+            self.text = cond
+        elif self.cfg == 2:
+            self.text = cond if self.cfg_rank == COND else uncond
+        else:
+            self.text = uncond.cat(cond)  # diffusers' batch order [uncond, cond]
+        self.embeds = (cond.tensors, uncond.tensors) if req.trace and self.worker.rank == 0 else None
+        # Same noise as diffusers' randn_tensor with a CPU generator, then this rank's rows.
+        self.scheduler = self._fresh_scheduler()
+        self.timesteps = self.adapter.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
+        shape = (len(req.prompts), self.adapter.latent_channels, lat_h, lat_w)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(req.seed), dtype=torch.float32)
+        self.latents = (noise[:, :, self.rows] * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+        self.attn = self._attention(req)
+        self.step_index = 0
+        self.trace: list[dict] = []
+        self.step_bytes: list[int] = []
+        return {"rank": self.worker.rank, "rows": (r0, r1), "steps": len(self.timesteps)}
+
+    def _fresh_scheduler(self):
+        template = self.dir.load_component("scheduler")
+        return type(template).from_config(template.config)
+
+    def _attention(self, req: DiffusionRequest):
+        counts = [(e - s) * self.shard.grid_w for s, e in self.bands]
+        if self.sp == 1:
+            return None
+        if req.mode == "ulysses":
+            check_ulysses_heads(self.model.num_heads // self.tp, self.sp)
+            return UlyssesAttention(self.sp_group, self.sp_rank, counts, self.counter)
+        return PatchParallelAttention(self.sp_group, self.sp_rank, self.bands, self.shard.grid_w, req.patch_config(),
+                                      len(self.timesteps), self.counter)
+
+    def step(self) -> dict:
+        req = self.req
+        if req is None or self.step_index >= len(self.timesteps):
+            raise RuntimeError("run_step called with no request in flight or after the last step; call begin_request")
+        i = self.step_index
+        t = self.timesteps[i]
+        started = time.perf_counter()
+        before = self.counter.snapshot()["sent_bytes"]
+        if self.attn is not None:
+            self.attn.start_step(i)
+        self_attn = self.attn if self.attn is not None else local_self_attention
+        x = self.latents
+        batched_cfg = req.guided and self.cfg == 1
+        x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if batched_cfg else x, t)
+        with torch.no_grad():
+            pred = self.adapter.predict(x_in, self.text, t, self.shard, self_attn, (req.height, req.width))
+        if batched_cfg:
+            pred = cfg_batched_combine(pred, req.guidance_scale)
+        elif req.guided:
+            pred = cfg_parallel_combine(pred, self.cfg_group, req.guidance_scale, self.counter)
+        if req.trace:
+            self.trace.append({"t": float(t), "latents": x.detach().clone(), "pred": pred.detach().clone()})
+        self.latents = self.scheduler.step(pred, t, x, return_dict=False)[0]
+        self.step_index += 1
+        self.step_bytes.append(self.counter.snapshot()["sent_bytes"] - before)
+        return {"step": i, "seconds": time.perf_counter() - started, "sent_bytes": self.step_bytes[-1]}
+
+    def end(self) -> dict:
+        req = self.req
+        if req is None:
+            raise RuntimeError("end_request called with no request in flight")
+        if self.step_index != len(self.timesteps):
+            raise RuntimeError(f"end_request after {self.step_index} of {len(self.timesteps)} steps")
+        if self.attn is not None:
+            self.attn.finish()
+        latents = self._gather_rows(self.latents)
+        trace = None
+        if req.trace:
+            trace = [{"t": s["t"], "latents": self._gather_rows(s["latents"]), "pred": self._gather_rows(s["pred"])}
+                     for s in self.trace]
+        out: dict[str, Any] = {"rank": self.worker.rank, "comm": self.counter.snapshot(), "step_bytes": self.step_bytes}
+        if self.worker.rank == 0:
+            out["latents"] = latents.float().cpu()
+            if req.output == "image":
+                out["images"] = self._decode(latents)
+            if trace is not None:
+                out["trace"] = trace
+                out["embeds"] = self.embeds
+        self.req, self.attn, self.trace = None, None, []
+        return out
+
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.sp == 1:
+            return rows
+        unit = self.adapter.row_unit
+        counts = [(e - s) * unit for s, e in self.bands]
+        _, finish = gather_tokens(rows.movedim(2, 0), counts, self.sp_group, None, "gather_rows")
+        return finish().movedim(0, 2)
+
+    def _decode(self, latents: torch.Tensor):
+        from diffusers.image_processor import VaeImageProcessor
+
+        if self.vae is None:
+            self.vae = self.dir.load_component("vae").eval()
+        with torch.no_grad():
+            image = self.vae.decode(self.adapter.to_vae(latents.float(), self.vae), return_dict=False)[0]
+        return VaeImageProcessor(vae_scale_factor=self.vae_scale).postprocess(image, output_type="np")
+
+
+# -- the verbs the driver fans out ---------------------------------------------------
+
+
+def load_runner(worker: Any, model_dir: str, dtype: str = "float32") -> dict:
+    old = worker.store.get(STORE_KEY)
+    if old is not None and str(old.dir.path) == str(DiffusersDir.open(model_dir).path) and old.dtype == _DTYPES[dtype]:
+        return old.describe()
+    worker.store[STORE_KEY] = DiffusionRunner(worker, model_dir, dtype)
+    return worker.store[STORE_KEY].describe()
+
+
+def _runner(worker: Any) -> DiffusionRunner:
+    runner = worker.store.get(STORE_KEY)
+    if runner is None:
+        raise RuntimeError("no diffusion model is loaded on this worker; call DiffusionEngine.load first")
+    return runner
+
+
+def begin_request(worker: Any, request: DiffusionRequest) -> dict:
+    return _runner(worker).begin(request)
+
+
+def run_step(worker: Any) -> dict:
+    return _runner(worker).step()
+
+
+def end_request(worker: Any) -> dict:
+    return _runner(worker).end()

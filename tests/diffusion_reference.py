@@ -1,0 +1,54 @@
+"""diffusers references for the diffusion tests: the single-device transformer and pipeline."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=4)
+def reference_transformer(model_dir: str):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_reference_pred(model_dir: str, latents, t: float, embeds, guidance_scale: float) -> torch.Tensor:
+    """What PixArtSigmaPipeline computes for one step from the same latents and text embeddings."""
+    pipe = reference_transformer(model_dir)
+    cond, uncond = embeds
+    guided = guidance_scale > 1.0
+    x = torch.cat([latents, latents]) if guided else latents
+    text = torch.cat([uncond["text"], cond["text"]]) if guided else cond["text"]
+    mask = torch.cat([uncond["mask"], cond["mask"]]) if guided else cond["mask"]
+    ts = torch.tensor([t]).expand(x.shape[0])
+    with torch.no_grad():
+        out = pipe.transformer(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=ts,
+                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    if guided:
+        u, c = out.chunk(2)
+        out = u + guidance_scale * (c - u)
+    return out.chunk(2, dim=1)[0]
+
+
+def pixart_reference_latents(model_dir: str, prompt: str, steps: int, height: int, width: int, guidance_scale: float,
+                             seed: int) -> torch.Tensor:
+    pipe = reference_transformer(model_dir)
+    out = pipe(prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=guidance_scale,
+               generator=torch.Generator().manual_seed(seed), output_type="latent", use_resolution_binning=False,
+               max_sequence_length=300)
+    return out.images
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of ``a`` against ``b`` with the peak taken from ``b``'s range."""
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    peak = (b.max() - b.min()).item()
+    if mse == 0:
+        return float("inf")
+    import math
+
+    return 10 * math.log10(peak**2 / mse)
