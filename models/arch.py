@@ -1,0 +1,99 @@
+"""The typed description of one MoE language model, shared by every family.
+
+A family file (``models/mixtral.py``, ``qwen_moe.py``, ``deepseek.py``) reads a
+Hugging Face ``config.json`` into one frozen :class:`MoEArch`; everything
+downstream (loader, parallel plans, model math, KV cache sizing) reads only
+this type, so adding a family never touches the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tessera.runtime.config import ConfigError
+
+
+@dataclass(frozen=True)
+class MoEArch:
+    """Shape and behaviour of a decoder-only MoE transformer (validated at construction)."""
+
+    family: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    qk_head_dim: int  # per-head dim of queries/keys (MLA: nope + rope)
+    v_head_dim: int
+    rope_dim: int  # how many dims of each q/k head are rotated
+    rope_theta: float
+    rms_eps: float
+    moe_layers: tuple[bool, ...]  # per layer: routed-expert block (True) or dense MLP
+    num_experts: int
+    top_k: int
+    moe_intermediate: int
+    dense_intermediate: int
+    router: str = "softmax"  # "softmax" | "softmax_group" | "sigmoid_group"
+    norm_topk_prob: bool = False
+    routed_scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_bias: bool = False  # DeepSeek-V3 e_score_correction_bias
+    shared_intermediate: int = 0  # 0: no shared expert
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert
+    attention: str = "gqa"  # "gqa" | "mla"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_interleave: bool = False  # rotate adjacent pairs (DeepSeek) instead of halves
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"
+    max_position_embeddings: int = 4096
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.moe_layers) != self.num_layers:
+            raise ConfigError(f"{self.architecture}: moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{self.architecture}: {self.num_heads} attention heads are not a multiple of "
+                f"{self.num_kv_heads} key/value heads; the checkpoint's config.json is inconsistent"
+            )
+        if any(self.moe_layers) and not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"{self.architecture}: top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.router not in ("softmax", "softmax_group", "sigmoid_group"):
+            raise ConfigError(f"unknown router kind {self.router!r}")
+        if self.router != "softmax" and self.num_experts % self.n_group:
+            raise ConfigError(f"{self.architecture}: {self.num_experts} experts do not split into n_group={self.n_group} groups")
+        if self.attention not in ("gqa", "mla"):
+            raise ConfigError(f"unknown attention kind {self.attention!r}")
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        return tuple(i for i, m in enumerate(self.moe_layers) if m)
+
+
+def rope_theta_of(cfg: dict) -> float:
+    """rope theta from transformers 5 (``rope_parameters``) or 4 (``rope_theta``) configs."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    if rope_type not in ("default", None):
+        raise ConfigError(
+            f"rope_type {rope_type!r} in config.json is not supported by tessera's MoE models yet "
+            "(only the default RoPE); use a checkpoint without rope scaling"
+        )
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def eos_of(cfg: dict) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def dtype_of(cfg: dict) -> str:
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")

@@ -1,0 +1,235 @@
+"""The shared math of tessera's MoE language models: norms, RoPE, GQA and MLA attention over a
+paged KV cache, dense/shared MLPs, routers, and the MoE block.
+
+Weights arrive already sliced for this rank (``parallel.tensor`` / ``parallel.expert``
+decide the slices; ``models.loader`` reads them), so every function here works on
+local shards and calls a collective only where a split result must be combined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tessera.memory.kv_cache import AttentionMetadata, PagedKVCache, paged_attention
+from tessera.models.arch import MoEArch
+from tessera.parallel.expert import ExpertDispatcher, ExpertPlacement
+from tessera.parallel.tensor import all_reduce_tp, vocab_embed, vocab_logits
+
+
+class ExpertWeights:
+    """The one seam through which the MoE block obtains routed-expert weights.
+
+    ``get(layer, expert_ids)`` returns, for each id, this rank's slice of that
+    expert as ``(gate_up [2*I_slice, H], down [H, I_slice])``. The default keeps
+    every local expert in memory. An offload tier (expert cache over host/NVMe
+    stores) replaces this object with one that has the same ``get`` (and may
+    prefetch on ``get``) without touching model math: the block asks only for
+    the experts that received tokens in this step, in ascending id order.
+    """
+
+    def __init__(self) -> None:
+        self._weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self._weights[(layer, expert)] = (gate_up.contiguous(), down.contiguous())
+
+    def local_experts(self, layer: int) -> list[int]:
+        return sorted(e for (l, e) in self._weights if l == layer)
+
+    def get(self, layer: int, expert_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            return [self._weights[(layer, int(e))] for e in expert_ids]
+        except KeyError as err:
+            raise RuntimeError(f"expert {err.args[0][1]} of layer {layer} was dispatched to a rank that does not hold it") from None
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self._weights.values())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # [N, dim/2]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate [N, heads, dim]. ``interleave`` pairs (x0, x1), (x2, x3)... (DeepSeek); else halves.
+
+    The interleaved form writes rotated evens then odds: a fixed permutation applied to both
+    queries and keys, so attention scores equal those of the interleaved layout.
+    """
+    c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+@dataclass
+class ParallelView:
+    """What the model math needs to know about the mesh (sizes, ranks, groups)."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    moe_size: int = 1
+    moe_rank: int = 0
+    moe_group: Any = None
+
+
+def route(arch: MoEArch, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+    """(weights [T, k], expert ids [T, k]) of the family's router."""
+    logits = F.linear(x.float(), w.float())
+    k, E = arch.top_k, arch.num_experts
+    if arch.router == "softmax":
+        probs = logits.softmax(-1)
+        topw, topi = probs.topk(k, dim=-1)
+    elif arch.router == "softmax_group":
+        probs = logits.softmax(-1)
+        groups = probs.view(-1, arch.n_group, E // arch.n_group).max(-1).values
+        keep = torch.zeros_like(groups).scatter_(1, groups.topk(arch.topk_group, dim=-1).indices, 1.0)
+        masked = probs * keep.repeat_interleave(E // arch.n_group, dim=1)
+        topw, topi = masked.topk(k, dim=-1)
+    else:  # sigmoid_group (DeepSeek-V3)
+        scores = logits.sigmoid()
+        choice = scores + (bias.float() if bias is not None else 0.0)
+        groups = choice.view(-1, arch.n_group, E // arch.n_group).topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(groups).scatter_(1, groups.topk(arch.topk_group, dim=-1).indices, 1.0)
+        choice = choice.masked_fill(keep.repeat_interleave(E // arch.n_group, dim=1) == 0, float("-inf"))
+        topi = choice.topk(k, dim=-1).indices
+        topw = scores.gather(1, topi)
+        if arch.norm_topk_prob:
+            topw = topw / (topw.sum(-1, keepdim=True) + 1e-20)
+    if arch.router != "sigmoid_group" and arch.norm_topk_prob:
+        topw = topw / topw.sum(-1, keepdim=True)
+    return (topw * arch.routed_scaling).to(x.dtype), topi
+
+
+def run_experts(weights: ExpertWeights, layer: int, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Batched expert compute: rows grouped per expert, one matmul pair per expert present."""
+    if rows.shape[0] == 0:
+        return rows.clone()
+    order = torch.argsort(expert_ids, stable=True)
+    sorted_rows = rows[order]
+    present, counts = torch.unique_consecutive(expert_ids[order], return_counts=True)
+    out = torch.empty_like(sorted_rows)
+    offset = 0
+    for (gate_up, down), count in zip(weights.get(layer, present.tolist()), counts.tolist()):
+        chunk = sorted_rows[offset : offset + count]
+        gate, up = F.linear(chunk, gate_up).chunk(2, dim=-1)
+        out[offset : offset + count] = F.linear(F.silu(gate) * up, down)
+        offset += count
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pv: ParallelView) -> torch.Tensor:
+    """SwiGLU MLP with gate/up column-split and down row-split over tp."""
+    return all_reduce_tp(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), pv.tp_group, pv.tp_size)
+
+
+@dataclass
+class MoEStage:
+    """The layers of one pipeline stage on one rank, with its KV cache and expert weights."""
+
+    arch: MoEArch
+    layers: tuple[int, ...]
+    params: dict[int, dict[str, torch.Tensor]]  # layer -> tessera name -> local shard
+    globals: dict[str, torch.Tensor]  # embed / final_norm / lm_head shards present on this stage
+    vocab_start: int
+    experts: ExpertWeights
+    placement: ExpertPlacement | None
+    pv: ParallelView
+    local_heads: int
+    local_kv_heads: int
+    cache: PagedKVCache | None = None
+    record_routing: bool = False
+    routing: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dispatcher = ExpertDispatcher(self.pv.moe_group, self.pv.moe_rank, self.pv.moe_size)
+        self.owner_tables = (
+            {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
+        )
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return vocab_embed(ids, self.globals["embed"], self.vocab_start, self.pv.tp_group, self.pv.tp_size)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h, self.globals["final_norm"], self.arch.rms_eps)
+        return vocab_logits(h, self.globals["lm_head"], self.arch.vocab_size, self.pv.tp_group, self.pv.tp_size).float()
+
+    def attention(self, layer: int, x: torch.Tensor, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
+        a, p = self.arch, self.params[layer]
+        N, hl = x.shape[0], self.local_heads
+        if a.attention == "mla":
+            if a.q_lora_rank:
+                q = F.linear(rms_norm(F.linear(x, p["q_a"]), p["q_a_norm"], a.rms_eps), p["q_b"])
+            else:
+                q = F.linear(x, p["q"])
+            q = q.view(N, hl, a.qk_head_dim)
+            q_nope, q_pe = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
+            latent, k_pe = F.linear(x, p["kv_a"]).split([a.kv_lora_rank, a.rope_dim], dim=-1)
+            kv = F.linear(rms_norm(latent, p["kv_a_norm"], a.rms_eps), p["kv_b"]).view(N, hl, -1)
+            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+            q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
+            k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), cos, sin, a.rope_interleave)
+            q = torch.cat([q_nope, q_pe], -1)
+            k = torch.cat([k_nope, k_pe.expand(N, hl, a.rope_dim)], -1)
+        else:
+            q = F.linear(x, p["q"], p.get("q_bias")).view(N, hl, a.qk_head_dim)
+            k = F.linear(x, p["k"], p.get("k_bias")).view(N, self.local_kv_heads, a.qk_head_dim)
+            v = F.linear(x, p["v"], p.get("v_bias")).view(N, self.local_kv_heads, a.v_head_dim)
+            if a.qk_norm:
+                q, k = rms_norm(q, p["q_norm"], a.rms_eps), rms_norm(k, p["k_norm"], a.rms_eps)
+            q, k = apply_rope(q, cos, sin, a.rope_interleave), apply_rope(k, cos, sin, a.rope_interleave)
+        self.cache.write(layer, k, v, meta.slot_mapping)
+        keys, values = self.cache.gather(layer, meta.key_slots)
+        out = paged_attention(q, keys, values, meta, a.qk_head_dim ** -0.5).reshape(N, -1)
+        return all_reduce_tp(F.linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
+
+    def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        a, p = self.arch, self.params[layer]
+        topw, topi = route(a, x, p["router"], p.get("router_bias"))
+        if self.record_routing:
+            self.routing.setdefault(layer, []).append(topi.to(torch.int32).clone())
+        out = self.dispatcher(
+            x, topi, topw, self.owner_tables[layer], lambda rows, ids: run_experts(self.experts, layer, rows, ids)
+        )
+        if a.shared_intermediate:
+            shared = mlp(x, p["shared_gate_proj"], p["shared_up"], p["shared_down"], self.pv)
+            if a.shared_gate:
+                shared = torch.sigmoid(F.linear(x, p["shared_expert_gate"])) * shared
+            out = out + shared
+        return out
+
+    # -- the stage ----------------------------------------------------------------------
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Run this stage's layers on packed hidden states [N, H]."""
+        a = self.arch
+        cos, sin = rope_cos_sin(meta.positions, a.rope_dim, a.rope_theta)
+        for layer in self.layers:
+            p = self.params[layer]
+            h = h + self.attention(layer, rms_norm(h, p["attn_norm"], a.rms_eps), meta, cos, sin)
+            x = rms_norm(h, p["mlp_norm"], a.rms_eps)
+            if a.moe_layers[layer]:
+                h = h + self.moe(layer, x)
+            else:
+                h = h + mlp(x, p["dense_gate"], p["dense_up"], p["dense_down"], self.pv)
+        return h

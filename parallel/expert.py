@@ -1,0 +1,176 @@
+"""Expert parallelism: which rank owns which expert (or slice of one), and the
+all_to_all dispatch / combine of routed tokens.
+
+Ranks of one pipeline stage form the *MoE group* (``ep`` x ``tp`` ranks, group
+rank ``g = ep_rank * tp + tp_rank``). An expert lives on the ep rank the
+expert map names (contiguous by default, any map allowed: expert-affinity
+placement supplies non-contiguous ones) and its intermediate dim is sliced
+over that ep rank's tp ranks. When there are more ep ranks than experts
+(``ep % experts == 0``), each expert is sliced over ``ep / experts`` ep ranks
+too, as in DeepSpeed-MoE expert slicing. Every owner of an expert computes a
+partial output with its slice; the combine step sums them.
+
+Dispatch: activations are replicated inside the group, so each rank takes a
+balanced share of the tokens, sends every (token, choice) to every owner of the
+chosen expert with ``all_to_all_single`` (uneven splits), gets the partial
+expert outputs back the same way, weights and sums them, and the shares are
+all-gathered so every rank again holds the full batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tessera.parallel.comm import all_gather_cat
+from tessera.parallel.tensor import split_range
+from tessera.runtime.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Owners of every expert of every MoE layer: ``owners[layer][expert]`` = group ranks, slice order."""
+
+    num_experts: int
+    ep: int
+    tp: int
+    owners: dict  # layer -> tuple[tuple[int, ...], ...]
+
+    def local_experts(self, layer: int, group_rank: int) -> list[tuple[int, int, int]]:
+        """(expert, slice index, number of slices) held by ``group_rank`` in ``layer``."""
+        out = []
+        for expert, ranks in enumerate(self.owners[layer]):
+            if group_rank in ranks:
+                out.append((expert, ranks.index(group_rank), len(ranks)))
+        return out
+
+    def owner_table(self, layer: int) -> torch.Tensor:
+        """[experts, slices] int64 tensor of owner group ranks (every expert has the same slice count)."""
+        return torch.tensor(self.owners[layer], dtype=torch.int64)
+
+    def ep_map(self, layer: int) -> list[int]:
+        """expert -> first ep rank owning it (what the affinity planner reads back)."""
+        return [ranks[0] // self.tp for ranks in self.owners[layer]]
+
+
+def build_placement(num_experts: int, moe_layers: Sequence[int], ep: int, tp: int, expert_map=None) -> ExpertPlacement:
+    """Validate ``expert_map`` (``map[layer][expert] = ep rank``, or one list for all layers) and expand it.
+
+    Raises :class:`ConfigError` before any worker starts when the map cannot work.
+    """
+    layers = list(moe_layers)
+    per_layer: dict[int, list[int]] = {}
+    if expert_map is None:
+        if num_experts >= ep:
+            default = [split_index(num_experts, ep, e) for e in range(num_experts)]
+            per_layer = {layer: default for layer in layers}
+        elif ep % num_experts:
+            raise ConfigError(
+                f"ep={ep} ranks and {num_experts} experts: with more ep ranks than experts, ep must be a multiple "
+                f"of the expert count so each expert is sliced over ep/experts ranks; use ep in "
+                f"{[d for d in range(1, num_experts + 1) if num_experts % d == 0] + [num_experts * 2]}"
+            )
+        else:
+            s = ep // num_experts
+            owners = tuple(
+                tuple(r * tp + t for r in range(e * s, (e + 1) * s) for t in range(tp)) for e in range(num_experts)
+            )
+            return ExpertPlacement(num_experts, ep, tp, {layer: owners for layer in layers})
+    else:
+        if num_experts < ep:
+            raise ConfigError(
+                f"an explicit expert_map needs at least as many experts ({num_experts}) as ep ranks ({ep}); "
+                "leave expert_map out to slice experts over ranks"
+            )
+        maps = list(expert_map)
+        if maps and not isinstance(maps[0], (list, tuple)):
+            maps = [maps] * len(layers)
+        if len(maps) == 1 and len(layers) > 1:
+            maps = maps * len(layers)
+        if len(maps) != len(layers):
+            raise ConfigError(
+                f"expert_map has {len(maps)} per-layer lists, but the model has {len(layers)} MoE layers "
+                f"({layers}); give one list per MoE layer or a single list for all"
+            )
+        for layer, m in zip(layers, maps):
+            m = [int(r) for r in m]
+            if len(m) != num_experts:
+                raise ConfigError(f"expert_map for layer {layer} has {len(m)} entries; it needs one ep rank per expert ({num_experts})")
+            bad = [r for r in m if not 0 <= r < ep]
+            if bad:
+                raise ConfigError(f"expert_map for layer {layer} names ep rank {bad[0]}, outside 0..{ep - 1}")
+            empty = sorted(set(range(ep)) - set(m))
+            if empty:
+                raise ConfigError(
+                    f"expert_map for layer {layer} leaves ep rank(s) {empty} without experts; every rank must hold its share"
+                )
+            per_layer[layer] = m
+    owners = {
+        layer: tuple(tuple(m[e] * tp + t for t in range(tp)) for e in range(num_experts)) for layer, m in per_layer.items()
+    }
+    return ExpertPlacement(num_experts, ep, tp, owners)
+
+
+def split_index(n: int, parts: int, item: int) -> int:
+    """Which of ``parts`` balanced contiguous pieces of ``range(n)`` holds ``item``."""
+    for p in range(parts):
+        a, b = split_range(n, parts, p)
+        if a <= item < b:
+            return p
+    raise IndexError(item)
+
+
+class ExpertDispatcher:
+    """Moves routed tokens to their expert owners and the partial outputs back (one MoE group)."""
+
+    def __init__(self, group, group_rank: int, group_size: int) -> None:
+        self.group, self.rank, self.size = group, group_rank, group_size
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [T, H], identical on every rank of the group
+        topk_ids: torch.Tensor,  # [T, k]
+        topk_w: torch.Tensor,  # [T, k]
+        owners: torch.Tensor,  # [E, slices] group ranks
+        compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # (rows, expert ids) -> rows
+    ) -> torch.Tensor:
+        T, H = x.shape
+        a, b = split_range(T, self.size, self.rank)
+        xs, ids, w = x[a:b], topk_ids[a:b], topk_w[a:b]
+        k, slices = ids.shape[1], owners.shape[1]
+        dest = owners[ids].reshape(-1)  # [(t, k, s)]
+        token = torch.arange(b - a).repeat_interleave(k * slices)
+        expert = ids.repeat_interleave(slices, dim=1).reshape(-1)
+        weight = w.repeat_interleave(slices, dim=1).reshape(-1)
+        order = torch.argsort(dest, stable=True)
+        dest, token, expert, weight = dest[order], token[order], expert[order], weight[order]
+        send_rows = xs[token]
+        if self.size == 1:
+            back = compute(send_rows, expert)
+        else:
+            send_counts = torch.bincount(dest, minlength=self.size)
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            sc, rc = send_counts.tolist(), recv_counts.tolist()
+            recv_rows = x.new_empty((sum(rc), H))
+            dist.all_to_all_single(recv_rows, send_rows.contiguous(), rc, sc, group=self.group)
+            recv_expert = expert.new_empty(sum(rc))
+            dist.all_to_all_single(recv_expert, expert.contiguous(), rc, sc, group=self.group)
+            out_rows = compute(recv_rows, recv_expert)
+            back = x.new_empty((sum(sc), H))
+            dist.all_to_all_single(back, out_rows.contiguous(), sc, rc, group=self.group)
+        share = x.new_zeros((b - a, H))
+        share.index_add_(0, token, back * weight.unsqueeze(1).to(back.dtype))
+        if self.size == 1:
+            return share
+        part = -(-T // self.size)
+        padded = torch.cat([share, share.new_zeros((part - share.shape[0], H))]) if share.shape[0] < part else share
+        gathered = all_gather_cat(padded.contiguous(), group=self.group)
+        pieces = []
+        for r in range(self.size):
+            ra, rb = split_range(T, self.size, r)
+            pieces.append(gathered[r * part : r * part + (rb - ra)])
+        return torch.cat(pieces, 0)

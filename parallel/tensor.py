@@ -1,0 +1,117 @@
+"""Tensor parallelism over the ``tp`` mesh dim: which slice of a weight a rank owns, and the
+collectives that put split results back together.
+
+A model family declares a kind per weight (``TP_PLAN``); this module turns the
+kind into a (dim, start, stop) slice read straight from the checkpoint, so no
+rank holds more than its share:
+
+- ``replicate``: whole tensor on every rank.
+- ``colwise``: output rows split (by heads for attention, evenly for MLPs); no collective.
+- ``colwise_kv``: key/value heads; when there are fewer kv heads than tp ranks each
+  rank holds the one kv head its query heads use (replicated, GQA-correct).
+- ``rowwise``: input columns split; the partial outputs are summed with all_reduce.
+- ``vocab``: embedding / LM-head rows split by vocabulary range (last part padded);
+  lookups are masked and all-reduced, logits all-gathered.
+- ``expert_colwise`` / ``expert_rowwise``: slices of one expert's intermediate dim
+  (see ``tessera.parallel.expert``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from tessera.parallel.comm import all_gather_cat
+from tessera.runtime.config import ConfigError
+
+SHARD_KINDS = ("replicate", "colwise", "colwise_kv", "rowwise", "vocab", "expert_colwise", "expert_rowwise")
+
+
+def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Balanced contiguous split of ``range(n)`` into ``parts``; the ``index``-th piece."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def vocab_range(vocab: int, tp: int, rank: int) -> tuple[int, int, int]:
+    """(start, stop, padded part size) of the vocabulary rows owned by ``rank``."""
+    part = math.ceil(vocab / tp)
+    start = min(vocab, rank * part)
+    return start, min(vocab, start + part), part
+
+
+def kv_head_range(num_heads: int, num_kv: int, tp: int, rank: int) -> tuple[int, int]:
+    """The kv heads that the query heads of ``rank`` attend with."""
+    if num_kv >= tp:
+        return split_range(num_kv, tp, rank)
+    q_per_kv = num_heads // num_kv
+    head = (rank * (num_heads // tp)) // q_per_kv
+    return head, head + 1
+
+
+def check_tp(num_heads: int, num_kv: int, tp: int, what: str) -> None:
+    """Refuse a tp degree that cannot split the heads, naming the fix."""
+    if num_heads % tp:
+        raise ConfigError(f"{what}: {num_heads} attention heads cannot be split over tp={tp}; use a tp that divides {num_heads}")
+    if num_kv % tp and tp % num_kv:
+        raise ConfigError(
+            f"{what}: {num_kv} key/value heads and tp={tp}: one must divide the other so kv heads can be split or replicated"
+        )
+
+
+def tp_slice(kind: str, shape: tuple[int, ...], unit: int, tp: int, rank: int, heads: tuple[int, int] | None = None):
+    """(dim, start, stop) of this rank's piece of a weight of ``shape``; None for the whole tensor."""
+    if tp == 1 or kind == "replicate":
+        return None
+    if kind == "colwise":
+        a, b = split_range(shape[0] // unit, tp, rank)
+        return 0, a * unit, b * unit
+    if kind == "colwise_kv":
+        assert heads is not None
+        num_heads, num_kv = heads
+        a, b = kv_head_range(num_heads, num_kv, tp, rank)
+        return 0, a * unit, b * unit
+    if kind == "rowwise":
+        a, b = split_range(shape[1] // unit, tp, rank)
+        return 1, a * unit, b * unit
+    if kind == "vocab":
+        a, b, _ = vocab_range(shape[0], tp, rank)
+        return 0, a, b
+    raise ConfigError(f"unknown tensor-parallel kind {kind!r}; use one of {', '.join(SHARD_KINDS)}")
+
+
+def all_reduce_tp(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Sum the partial outputs of a row-parallel linear."""
+    if size > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def pad_vocab_rows(weight: torch.Tensor, part: int) -> torch.Tensor:
+    """Pad a vocab shard to the common part size so all ranks gather equal shapes."""
+    if weight.shape[0] == part:
+        return weight
+    pad = weight.new_zeros((part - weight.shape[0], *weight.shape[1:]))
+    return torch.cat([weight, pad], 0)
+
+
+def vocab_embed(ids: torch.Tensor, weight: torch.Tensor, start: int, group, size: int) -> torch.Tensor:
+    """Embedding lookup with the table split by vocabulary range over tp."""
+    if size == 1:
+        return weight[ids]
+    local = ids - start
+    inside = (local >= 0) & (local < weight.shape[0])
+    out = weight[local.clamp(0, weight.shape[0] - 1)] * inside.unsqueeze(-1).to(weight.dtype)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def vocab_logits(h: torch.Tensor, weight: torch.Tensor, vocab: int, group, size: int) -> torch.Tensor:
+    """LM head with vocab-split rows: local logits, all-gathered and trimmed to the real vocabulary."""
+    local = h @ weight.t()
+    if size == 1:
+        return local[:, :vocab]
+    return all_gather_cat(local.contiguous(), group=group, dim=1)[:, :vocab]

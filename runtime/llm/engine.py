@@ -1,0 +1,429 @@
+"""Driver side of the MoE language-model engine (the contract in docs/DEVELOPING.md).
+
+``LLMEngine.load`` validates the checkpoint and the plan on the driver (clear
+errors before any worker loads anything), then has every rank read its own
+slices. Each engine step is one ``collective_rpc`` fan-out: the scheduler
+picks the batch (continuous batching over a paged KV cache), every rank runs
+its stage/shard, and the last stage returns sampled tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from tessera.memory.kv_cache import BlockAllocator
+from tessera.models.checkpoint import CheckpointError, read_config, weight_files
+from tessera.models.registry import family_for
+from tessera.parallel.expert import build_placement
+from tessera.parallel.groups import check_llm_plan
+from tessera.parallel.pipeline import check_pp
+from tessera.parallel.tensor import check_tp
+from tessera.runtime.config import ConfigError
+from tessera.runtime.llm import model_runner as mr
+from tessera.runtime.llm.sampler import SampleSpec
+from tessera.runtime.llm.scheduler import Request, Scheduler
+
+log = logging.getLogger("tessera.llm")
+_DTYPES = ("float32", "bfloat16", "float16")
+_engine_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate for one request; validated at construction (clear errors)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+        stops = tuple(self.stop_token_ids) if not isinstance(self.stop_token_ids, int) else (self.stop_token_ids,)
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", stops)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None  # None when the checkpoint has no tokenizer
+    finish_reason: str  # "length" | "stop" | "error"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options of :meth:`LLMEngine.load`, validated once."""
+
+    dtype: str
+    max_model_len: int
+    block_size: int = 16
+    num_kv_blocks: int = 0  # 0: enough for max_num_seqs full-length sequences
+    max_num_seqs: int = 8
+    max_prefill_tokens: int = 2048
+    record_routing: bool = False
+    stop_at_eos: bool = True
+    step_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks == 0:
+            object.__setattr__(self, "num_kv_blocks", self.max_num_seqs * -(-self.max_model_len // self.block_size))
+
+
+def _load_tokenizer(model_dir: Path):
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+class LLMEngine:
+    """Generation over a Controller's workers: paged KV, continuous batching, sampling, streaming."""
+
+    def __init__(self, controller, model_dir: Path, arch, options: EngineOptions, placement, tokenizer, key: str) -> None:
+        self.controller = controller
+        self.model_dir = model_dir
+        self.arch = arch
+        self.options = options
+        self.placement = placement
+        self.tokenizer = tokenizer
+        self.key = key
+        self.allocator = BlockAllocator(options.num_kv_blocks, options.block_size)
+        self.scheduler = Scheduler(self.allocator, options.max_num_seqs, options.max_prefill_tokens, options.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.errors: dict[str, GenerationResult] = {}
+        self.shards: list[dict[str, Any]] = []
+        self.result_rank = 0
+        self._ids = itertools.count()
+        self._closed = False
+        self._counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
+                          "requests_finished": 0, "requests_failed": 0}
+        self.load_s = 0.0
+
+    # -- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, controller, model_dir, **options: Any) -> "LLMEngine":
+        """Validate on the driver, then load every rank's slices.
+
+        Options: ``dtype`` (default: the checkpoint's), ``max_model_len``, ``block_size``,
+        ``num_kv_blocks``, ``max_num_seqs``, ``max_prefill_tokens``, ``expert_map``
+        (``expert_map[layer][expert] = ep rank``, or one list for all MoE layers),
+        ``record_routing`` (keep top-k expert ids per MoE layer per token; see
+        :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``.
+        """
+        started = time.perf_counter()
+        model_dir = Path(model_dir)
+        cfg = read_config(model_dir)
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise CheckpointError(f"{model_dir / 'config.json'} names no architectures; it is not a causal-LM checkpoint")
+        family = family_for(archs[0])
+        arch = family.parse_config(cfg)
+        weight_files(model_dir)  # fails now, naming the directory, if there are no safetensors
+        expert_map = options.pop("expert_map", None)
+        unknown = set(options) - set(EngineOptions.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown LLMEngine.load option(s) {sorted(unknown)}; known: expert_map, "
+                + ", ".join(EngineOptions.__dataclass_fields__)
+            )
+        options.setdefault("dtype", arch.dtype if arch.dtype in _DTYPES else "float32")
+        options.setdefault("max_model_len", min(arch.max_position_embeddings, 1024))
+        opts = EngineOptions(**options)
+        plan = controller.placement.plan
+        check_llm_plan(plan)
+        what = f"{arch.architecture} on plan {plan}"
+        check_tp(arch.num_heads, arch.num_kv_heads, plan.degree("tp"), what)
+        check_pp(arch.num_layers, plan.degree("pp"), what)
+        placement = build_placement(arch.num_experts, arch.moe_layer_ids, plan.degree("ep"), plan.degree("tp"), expert_map)
+        key = f"{model_dir.name}-{next(_engine_ids)}"
+        engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
+        spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
+                           opts.record_routing)
+        engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
+        engine.result_rank = next(s["rank"] for s in engine.shards if s["returns_result"])
+        engine.load_s = time.perf_counter() - started
+        log.info("loaded %s (%s) on %d rank(s) in %.2fs", model_dir.name, arch.architecture, len(engine.shards), engine.load_s)
+        return engine
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt is text but {self.model_dir} has no tokenizer.json; pass token ids instead")
+            return list(self.tokenizer.encode(prompt).ids)
+        ids = list(prompt)
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise ValueError("prompt must be a string or a sequence of integer token ids")
+        return ids
+
+    def _validate(self, ids: list[int], sampling) -> SamplingParams:
+        if isinstance(sampling, Mapping):
+            sampling = SamplingParams(**sampling)
+        elif sampling is None:
+            sampling = SamplingParams()
+        elif not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be SamplingParams or a dict of its fields, got {type(sampling).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty; give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})")
+        if len(ids) >= self.options.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the context is max_model_len={self.options.max_model_len}, "
+                "leaving no room to generate; shorten the prompt or load the engine with a larger max_model_len"
+            )
+        bad = [t for t in sampling.stop_token_ids if t >= self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})")
+        need = self.allocator.blocks_for(min(len(ids) + sampling.max_new_tokens, self.options.max_model_len))
+        if need > self.allocator.num_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks but the cache has {self.allocator.num_blocks}; "
+                "load the engine with a larger num_kv_blocks or ask for fewer max_new_tokens"
+            )
+        return sampling
+
+    def add_request(self, prompt, sampling=None) -> str:
+        """Queue one request; it joins the batch at the next step. Invalid requests fail alone.
+
+        Returns the request id. A request that cannot run is recorded with
+        ``finish_reason="error"`` and its message (see :meth:`result`).
+        """
+        request_id = f"req-{next(self._ids)}"
+        try:
+            ids = self._tokenize(prompt)
+            params = self._validate(ids, sampling)
+        except (ValueError, TypeError) as err:
+            prompt_ids = list(prompt) if not isinstance(prompt, str) else []
+            self.errors[request_id] = GenerationResult(request_id, prompt_ids, [], None, "error", str(err))
+            self._counters["requests_failed"] += 1
+            return request_id
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
+        stops = set(params.stop_token_ids)
+        if self.options.stop_at_eos:
+            stops |= set(self.arch.eos_token_ids)
+        request = Request(request_id, ids, params, seed, frozenset(stops))
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[tuple[str, int, bool]]:
+        """Run one engine step; returns (request id, new token, finished) for each running request."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs = tuple(
+            mr.StepSeq(
+                s.token_ids, s.start, tuple(s.request.blocks),
+                SampleSpec(s.request.sampling.temperature, s.request.sampling.top_k, s.request.sampling.top_p,
+                           s.request.seed, len(s.request.output)),
+            )
+            for s in batch
+        )
+        started = time.perf_counter()
+        results = self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(seqs)),
+                                                 timeout_s=self.options.step_timeout_s)
+        elapsed = time.perf_counter() - started
+        tokens = results[self.result_rank]["tokens"]
+        prefill = sum(len(s.token_ids) for s in batch if s.is_prefill)
+        c = self._counters
+        c["steps"] += 1
+        if prefill:
+            c["prefill_tokens"] += prefill
+            c["prefill_s"] += elapsed
+        else:
+            c["decode_tokens"] += len(batch)
+            c["decode_s"] += elapsed
+        out = []
+        for s, token in zip(batch, tokens):
+            r = s.request
+            r.num_computed = s.start + len(s.token_ids)
+            r.output.append(token)
+            if token in r.stop_ids:
+                self.scheduler.finish(r, "stop")
+            elif len(r.output) >= r.sampling.max_new_tokens or len(r.prompt) + len(r.output) >= self.options.max_model_len:
+                self.scheduler.finish(r, "length")
+            if r.finished:
+                c["requests_finished"] += 1
+            out.append((r.request_id, token, r.finished))
+        return out
+
+    def result(self, request_id: str) -> GenerationResult:
+        if request_id in self.errors:
+            return self.errors[request_id]
+        r = self.requests[request_id]
+        text = self.tokenizer.decode(r.output) if self.tokenizer is not None else None
+        return GenerationResult(r.request_id, list(r.prompt), list(r.output), text, r.finish_reason or "running")
+
+    def _pop(self, request_id: str) -> GenerationResult:
+        res = self.result(request_id)
+        self.errors.pop(request_id, None)
+        self.requests.pop(request_id, None)
+        return res
+
+    # -- the contract -------------------------------------------------------------------
+
+    def generate(self, prompts, sampling=None) -> list[GenerationResult]:
+        """Generate for one prompt or a list (text or token ids); one result per prompt, in order.
+
+        ``sampling`` is one SamplingParams (or dict) for all, or one per prompt. A
+        request with a bad prompt or bad sampling parameters gets ``finish_reason
+        "error"`` and its message; the others run normally.
+        """
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(plist):
+                raise ValueError(f"{len(sampling)} sampling params for {len(plist)} prompts; give one, or one per prompt")
+            slist = list(sampling)
+        else:
+            slist = [sampling] * len(plist)
+        ids = [self.add_request(p, s) for p, s in zip(plist, slist)]
+        pending = {i for i in ids if i not in self.errors}
+        while pending:
+            if not self.step() and self.scheduler.running == [] and self.scheduler.waiting:
+                raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
+            pending = {i for i in pending if not self.requests[i].finished}
+        return [self._pop(i) for i in ids]
+
+    def stream(self, prompt, sampling=None) -> Iterator[int]:
+        """Yield the token ids of one request as they are produced (other requests keep running)."""
+        request_id = self.add_request(prompt, sampling)
+        if request_id in self.errors:
+            raise ValueError(self._pop(request_id).error)
+        request = self.requests[request_id]
+        sent = 0
+        while not request.finished:
+            self.step()
+            while sent < len(request.output):
+                yield request.output[sent]
+                sent += 1
+        self._pop(request_id)
+
+    def score(self, prompt) -> "torch.Tensor":
+        """Logits [len(prompt), vocab] of one prompt (fp32, on the driver), through the same paged path.
+
+        For checking numerics against a reference; generation does not need it.
+        """
+        ids = self._tokenize(prompt)
+        self._validate(ids, SamplingParams(max_new_tokens=1))
+        blocks = self.allocator.allocate(self.allocator.blocks_for(len(ids)))
+        try:
+            seq = mr.StepSeq(tuple(ids), 0, tuple(blocks), SampleSpec(0.0, 0, 1.0, 0, 0))
+            results = self.controller.collective_rpc(
+                mr.run_step, args=(self.key, mr.StepBatch((seq,), return_logits="all")), timeout_s=self.options.step_timeout_s
+            )
+        finally:
+            self.allocator.free(blocks)
+        return results[self.result_rank]["logits"][0]
+
+    def stats(self) -> dict:
+        c = dict(self._counters)
+        c["prefill_tok_s"] = c["prefill_tokens"] / c["prefill_s"] if c["prefill_s"] else 0.0
+        c["decode_tok_s"] = c["decode_tokens"] / c["decode_s"] if c["decode_s"] else 0.0
+        c.update(
+            model=self.arch.architecture,
+            plan=str(self.controller.placement.plan),
+            load_s=self.load_s,
+            kv_blocks_total=self.allocator.num_blocks,
+            kv_blocks_free=self.allocator.num_free,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            shards=self.shards,
+        )
+        return c
+
+    def routing_trace(self) -> dict:
+        """Top-k expert ids chosen at every MoE layer for every token processed since load (or the last clear).
+
+        Returns ``{"model", "num_layers", "num_experts", "top_k", "moe_layers",
+        "layers": {layer: int32 array [tokens, top_k]}}``; tokens are in step order
+        (prefill tokens of each sequence, then one per decode step).
+        Requires ``LLMEngine.load(..., record_routing=True)``.
+        """
+        if not self.options.record_routing:
+            raise RuntimeError("routing is not recorded; load the engine with record_routing=True")
+        layers: dict[int, Any] = {}
+        for part in self.controller.collective_rpc(mr.routing_trace, args=(self.key,)):
+            if part:
+                layers.update(part)
+        return {
+            "model": self.arch.architecture,
+            "model_dir": str(self.model_dir),
+            "num_layers": self.arch.num_layers,
+            "num_experts": self.arch.num_experts,
+            "top_k": self.arch.top_k,
+            "moe_layers": list(self.arch.moe_layer_ids),
+            "layers": dict(sorted(layers.items())),
+        }
+
+    def clear_routing_trace(self) -> None:
+        self.controller.collective_rpc(mr.clear_routing, args=(self.key,))
+
+    def placement_report(self) -> list[str]:
+        """One line per rank: mesh coordinates, layers, experts held, bytes read."""
+        lines = []
+        for s in self.shards:
+            experts = s["experts"]
+            first = next(iter(experts.values()), [])
+            lines.append(
+                f"rank {s['rank']} pp={s['coords']['pp']} ep={s['coords']['ep']} tp={s['coords']['tp']}: "
+                f"layers {s['layers'][0]}-{s['layers'][-1]}, experts {first} (per MoE layer), "
+                f"{s['bytes_read'] / 1e6:.2f} MB read"
+            )
+        return lines
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.controller.collective_rpc(mr.unload_model, args=(self.key,))
+        except Exception:  # noqa: BLE001 - closing must not fail because a worker is gone
+            log.warning("could not unload %s from every worker", self.key)
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

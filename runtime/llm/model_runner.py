@@ -1,0 +1,212 @@
+"""Worker side of the LLM engine: loads this rank's shard of a model and runs engine steps.
+
+Functions here are what the driver fans out with ``collective_rpc``; one engine
+step is one call (``run_step``). Each rank keeps its models in
+``worker.store["tessera.llm"]`` keyed by a model key, so one set of workers can
+hold several models (tests load many tiny ones on one controller).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tessera.memory.kv_cache import PagedKVCache, SeqSlice, build_metadata
+from tessera.models.checkpoint import read_config
+from tessera.models.loader import load_stage
+from tessera.models.moe_layers import MoEStage, ParallelView
+from tessera.models.registry import family_for
+from tessera.parallel.expert import ExpertPlacement
+from tessera.parallel.groups import LLMGroups, llm_groups
+from tessera.parallel.pipeline import micro_batches, run_pipeline, stage_layers
+from tessera.runtime.llm.sampler import SampleSpec, sample
+
+log = logging.getLogger("tessera.llm.runner")
+STORE_KEY = "tessera.llm"
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything a rank needs to load its shard (built and validated on the driver)."""
+
+    key: str
+    model_dir: str
+    dtype: str
+    num_blocks: int
+    block_size: int
+    placement: ExpertPlacement | None
+    record_routing: bool = False
+
+
+@dataclass(frozen=True)
+class StepSeq:
+    """One sequence in a step: its new tokens, where they start, its block table, how to sample."""
+
+    token_ids: tuple[int, ...]
+    start: int
+    block_table: tuple[int, ...]
+    sample: SampleSpec | None  # None: no token wanted (not used by the engine today)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    seqs: tuple[StepSeq, ...]
+    return_logits: str = "none"  # "none" | "last" | "all" (tests compare prefill logits)
+
+
+class _Models(dict):
+    """All models loaded on this rank; closed with the worker."""
+
+    def close(self) -> None:
+        for runner in self.values():
+            runner.close()
+        self.clear()
+
+
+@dataclass
+class ModelRunner:
+    spec: LoadSpec
+    stage: MoEStage
+    groups: LLMGroups
+    first: bool
+    last: bool
+    load_s: float
+    bytes_read: int
+    stats: dict[str, float] = field(default_factory=lambda: {"steps": 0, "tokens": 0, "compute_s": 0.0})
+
+    def close(self) -> None:
+        self.stage.cache = None
+        self.stage.params.clear()
+
+    @property
+    def returns_result(self) -> bool:
+        return self.last and self.groups.moe_rank == 0
+
+    def step(self, batch: StepBatch) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        st, g = self.stage, self.groups
+        arch = st.arch
+        dtype = next(iter(st.params.values()))["attn_norm"].dtype if st.params else torch.float32
+        tokens: list[int] = []
+        logits_out: list[torch.Tensor] = []
+
+        def start(chunk):
+            ids = torch.tensor([t for s in chunk for t in s.token_ids], dtype=torch.int64)
+            return st.embed(ids)
+
+        def body(chunk, h):
+            meta = build_metadata([SeqSlice(s.start, len(s.token_ids), s.block_table) for s in chunk], st.cache.block_size)
+            chunk_meta[id(chunk)] = meta
+            return st.forward(h, meta)
+
+        def finish(chunk, h):
+            # Every last-stage rank runs the head (its all-gather is collective over tp); one samples.
+            meta = chunk_meta[id(chunk)]
+            if batch.return_logits == "all":
+                logits = st.head(h)
+                last = logits[meta.last_index]
+            else:
+                logits = last = st.head(h[meta.last_index])
+            if not self.returns_result:
+                return
+            if batch.return_logits == "all":
+                offsets = torch.cumsum(torch.tensor([0] + [len(s.token_ids) for s in chunk]), 0).tolist()
+                logits_out.extend(logits[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
+            elif batch.return_logits == "last":
+                logits_out.extend(last)
+            tokens.extend(sample(last, [s.sample for s in chunk]))
+
+        chunk_meta: dict[int, Any] = {}
+        chunks = micro_batches(list(batch.seqs), g.pp)
+        with torch.inference_mode():
+            run_pipeline(
+                chunks, self.first, self.last, g.prev_rank, g.next_rank,
+                tokens_of=lambda c: sum(len(s.token_ids) for s in c), hidden=arch.hidden_size, dtype=dtype,
+                start=start, body=body, finish=finish,
+            )
+        self.stats["steps"] += 1
+        self.stats["tokens"] += sum(len(s.token_ids) for s in batch.seqs)
+        self.stats["compute_s"] += time.perf_counter() - started
+        if not self.returns_result:
+            return None
+        out: dict[str, Any] = {"tokens": tokens}
+        if batch.return_logits != "none":
+            out["logits"] = [t.clone() for t in logits_out]
+        return out
+
+    def routing_trace(self) -> dict[int, torch.Tensor] | None:
+        if not self.stage.record_routing or self.groups.moe_rank != 0:
+            return None
+        return {layer: torch.cat(parts).numpy() for layer, parts in self.stage.routing.items()}
+
+
+def _models(worker) -> _Models:
+    models = worker.store.get(STORE_KEY)
+    if models is None:
+        models = worker.store[STORE_KEY] = _Models()
+    return models
+
+
+def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
+    """Load this rank's shard of ``spec.model_dir``; returns what it holds (for the placement report)."""
+    started = time.perf_counter()
+    groups = llm_groups(worker)
+    cfg = read_config(spec.model_dir)
+    family = family_for(cfg["architectures"][0])
+    arch = family.parse_config(cfg)
+    layers = stage_layers(arch.num_layers, groups.pp, groups.pp_rank)
+    first, last = groups.pp_rank == 0, groups.pp_rank == groups.pp - 1
+    pv = ParallelView(groups.tp, groups.tp_rank, groups.tp_group, groups.moe_size, groups.moe_rank, groups.moe_group)
+    dtype = getattr(torch, spec.dtype)
+    stage, nbytes = load_stage(spec.model_dir, arch, family, layers, first, last, pv, spec.placement, dtype)
+    if arch.attention == "mla":
+        heads, kdim = stage.local_heads, arch.qk_head_dim
+    else:
+        heads, kdim = stage.local_kv_heads, arch.qk_head_dim
+    stage.cache = PagedKVCache(stage.layers, spec.num_blocks, spec.block_size, heads, kdim, arch.v_head_dim, dtype, worker.device)
+    stage.record_routing = spec.record_routing and groups.moe_rank == 0
+    runner = ModelRunner(spec, stage, groups, first, last, time.perf_counter() - started, nbytes)
+    old = _models(worker).pop(spec.key, None)
+    if old is not None:
+        old.close()
+    _models(worker)[spec.key] = runner
+    return {
+        "rank": worker.rank,
+        "coords": {"pp": groups.pp_rank, "ep": groups.ep_rank, "tp": groups.tp_rank},
+        "layers": [stage.layers[0], stage.layers[-1]] if stage.layers else [],
+        "experts": {l: stage.experts.local_experts(l) for l in stage.layers if arch.moe_layers[l]},
+        "bytes_read": nbytes,
+        "expert_bytes": stage.experts.nbytes(),
+        "kv_cache_bytes": stage.cache.nbytes(),
+        "load_s": runner.load_s,
+        "returns_result": runner.returns_result,
+    }
+
+
+def run_step(worker, key: str, batch: StepBatch):
+    runner = _models(worker).get(key)
+    if runner is None:
+        raise KeyError(f"model {key!r} is not loaded on rank {worker.rank}; call LLMEngine.load first")
+    return runner.step(batch)
+
+
+def routing_trace(worker, key: str):
+    return _models(worker)[key].routing_trace()
+
+
+def clear_routing(worker, key: str) -> None:
+    _models(worker)[key].stage.routing.clear()
+
+
+def runner_stats(worker, key: str) -> dict[str, float]:
+    return dict(_models(worker)[key].stats)
+
+
+def unload_model(worker, key: str) -> None:
+    runner = _models(worker).pop(key, None)
+    if runner is not None:
+        runner.close()

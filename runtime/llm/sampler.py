@@ -1,0 +1,42 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+
+Randomness is a pure function of (request seed, index of the generated token),
+so a request samples the same tokens whatever else shares its batch, across
+replays and on whichever rank samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    index: int  # how many tokens the request generated before this one
+
+
+def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
+    """One token per row of ``logits`` [B, V]."""
+    out = []
+    for row, spec in zip(logits.float(), specs):
+        if spec.temperature == 0.0:
+            out.append(int(row.argmax()))
+            continue
+        row = row / spec.temperature
+        if 0 < spec.top_k < row.shape[0]:
+            kth = row.topk(spec.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if spec.top_p < 1.0:
+            sorted_row, order = row.sort(descending=True)
+            probs = sorted_row.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= spec.top_p  # keep the smallest prefix reaching top_p
+            row = row.scatter(0, order, sorted_row.masked_fill(drop, float("-inf")))
+        gen = torch.Generator().manual_seed((spec.seed * 1_000_003 + spec.index) % (2**63))
+        out.append(int(torch.multinomial(row.softmax(-1), 1, generator=gen)))
+    return out

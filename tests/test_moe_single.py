@@ -1,0 +1,18 @@
+"""Single-rank plan (tp = ep = pp = 1) of every family against transformers, in process."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessera.runtime.llm.engine import LLMEngine
+from tessera.tests.llm_testing import MODELS, check_against_reference, local_controller, tiny_refs  # noqa: F401
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_single_rank_matches_transformers(local_controller, tiny_refs, name):  # noqa: F811
+    engine = LLMEngine.load(local_controller, tiny_refs[name].path, dtype="float32", stop_at_eos=False,
+                            max_model_len=64, block_size=4)
+    try:
+        check_against_reference(engine, tiny_refs[name])
+    finally:
+        engine.close()
