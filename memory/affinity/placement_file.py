@@ -85,3 +85,24 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def expert_map_from_file(path: str | os.PathLike, num_experts: int | None = None, moe_layers=None) -> list[list[int]]:
+    """The ``expert_map`` argument of ``LLMEngine.load`` from a placement file, checked against the model.
+
+    ``num_experts`` / ``moe_layers`` (the model's MoE layer indices) make a
+    placement solved for another model fail here, by name, instead of
+    inside the workers.
+    """
+    placement, meta = load_placement(path)
+    if num_experts is not None and placement.num_experts != num_experts:
+        raise PlacementInvalid(
+            f"{path} places {placement.num_experts} experts but the model has {num_experts}; "
+            "solve a placement from a trace of this model"
+        )
+    if moe_layers is not None and list(meta.get("layer_ids", [])) != [int(i) for i in moe_layers]:
+        raise PlacementInvalid(
+            f"{path} is for MoE layers {meta.get('layer_ids')} but the model's MoE layers are {list(moe_layers)}; "
+            "solve a placement from a trace of this model"
+        )
+    return placement.expert_map()
