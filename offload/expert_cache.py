@@ -1,0 +1,272 @@
+"""A per-worker cache of expert weights in the device tier, with LRU/LFU eviction and predictive prefetch.
+
+``get(layer, expert_ids)`` returns the experts' weights in the device tier:
+hits come from the cache, misses are read (all in parallel) from the host or
+NVMe tier through the :class:`~tessera.offload.store.TieredStore`. The experts
+returned by one ``get`` stay pinned until the next ``get`` (the MoE block is
+computing with them), so eviction never frees bytes in use.
+
+After the demanded experts are in, the cache predicts the experts of the next
+layer (affinity statistics, the next layer's gate on the current hidden
+state, or both) and starts reading them, so they stream in while this layer
+computes. Prefetched-but-unused entries are evicted last.
+
+Capacity is the store's device budget (shared with resident weights and
+streamed dense layers), optionally capped by ``capacity_bytes``. Counters:
+hits, misses, bytes moved, evictions, prefetch issued/used/wasted, and the
+predictor's precision and recall.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from tessera.offload.errors import BudgetExceeded
+from tessera.offload.predict import AffinityPredictor, GatePredictor, rank_experts
+from tessera.offload.store import TieredStore, WeightHandle
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+def expert_group_name(layer: int, expert: int) -> str:
+    """The default weight-group name of one expert."""
+    return f"layers.{layer}.experts.{expert}"
+
+
+@dataclass
+class _Entry:
+    future: Future
+    nbytes: int
+    prefetched: bool
+    used: bool = False
+    handle: WeightHandle | None = field(default=None, repr=False)
+
+    def wait(self) -> WeightHandle:
+        if self.handle is None:
+            self.handle = self.future.result()
+        return self.handle
+
+
+class ExpertCache:
+    """Expert weights of one worker in the device tier: LRU or LFU, with next-layer prefetch."""
+
+    def __init__(
+        self,
+        store: TieredStore,
+        num_layers: int,
+        num_experts: int,
+        *,
+        policy: str | None = None,
+        predictor: str | None = None,
+        gate_weight: Callable[[int], torch.Tensor | None] | None = None,
+        router_top_k: int = 2,
+        predict_top_k: int | None = None,
+        capacity_bytes: int | None = None,
+        group_name: Callable[[int, int], str] = expert_group_name,
+        affinity_counts: torch.Tensor | None = None,
+    ) -> None:
+        cfg = store.config
+        self.store = store
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.policy = policy or cfg.cache_policy
+        if self.policy not in ("lru", "lfu"):
+            raise ValueError(f"cache policy {self.policy!r} is unknown; use 'lru' or 'lfu'")
+        mode = predictor or cfg.predictor
+        self.affinity = AffinityPredictor(num_layers, num_experts, affinity_counts) if mode in ("affinity", "both") else None
+        if mode in ("gate", "both") and gate_weight is None:
+            raise ValueError(f"predictor {mode!r} needs gate_weight (layer -> router weight)")
+        self.gate = GatePredictor(gate_weight, router_top_k) if mode in ("gate", "both") and gate_weight else None
+        self.predict_top_k = cfg.predict_top_k if predict_top_k is None else predict_top_k
+        self.capacity_bytes = capacity_bytes
+        self.group_name = group_name
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # order = recency (LRU at the front)
+        self._freq: dict[Key, int] = {}
+        self._pinned: set[Key] = set()
+        self._bytes = 0
+        self._last: tuple[int, list[int]] | None = None
+        self._predicted: dict[int, set[int]] = {}
+        self._lock = threading.RLock()
+        self.counters = {
+            "hits": 0,
+            "misses": 0,
+            "bytes_moved": 0,
+            "evictions": 0,
+            "prefetch_issued": 0,
+            "prefetch_used": 0,
+            "prefetch_wasted": 0,
+            "predicted": 0,
+            "actual": 0,
+            "predicted_correct": 0,
+        }
+
+    # -- the seam ---------------------------------------------------------------------
+
+    def get(
+        self, layer: int, expert_ids: Iterable[int], hidden: torch.Tensor | None = None
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """The weights of ``expert_ids`` of ``layer`` in the device tier (pinned until the next get).
+
+        ``hidden`` (optional): the hidden state entering this layer, for the gate predictor.
+        """
+        ids = sorted({int(e) for e in expert_ids})
+        with self._lock:
+            self._pinned.clear()
+            self._score_prediction(layer, ids)
+            if self.affinity is not None and self._last is not None and self._last[0] == layer - 1:
+                self.affinity.observe(layer, self._last[1], ids)
+            self._last = (layer, ids)
+            keys = [(layer, e) for e in ids]
+            self._pinned.update(keys)
+            for k in keys:
+                self._freq[k] = self._freq.get(k, 0) + 1
+                entry = self._entries.get(k)
+                if entry is not None:
+                    self.counters["hits"] += 1
+                    if entry.prefetched and not entry.used:
+                        self.counters["prefetch_used"] += 1
+                    entry.used = True
+                    self._entries.move_to_end(k)
+                else:
+                    self.counters["misses"] += 1
+                    self._admit(k, prefetched=False, required=True)
+            out = {}
+            for k in keys:
+                out[k[1]] = self._entries[k].wait().tensors
+            self._prefetch_next(layer, ids, hidden)
+            return out
+
+    def release(self) -> None:
+        """Unpin the experts of the last get (e.g. at the end of a forward pass)."""
+        with self._lock:
+            self._pinned.clear()
+
+    # -- admission, eviction, prefetch ---------------------------------------------------
+
+    def _admit(self, key: Key, prefetched: bool, required: bool) -> bool:
+        name = self.group_name(*key)
+        nbytes = self.store.nbytes(name)
+        while True:
+            fut = None
+            if self.capacity_bytes is None or self._bytes + nbytes <= self.capacity_bytes:
+                fut = self.store.fetch_async(name, try_only=True)
+            if fut is not None:
+                break
+            if not self._evict_one(protect_prefetched=not required):
+                if not required:
+                    return False
+                raise BudgetExceeded(
+                    f"expert cache: layer {key[0]} needs {len(self._pinned)} experts at once "
+                    f"({len(self._pinned)} x ~{nbytes} bytes) but the device tier has no room left after evicting "
+                    f"every unpinned expert (device budget {self.store.config.device_budget_bytes}, "
+                    f"cache cap {self.capacity_bytes}); raise device_budget_bytes or reduce the batch"
+                )
+        entry = _Entry(fut, nbytes, prefetched=prefetched, used=not prefetched)
+        self._entries[key] = entry
+        self._bytes += nbytes
+        self.counters["bytes_moved"] += nbytes
+        if prefetched:
+            self.counters["prefetch_issued"] += 1
+        return True
+
+    def _victim(self, protect_prefetched: bool) -> Key | None:
+        candidates = [k for k in self._entries if k not in self._pinned]
+        if not candidates:
+            return None
+        fresh = [k for k in candidates if self._entries[k].prefetched and not self._entries[k].used]
+        if protect_prefetched:
+            candidates = [k for k in candidates if k not in fresh]
+        else:
+            # Demand misses evict used entries first, unused prefetches last.
+            stale = [k for k in candidates if k not in fresh]
+            candidates = stale or candidates
+        if not candidates:
+            return None
+        if self.policy == "lru":
+            return candidates[0]  # the OrderedDict is in recency order
+        order = {k: i for i, k in enumerate(self._entries)}
+        return min(candidates, key=lambda k: (self._freq.get(k, 0), order[k]))
+
+    def _evict_one(self, protect_prefetched: bool) -> bool:
+        key = self._victim(protect_prefetched)
+        if key is None:
+            return False
+        entry = self._entries.pop(key)
+        self._bytes -= entry.nbytes
+        self.counters["evictions"] += 1
+        if entry.prefetched and not entry.used:
+            self.counters["prefetch_wasted"] += 1
+        try:
+            entry.wait().release()
+        except Exception:  # noqa: BLE001 - a failed read holds no bytes
+            pass
+        return True
+
+    def _prefetch_next(self, layer: int, ids: Sequence[int], hidden: torch.Tensor | None) -> None:
+        nxt = layer + 1
+        if nxt >= self.num_layers or (self.affinity is None and self.gate is None):
+            return
+        scores = None
+        k = self.predict_top_k or len(ids)  # default: as many as this layer used
+        if self.gate is not None:
+            scores = self.gate.scores(nxt, hidden)
+            if scores is not None and not self.predict_top_k:
+                k = max(k, int((scores > 0).sum()))  # every expert the next router would pick
+        if self.affinity is not None:
+            aff = self.affinity.scores(nxt, ids)
+            if aff is not None:
+                # Gate votes dominate; affinity breaks ties and fills in when no gate score exists.
+                aff = aff / aff.max()
+                scores = aff if scores is None else scores + aff
+        predicted = rank_experts(scores, k)
+        if not predicted:
+            return
+        self._predicted[nxt] = set(predicted)
+        for e in predicted:
+            key = (nxt, e)
+            if key not in self._entries:
+                self._admit(key, prefetched=True, required=False)
+
+    def _score_prediction(self, layer: int, ids: Sequence[int]) -> None:
+        predicted = self._predicted.pop(layer, None)
+        if predicted is None:
+            return
+        actual = set(ids)
+        self.counters["predicted"] += len(predicted)
+        self.counters["actual"] += len(actual)
+        self.counters["predicted_correct"] += len(predicted & actual)
+
+    # -- stats and lifecycle ---------------------------------------------------------------
+
+    def stats(self) -> dict:
+        with self._lock:
+            c = dict(self.counters)
+        total = c["hits"] + c["misses"]
+        c["hit_rate"] = c["hits"] / total if total else 0.0
+        c["prefetch_precision"] = c["predicted_correct"] / c["predicted"] if c["predicted"] else 0.0
+        c["prefetch_recall"] = c["predicted_correct"] / c["actual"] if c["actual"] else 0.0
+        c["cached_experts"] = len(self._entries)
+        c["cached_bytes"] = self._bytes
+        c["policy"] = self.policy
+        return c
+
+    def clear(self) -> None:
+        """Drop every cached expert (gives the device bytes back)."""
+        with self._lock:
+            self._pinned.clear()
+            while self._entries:
+                _, entry = self._entries.popitem(last=False)
+                try:
+                    entry.wait().release()
+                except Exception:  # noqa: BLE001
+                    pass
+            self._bytes = 0
+
+    def close(self) -> None:
+        self.clear()
