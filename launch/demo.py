@@ -70,15 +70,9 @@ def run_demo(only: list[str] | None = None) -> int:
         raise ValueError(f"unknown demo section(s) {unknown}; choose from {names}")
     own_ray = not ray.is_initialized()
     if own_ray:
-        import tempfile
+        from tessera.runtime.ray_env import embedded_ray_kwargs
 
-        ray.init(
-            num_cpus=8,
-            include_dashboard=False,
-            _temp_dir=tempfile.mkdtemp(prefix="tessera-demo-"),
-            namespace="tessera-demo",
-            log_to_driver=True,
-        )
+        ray.init(**embedded_ray_kwargs(8, "tessera-demo-", namespace="tessera-demo"))
     try:
         for name, section in SECTIONS:
             if only and name not in only:

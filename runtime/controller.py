@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from tessera.memory.placement import Placement
 from tessera.runtime.config import Timeouts
 from tessera.runtime.errors import PlacementError, RankError, WaitTimeout, WorkerDiedError
 from tessera.runtime.logs import default_log_level
+from tessera.runtime.ray_env import embedded_ray_kwargs
 from tessera.runtime.worker import Worker
 
 log = logging.getLogger("tessera.controller")
@@ -131,11 +131,7 @@ class Controller:
             # Embedded: enough logical CPUs for every rank even on a small
             # machine (oversubscribed on purpose; Ray pins 1 thread per actor).
             needed = self.world_size * self.placement.cpus_per_rank
-            kwargs.update(
-                num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-                include_dashboard=False,
-                _temp_dir=tempfile.mkdtemp(prefix="tessera-ray-"),
-            )
+            kwargs.update(embedded_ray_kwargs(max(os.cpu_count() or 1, int(needed + 0.999))))
         else:
             kwargs["address"] = self.address
         kwargs.update(self.ray_init_kwargs)

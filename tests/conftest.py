@@ -39,6 +39,7 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: D103
+    _ship_test_modules_by_value(items)
     if _has_cuda():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
@@ -47,22 +48,40 @@ def pytest_collection_modifyitems(config, items):  # noqa: D103
             item.add_marker(skip_gpu)
 
 
+def _ship_test_modules_by_value(items) -> None:
+    """Let functions defined in test modules run on Ray workers.
+
+    The repository root is the ``tessera`` package, so pytest imports test
+    modules under a name derived from the checkout's folder (e.g.
+    ``main.tests.test_x``) that workers cannot import. Pickling those modules
+    by value sends the function itself instead of its import path.
+    """
+    try:
+        from ray import cloudpickle
+    except ImportError:  # pragma: no cover
+        return
+    for module in {getattr(item, "module", None) for item in items} - {None}:
+        if module.__name__ in sys.modules:
+            cloudpickle.register_pickle_by_value(module)
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
-    """One embedded Ray for the whole session: 8 logical CPUs (oversubscribed), private temp dir."""
+    """One embedded Ray for the whole session: 16 logical CPUs (oversubscribed: cached controllers hold up to 8), private temp dir."""
     import ray
 
-    temp_dir = tempfile.mkdtemp(prefix="tessera-test-ray-")
+    from tessera.runtime.ray_env import embedded_ray_kwargs
+
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
+    kwargs = embedded_ray_kwargs(
+        16,
+        "tessera-test-ray-",
         object_store_memory=512 * 1024 * 1024,
         namespace="tessera-tests",
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TESSERA_LOG_LEVEL": "WARNING"}},
-        log_to_driver=True,
     )
+    temp_dir = kwargs["_temp_dir"]
+    ray.init(**kwargs)
     try:
         yield ray
     finally:
