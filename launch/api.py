@@ -181,7 +181,8 @@ def materialise_model(model: str) -> str:
                 ) from None
             cache = Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
             target = cache / prefix.rstrip(":") / family
-            built = build(family, target)
+            # Language models get a toy tokenizer so results carry text.
+            built = build(family, target, tokenizer=True) if prefix == "tiny-moe:" else build(family, target)
             return str(built or target)
     return model
 

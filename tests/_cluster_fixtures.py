@@ -141,3 +141,142 @@ def ray_head_fixture() -> Iterator[RayHead]:
         yield head
     finally:
         stop_ray_head(head)
+
+
+# -- a two-node SLURM cluster on this machine --------------------------------------------
+
+
+def slurm_unavailable_reason() -> str | None:
+    """Install slurm-wlm and munge when missing (root + apt); a reason to skip only when the machine forbids it."""
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return None
+    if os.geteuid() != 0:
+        return "SLURM is not installed and installing slurm-wlm/munge needs root"
+    if not shutil.which("apt-get"):
+        return "SLURM is not installed and this machine has no apt-get to install slurm-wlm/munge"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"could not install slurm-wlm/munge ({' '.join(cmd)} failed: {last})"
+    return None
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    conf: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen]
+    nodes: tuple[str, ...]
+
+
+def _wait(predicate, timeout_s: float, what: str, procs: list[subprocess.Popen] = ()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(map(str, proc.args[:2]))} exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.3)
+
+
+def start_slurm(nodes: tuple[str, ...] = ("node1", "node2"), cpus: int = 2, timeout_s: float = 120.0) -> SlurmCluster:
+    """munged (private socket and key), slurmctld and one slurmd per node, all in the foreground."""
+    root = Path(tempfile.mkdtemp(prefix="tslurm-", dir="/tmp"))
+    root.chmod(0o711)
+    key = root / "munge.key"
+    key.write_bytes(secrets.token_bytes(128))
+    key.chmod(0o400)
+    socket_path = root / "munge.sock"
+    host = socket.gethostname().split(".")[0]
+    ctld_port, *node_ports = free_ports(1 + len(nodes))
+    for sub in ("state", "spool", "logs"):
+        (root / sub).mkdir()
+    node_lines = "\n".join(
+        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={cpus} RealMemory=2000 State=UNKNOWN"
+        for n, p in zip(nodes, node_ports)
+    )
+    conf = root / "slurm.conf"
+    conf.write_text(
+        f"""ClusterName=tessera-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path}
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/logs/slurmctld.log
+SlurmdLogFile={root}/logs/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+MinJobAge=4
+KillWait=5
+InactiveLimit=0
+{node_lines}
+PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_"))}
+    env["SLURM_CONF"] = str(conf)
+    cluster = SlurmCluster(root, conf, env, [], tuple(nodes))
+    try:
+        log = open(root / "logs" / "daemons.log", "ab")
+        munged = subprocess.Popen(
+            ["munged", "-F", "-f", f"--socket={socket_path}", f"--key-file={key}", f"--log-file={root}/logs/munged.log",
+             f"--pid-file={root}/munged.pid", f"--seed-file={root}/munged.seed"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        cluster.procs.append(munged)
+        _wait(socket_path.exists, timeout_s, "munged's socket", [munged])
+        ctld = subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(conf)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        cluster.procs.append(ctld)
+        ping = lambda: subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=30).stdout  # noqa: E731
+        _wait(lambda: "UP" in ping(), timeout_s, "slurmctld to answer", [ctld])
+        for node in nodes:
+            cluster.procs.append(subprocess.Popen(["slurmd", "-D", "-N", node, "-f", str(conf)], env=env, stdout=log,
+                                                  stderr=subprocess.STDOUT, start_new_session=True))
+
+        def idle() -> bool:
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True,
+                                 timeout=30).stdout
+            states = dict(line.split() for line in out.splitlines() if line.strip())
+            return all(states.get(n, "").startswith("idle") for n in nodes)
+
+        _wait(idle, timeout_s, f"nodes {nodes} to be idle", cluster.procs)
+    except BaseException:
+        stop_slurm(cluster)
+        raise
+    return cluster
+
+
+def stop_slurm(cluster: SlurmCluster) -> None:
+    """Cancel what is left, let job steps end (bounded), then stop slurmd, slurmctld, munged by pid."""
+    try:
+        subprocess.run(["scancel", "--full", "--user=root"], env=cluster.env, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h"], env=cluster.env, capture_output=True, text=True, timeout=30).stdout
+            if not out.strip():
+                break
+            time.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the daemons may already be gone
+        pass
+    for proc in reversed(cluster.procs):
+        stop_process_group(proc, timeout_s=20)
+    shutil.rmtree(cluster.root, ignore_errors=True)

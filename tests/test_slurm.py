@@ -1,0 +1,140 @@
+"""SLURM: rendered batch scripts, and a real two-node SLURM cluster running a Ray job across both nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tessera.launch.jobfile import JobFile
+from tessera.launch.slurm import SlurmOptions, render
+from tessera.runtime.config import ConfigError
+from tessera.tests._cluster_fixtures import BIN, free_ports, slurm_unavailable_reason, start_slurm, stop_slurm
+
+pytestmark = pytest.mark.timeout(900)
+
+MESH_JOB = "task: mesh\nplan: {pp: 2, tp: 2}\nmesh: {payload_bytes: 4096}\n"
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_rendered_script_is_valid_bash_with_everything_filled(nodes):
+    jf = JobFile.from_dict({"name": "demo job", "task": "mesh", "plan": "pp=2,tp=2", "output": "out/r.json"})
+    script = render(jf, SlurmOptions(nodes=nodes, gpus_per_node=0, cpus_per_node=2, ray_port=41000,
+                                     dashboard_port=41001, port_base=42000, extra_sbatch=("--qos=debug",)))
+    assert "@@" not in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "#SBATCH --job-name=demo-job" in script and "#SBATCH --qos=debug" in script
+    assert f"#SBATCH --nodes={nodes}" in script or nodes == 1
+    assert "RAY_AUTH_MODE=token" in script and "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0" in script
+    assert "--port=\"$RAY_PORT\"" in script and "RAY_PORT=41000" in script
+    assert "sleep 0.2" in script and re.search(r"until \(exec 3<>", script)  # readiness loop, not a fixed wait
+    embedded = script.split("<<'TESSERA_JOB'\n")[1].split("\nTESSERA_JOB")[0]
+    import yaml
+
+    assert JobFile.from_dict(yaml.safe_load(embedded)) == jf
+
+
+def test_render_refuses_what_cannot_work():
+    gpu = JobFile.from_dict({"task": "mesh", "plan": "tp=8", "device": "cuda"})
+    with pytest.raises(ConfigError, match="needs 8 GPUs"):
+        render(gpu, SlurmOptions(nodes=1, gpus_per_node=4))
+    with pytest.raises(ConfigError, match="--gpus-per-node is 0"):
+        render(gpu, SlurmOptions(nodes=2))
+    with pytest.raises(ConfigError, match="remove cluster"):
+        render(JobFile.from_dict({"plan": "tp=2", "cluster": "auto"}), SlurmOptions())
+    with pytest.raises(ConfigError, match="not a SLURM time limit"):
+        SlurmOptions(time="one hour")
+    with pytest.raises(ConfigError, match="> 65535"):
+        SlurmOptions(nodes=400, port_base=60000)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = slurm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_slurm()
+    try:
+        yield cluster
+    finally:
+        stop_slurm(cluster)
+
+
+def _our_processes(marker: str) -> list[int]:
+    """Pids of processes whose command line names our private run dir (started by our SLURM job)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def test_slurm_submit_two_nodes_runs_a_ray_job_across_both(slurm_cluster, tmp_path):
+    run_root = Path(tempfile.mkdtemp(prefix="tsr", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "job.yaml").write_text(MESH_JOB + f"output: {tmp_path / 'result.json'}\n")
+    ray_port, dash_port = free_ports(2)
+    env = {
+        **slurm_cluster.env,
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "TESSERA_LOG_LEVEL": "WARNING",
+        "TESSERA_CACHE": os.environ.get("TESSERA_CACHE", str(Path.home() / ".cache" / "tessera")),
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tessera.launch.cli", "slurm", "submit", "job.yaml", "--nodes", "2",
+             "--cpus-per-node", "2", "--wait", "--timeout", "600", "--log", str(tmp_path / "slurm-%j.out"),
+             "--out", str(tmp_path / "job.sbatch"), "--ray-port", str(ray_port), "--dashboard-port", str(dash_port),
+             "--port-base", str(_free_range(200)), "--run-root", str(run_root),
+             "--ray-start-args=--object-store-memory=150000000"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=700,
+        )
+        logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+        assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-4000:]
+        assert "collectives over each dim: all correct" in logs
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["ok"] and result["nodes"] == 2
+        by_node = {}
+        for rank in result["placement"]:
+            by_node.setdefault(rank["node_id"], []).append(rank["rank"])
+        assert sorted(map(sorted, by_node.values())) == [[0, 1], [2, 3]]  # each tp group on one node, pp across
+        assert re.search(r"tessera-timing: teardown_done", logs)
+        # Teardown left no Ray process of the job behind (bounded wait, then clean up and fail).
+        deadline = time.monotonic() + 60
+        while _our_processes(str(run_root)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftover = _our_processes(str(run_root))
+        for pid in leftover:
+            os.kill(pid, 9)
+        assert not leftover, f"Ray processes outlived the SLURM job: {leftover}"
+    finally:
+        shutil.rmtree(run_root, ignore_errors=True)
+
+
+def _free_range(width: int) -> int:
+    """A base port with ``width`` free ports above it (checked now)."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 60000 - width)
+        try:
+            socks = []
+            for port in range(base, base + width):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range found")
