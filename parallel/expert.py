@@ -19,7 +19,7 @@ all-gathered so every rank again holds the full batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -38,29 +38,51 @@ class ExpertPlacement:
     ep: int
     tp: int
     owners: dict  # layer -> tuple[tuple[int, ...], ...]
+    # Optional redundant copies of hot experts (expert-affinity load balance):
+    # layer -> per expert, a tuple of extra copies, each a tuple of group ranks
+    # like ``owners``. A token's (expert) choice goes to one copy, split evenly.
+    replicas: dict = field(default_factory=dict)
 
     def local_experts(self, layer: int, group_rank: int) -> list[tuple[int, int, int]]:
-        """(expert, slice index, number of slices) held by ``group_rank`` in ``layer``."""
+        """(expert, slice index, number of slices) held by ``group_rank`` in ``layer`` (replicas included)."""
         out = []
+        extra = self.replicas.get(layer) or ((),) * self.num_experts
         for expert, ranks in enumerate(self.owners[layer]):
-            if group_rank in ranks:
-                out.append((expert, ranks.index(group_rank), len(ranks)))
+            for copy in (ranks, *extra[expert]):
+                if group_rank in copy:
+                    out.append((expert, copy.index(group_rank), len(copy)))
         return out
 
     def owner_table(self, layer: int) -> torch.Tensor:
-        """[experts, slices] int64 tensor of owner group ranks (every expert has the same slice count)."""
-        return torch.tensor(self.owners[layer], dtype=torch.int64)
+        """[experts, slices] int64 tensor of owner group ranks (every expert has the same slice count).
+
+        With replicas in ``layer``: [experts, copies, slices], padded with -1
+        where an expert has fewer copies than the most replicated one.
+        """
+        if not self.replicas.get(layer):
+            return torch.tensor(self.owners[layer], dtype=torch.int64)
+        copies = [(ranks, *extra) for ranks, extra in zip(self.owners[layer], self.replicas[layer])]
+        width, slices = max(len(c) for c in copies), len(self.owners[layer][0])
+        padded = [list(c) + [(-1,) * slices] * (width - len(c)) for c in copies]
+        return torch.tensor(padded, dtype=torch.int64)
 
     def ep_map(self, layer: int) -> list[int]:
         """expert -> first ep rank owning it (what the affinity planner reads back)."""
         return [ranks[0] // self.tp for ranks in self.owners[layer]]
 
 
-def build_placement(num_experts: int, moe_layers: Sequence[int], ep: int, tp: int, expert_map=None) -> ExpertPlacement:
+def build_placement(
+    num_experts: int, moe_layers: Sequence[int], ep: int, tp: int, expert_map=None, expert_replicas=None
+) -> ExpertPlacement:
     """Validate ``expert_map`` (``map[layer][expert] = ep rank``, or one list for all layers) and expand it.
 
-    Raises :class:`ConfigError` before any worker starts when the map cannot work.
+    ``expert_replicas[layer][expert]`` (optional, one entry per MoE layer) lists
+    extra ep ranks holding a copy of that expert. Raises :class:`ConfigError`
+    before any worker starts when the map cannot work.
     """
+    if expert_replicas is not None:
+        base = build_placement(num_experts, moe_layers, ep, tp, expert_map)
+        return _with_replicas(base, list(moe_layers), expert_replicas)
     layers = list(moe_layers)
     per_layer: dict[int, list[int]] = {}
     if expert_map is None:
@@ -114,6 +136,33 @@ def build_placement(num_experts: int, moe_layers: Sequence[int], ep: int, tp: in
     return ExpertPlacement(num_experts, ep, tp, owners)
 
 
+def _with_replicas(base: ExpertPlacement, layers: list[int], expert_replicas) -> ExpertPlacement:
+    reps = list(expert_replicas)
+    if len(reps) != len(layers):
+        raise ConfigError(
+            f"expert_replicas has {len(reps)} per-layer lists, but the model has {len(layers)} MoE layers ({layers})"
+        )
+    if base.ep > base.num_experts:
+        raise ConfigError("expert_replicas needs at least as many experts as ep ranks (experts are not sliced over ep)")
+    out = {}
+    for layer, per_expert in zip(layers, reps):
+        per_expert = list(per_expert)
+        if len(per_expert) != base.num_experts:
+            raise ConfigError(f"expert_replicas for layer {layer} has {len(per_expert)} entries; it needs one per expert")
+        copies = []
+        for expert, extra in enumerate(per_expert):
+            primary = base.owners[layer][expert][0] // base.tp
+            extra = [int(r) for r in extra]
+            if any(not 0 <= r < base.ep for r in extra) or len(set(extra + [primary])) != len(extra) + 1:
+                raise ConfigError(
+                    f"expert_replicas for layer {layer}, expert {expert} is {extra}: copies must be distinct ep ranks "
+                    f"in 0..{base.ep - 1} other than the primary rank {primary}"
+                )
+            copies.append(tuple(tuple(r * base.tp + t for t in range(base.tp)) for r in extra))
+        out[layer] = tuple(copies)
+    return ExpertPlacement(base.num_experts, base.ep, base.tp, base.owners, out)
+
+
 def split_index(n: int, parts: int, item: int) -> int:
     """Which of ``parts`` balanced contiguous pieces of ``range(n)`` holds ``item``."""
     for p in range(parts):
@@ -140,8 +189,13 @@ class ExpertDispatcher:
         T, H = x.shape
         a, b = split_range(T, self.size, self.rank)
         xs, ids, w = x[a:b], topk_ids[a:b], topk_w[a:b]
-        k, slices = ids.shape[1], owners.shape[1]
-        dest = owners[ids].reshape(-1)  # [(t, k, s)]
+        k, slices = ids.shape[1], owners.shape[-1]
+        if owners.dim() == 3:  # replicas: token t's choice of expert e uses copy t mod (copies of e)
+            counts = (owners[:, :, 0] >= 0).sum(1)
+            copy = (torch.arange(a, b).unsqueeze(1) % counts[ids])
+            dest = owners[ids, copy].reshape(-1)
+        else:
+            dest = owners[ids].reshape(-1)  # [(t, k, s)]
         token = torch.arange(b - a).repeat_interleave(k * slices)
         expert = ids.repeat_interleave(slices, dim=1).reshape(-1)
         weight = w.repeat_interleave(slices, dim=1).reshape(-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tessera.memory.affinity.balance import add_replicas
 from tessera.memory.affinity.placement import linear_rank_of
 from tessera.memory.affinity.placement_file import expert_map_from_file, save_placement
 from tessera.memory.affinity.problem import PlacementProblem
@@ -59,3 +60,10 @@ def test_solver_placement_generates_the_same_tokens_as_linear(make_controller, t
     tokens, _, applied = _generate(ctl, tiny_mixtral, expert_map=expert_map)
     assert applied == expert_map, "the engine did not apply the placement"
     assert tokens == base_tokens, "generation with the ilp placement differs from the linear placement"
+
+    # Replicas of hot experts (tokens split across copies) give the same tokens too.
+    replicated = add_replicas(placement, stats.load, slots_per_rank=1)
+    assert replicated.has_replicas
+    tokens, _, applied = _generate(ctl, tiny_mixtral, **replicated.engine_options())
+    assert applied == expert_map
+    assert tokens == base_tokens, "generation with replicated hot experts differs from the linear placement"

@@ -48,7 +48,7 @@ class IlpSolver(PlacementSolver):
     time_limit_s: float = 20.0
     mip_rel_gap: float = 1e-4
     method: str = "auto"  # "auto" | "direct" | "bipartition"
-    max_rows: int = 150_000
+    max_rows: int = 40_000  # beyond this the root LP alone can outlast the time limit: bipartition
     keep_mass: float = 1.0  # fraction of transition mass kept (heaviest pairs first)
     load_slack: float | None = None  # None: no load constraint; 0.25: each rank <= 1.25 x mean load
     use_greedy_cutoff: bool = True

@@ -70,6 +70,13 @@ class ExpertPlacement:
         """``expert_map[l][e]`` = primary rank: the form ``LLMEngine.load(expert_map=...)`` takes."""
         return self.rank_of.tolist()
 
+    def engine_options(self) -> dict:
+        """Keyword arguments of ``LLMEngine.load`` that apply this placement (replicas only when present)."""
+        options: dict = {"expert_map": self.expert_map()}
+        if self.has_replicas:
+            options["expert_replicas"] = [[list(extra) for extra in row] for row in self.replicas]
+        return options
+
     def experts_on(self, layer: int, rank: int) -> list[int]:
         """Experts whose weights rank ``rank`` holds at ``layer`` (primaries and replicas)."""
         return [e for e in range(self.num_experts) if rank in self.ranks_holding(layer, e)]

@@ -140,6 +140,7 @@ class LLMEngine:
         Options: ``dtype`` (default: the checkpoint's), ``max_model_len``, ``block_size``,
         ``num_kv_blocks``, ``max_num_seqs``, ``max_prefill_tokens``, ``expert_map``
         (``expert_map[layer][expert] = ep rank``, or one list for all MoE layers),
+        ``expert_replicas`` (``[layer][expert]`` = extra ep ranks holding a copy of a hot expert),
         ``record_routing`` (keep top-k expert ids per MoE layer per token; see
         :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``.
         """
@@ -153,10 +154,11 @@ class LLMEngine:
         arch = family.parse_config(cfg)
         weight_files(model_dir)  # fails now, naming the directory, if there are no safetensors
         expert_map = options.pop("expert_map", None)
+        expert_replicas = options.pop("expert_replicas", None)
         unknown = set(options) - set(EngineOptions.__dataclass_fields__)
         if unknown:
             raise ConfigError(
-                f"unknown LLMEngine.load option(s) {sorted(unknown)}; known: expert_map, "
+                f"unknown LLMEngine.load option(s) {sorted(unknown)}; known: expert_map, expert_replicas, "
                 + ", ".join(EngineOptions.__dataclass_fields__)
             )
         options.setdefault("dtype", arch.dtype if arch.dtype in _DTYPES else "float32")
@@ -167,7 +169,8 @@ class LLMEngine:
         what = f"{arch.architecture} on plan {plan}"
         check_tp(arch.num_heads, arch.num_kv_heads, plan.degree("tp"), what)
         check_pp(arch.num_layers, plan.degree("pp"), what)
-        placement = build_placement(arch.num_experts, arch.moe_layer_ids, plan.degree("ep"), plan.degree("tp"), expert_map)
+        placement = build_placement(arch.num_experts, arch.moe_layer_ids, plan.degree("ep"), plan.degree("tp"), expert_map,
+                                    expert_replicas)
         key = f"{model_dir.name}-{next(_engine_ids)}"
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
