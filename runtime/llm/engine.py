@@ -9,6 +9,7 @@ its stage/shard, and the last stage returns sampled tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -141,8 +142,13 @@ class LLMEngine:
         ``num_kv_blocks``, ``max_num_seqs``, ``max_prefill_tokens``, ``expert_map``
         (``expert_map[layer][expert] = ep rank``, or one list for all MoE layers),
         ``expert_replicas`` (``[layer][expert]`` = extra ep ranks holding a copy of a hot expert),
+        ``expert_parallel_mode`` (``"standard"`` or ``"coherent"``: each token handled on the rank
+        of its top-1 expert, so only its other choices cross ranks; same tokens),
         ``record_routing`` (keep top-k expert ids per MoE layer per token; see
         :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``.
+        ``offload`` (a ``tessera.offload.config.OffloadConfig``): routed experts live in
+        host memory or an NVMe tier file and stream through a per-rank expert cache
+        within the config's device budget (same tokens as without it).
         """
         started = time.perf_counter()
         model_dir = Path(model_dir)
@@ -153,12 +159,19 @@ class LLMEngine:
         family = family_for(archs[0])
         arch = family.parse_config(cfg)
         weight_files(model_dir)  # fails now, naming the directory, if there are no safetensors
+        offload = options.pop("offload", None)
+        if offload is not None:
+            from tessera.offload.config import OffloadConfig
+
+            if not isinstance(offload, OffloadConfig):
+                raise ConfigError(f"offload must be a tessera.offload.config.OffloadConfig, got {type(offload).__name__}")
         expert_map = options.pop("expert_map", None)
         expert_replicas = options.pop("expert_replicas", None)
+        ep_mode = options.pop("expert_parallel_mode", "standard")
         unknown = set(options) - set(EngineOptions.__dataclass_fields__)
         if unknown:
             raise ConfigError(
-                f"unknown LLMEngine.load option(s) {sorted(unknown)}; known: expert_map, expert_replicas, "
+                f"unknown LLMEngine.load option(s) {sorted(unknown)}; known: expert_map, expert_replicas, expert_parallel_mode, "
                 + ", ".join(EngineOptions.__dataclass_fields__)
             )
         options.setdefault("dtype", arch.dtype if arch.dtype in _DTYPES else "float32")
@@ -170,11 +183,13 @@ class LLMEngine:
         check_tp(arch.num_heads, arch.num_kv_heads, plan.degree("tp"), what)
         check_pp(arch.num_layers, plan.degree("pp"), what)
         placement = build_placement(arch.num_experts, arch.moe_layer_ids, plan.degree("ep"), plan.degree("tp"), expert_map,
-                                    expert_replicas)
+                                    expert_replicas, ep_mode)
         key = f"{model_dir.name}-{next(_engine_ids)}"
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
                            opts.record_routing)
+        if offload is not None:
+            spec = dataclasses.replace(spec, offload=offload)
         engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
         engine.result_rank = next(s["rank"] for s in engine.shards if s["returns_result"])
         engine.load_s = time.perf_counter() - started
@@ -404,15 +419,23 @@ class LLMEngine:
         self.controller.collective_rpc(mr.clear_routing, args=(self.key,))
 
     def placement_report(self) -> list[str]:
-        """One line per rank: mesh coordinates, layers, experts held, bytes read."""
+        """One line per rank: mesh coordinates, layers, experts held (with slice when sliced), bytes read."""
         lines = []
+        tp = self.controller.placement.plan.degree("tp")
+        moe_layers = self.arch.moe_layer_ids
         for s in self.shards:
-            experts = s["experts"]
-            first = next(iter(experts.values()), [])
+            c = s["coords"]
+            experts = "no MoE layers"
+            if moe_layers:
+                held = self.placement.local_experts(moe_layers[0], c["ep"] * tp + c["tp"])
+                slices = {n for _, _, n in held}
+                experts = f"experts {[e for e, _, _ in held]}"
+                if slices != {1}:
+                    experts += f" (slice {held[0][1] + 1}/{held[0][2]} of each)"
+                experts += " in MoE layer " + str(moe_layers[0])
             lines.append(
-                f"rank {s['rank']} pp={s['coords']['pp']} ep={s['coords']['ep']} tp={s['coords']['tp']}: "
-                f"layers {s['layers'][0]}-{s['layers'][-1]}, experts {first} (per MoE layer), "
-                f"{s['bytes_read'] / 1e6:.2f} MB read"
+                f"rank {s['rank']} pp={c['pp']} ep={c['ep']} tp={c['tp']}: layers {s['layers'][0]}-{s['layers'][-1]}, "
+                f"{experts}, {s['bytes_read'] / 1e6:.2f} MB read in {s['load_s']:.2f}s"
             )
         return lines
 
