@@ -421,6 +421,10 @@ def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, n
     # The mesh check needs no engine: a model given with task mesh is not loaded.
     kind = model_kind(job.model) if job.model and jobfile.task != "mesh" else None
     engine_cls = _import_engine(kind) if kind else None
+    if jobfile.task == "mesh" and job.model and not jobfile.plan_auto:
+        from dataclasses import replace
+
+        job = replace(job, model=None)  # not loaded, so not planned for either
     t0 = time.perf_counter()
     model_dir = materialise_model(job.model) if job.model and kind else job.model
     if model_dir != job.model:

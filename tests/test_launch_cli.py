@@ -72,3 +72,16 @@ def test_run_job_file_embedded(tmp_path):
     assert result["ok"] and result["mesh"]["dims"] == {"pp": 2, "tp": 2}
     assert [r["coords"] for r in result["placement"]][3] == {"pp": 1, "tp": 1}
     assert json.loads((tmp_path / "out" / "result.json").read_text()) == result
+
+
+def test_plan_auto_asks_the_planner(tmp_path):
+    import importlib.util
+
+    proc = cli("plan", "--model", "tiny-moe:mixtral", "--plan", "auto", cwd=tmp_path, timeout=300)
+    if importlib.util.find_spec("tessera.memory.planner") is None:
+        assert proc.returncode == 2 and "needs tessera.memory.planner" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0:" in proc.stdout and "per rank" in proc.stdout  # the planner's description
+    bad = cli("plan", "--model", "tiny-moe:mixtral", "--plan", "tp=3", cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2 and "tp=3 does not divide" in bad.stderr
