@@ -278,15 +278,23 @@ class Controller:
             for i, info in enumerate(self._node_infos)
         ]
 
-    def shutdown(self) -> None:
-        """Release workers, placement groups and (if started here) Ray; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            import ray
-        except ImportError:  # pragma: no cover
-            return
+    def restart(self) -> "Controller":
+        """Replace every worker with a fresh one: new actors, process group and mesh, same placement.
+
+        The recovery step after a :class:`WorkerDiedError`: the survivors of a
+        broken process group cannot be trusted (they may be stuck in a
+        collective), so all ranks are rebuilt. Engines reload their shards and
+        replay the requests that were in flight.
+        """
+        log.warning("restarting all %d worker(s) of mesh %s", self.world_size, self.placement.plan)
+        self._release_workers()
+        self._started = False
+        self._closed = False
+        return self.start()
+
+    def _release_workers(self) -> None:
+        import ray
+
         if not ray.is_initialized():
             return
         if self.workers:
@@ -298,6 +306,7 @@ class Controller:
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
         self.workers = []
+        self.ranks = []
         from ray.util.placement_group import remove_placement_group
 
         for pg in self._placement_groups:
@@ -306,6 +315,19 @@ class Controller:
             except Exception:  # noqa: BLE001
                 log.warning("could not remove placement group %s", pg.id)
         self._placement_groups = []
+
+    def shutdown(self) -> None:
+        """Release workers, placement groups and (if started here) Ray; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            import ray
+        except ImportError:  # pragma: no cover
+            return
+        if not ray.is_initialized():
+            return
+        self._release_workers()
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False

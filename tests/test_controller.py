@@ -103,7 +103,7 @@ def test_unsatisfiable_placement_fails_within_timeout_and_cleans_up(ray_session)
     assert _live_placement_groups(ray) == pgs_before
 
 
-def test_killed_worker_is_reported_with_rank_and_node_and_shutdown_releases_everything(ray_session):
+def test_killed_worker_is_reported_restart_recovers_and_shutdown_releases_everything(ray_session):
     ray = ray_session
     actors_before = _alive_actor_ids(ray)
     pgs_before = _live_placement_groups(ray)
@@ -121,6 +121,13 @@ def test_killed_worker_is_reported_with_rank_and_node_and_shutdown_releases_ever
         assert f"worker rank 1 on node {victim.node_ip}" in str(info.value)
         assert f"pid {victim.pid}" in str(info.value)
         assert ctl.health()[1] == "dead"
+        # Recovery: every rank is replaced, the mesh works again.
+        old_pids = {i.pid for i in ctl.describe()}
+        ctl.restart()
+        assert ctl.health() == {0: "alive", 1: "alive"}
+        assert not old_pids & {i.pid for i in ctl.describe()}
+        assert ctl.collective_rpc("coordinates") == [{"tp": 0}, {"tp": 1}]
+        assert len(_alive_actor_ids(ray) - actors_before) == 2
     finally:
         ctl.shutdown()
     deadline = time.monotonic() + 30
