@@ -11,9 +11,10 @@ Writes ``benchmarks/results/affinity.json`` and prints tables:
    same scores plus the planted floor, and the reduction against linear
    (ExFlow reports up to 67% less cross-GPU routing on real models).
 3. *solver time* against problem size (experts x layers x ranks x tokens).
-4. *end to end*: decode tokens/s with ep=4 under linear vs ilp placement on
-   the same workload (the engine's standard two-all-to-all EP; see the
-   notes in the JSON for what placement can and cannot change there).
+4. *end to end*: decode tokens/s and measured all-to-all rows per token
+   with ep=4 under linear vs ilp placement, each with the engine's standard
+   and context-coherent EP, on the same workload (see the notes in the JSON
+   for what placement can and cannot change there).
 
 All ratios are measured in one run on one machine; figures on a busy 2-core
 VM are noisy.
@@ -138,23 +139,39 @@ def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
         result["trace"] = score_solvers(trace, 4, hidden=size["hidden"], dtype_bytes=4, ilp_time_s=ilp_time_s)
         stats = AffinityStats.from_trace(trace)
         ilp = get_solver("ilp", time_limit_s=ilp_time_s).solve(PlacementProblem(stats, 4))
-        maps = {"linear": None, "ilp": ilp.expert_map()}
-        runs: dict[str, list[float]] = {"linear": [], "ilp": []}
+        configs = {
+            "linear": {},
+            "ilp": {"expert_map": ilp.expert_map()},
+            "linear+coherent": {"expert_parallel_mode": "coherent"},
+            "ilp+coherent": {"expert_map": ilp.expert_map(), "expert_parallel_mode": "coherent"},
+        }
+        runs: dict[str, list[float]] = {name: [] for name in configs}
+        rows: dict[str, int] = {}
         identical = True
-        for rep in range(2 if quick else 3):  # alternate to spread machine noise over both
-            for name, expert_map in maps.items():
+        for rep in range(2 if quick else 3):  # alternate to spread machine noise over all
+            for name, options in configs.items():
                 _log(f"[engine] decode run {rep + 1}: {name}")
-                engine = LLMEngine.load(ctl, path, **({"expert_map": expert_map} if expert_map else {}))
+                engine = LLMEngine.load(ctl, path, **options)
                 try:
                     tokens = [r.token_ids for r in engine.generate(prompts, sampling)]
                     runs[name].append(engine.stats()["decode_tok_s"])
+                    routed = engine.stats()["prefill_tokens"] + engine.stats()["decode_tokens"]
+                    rows[name] = sum(ctl.collective_rpc(_rows_sent, args=(engine.key,)))
                 finally:
                     engine.close()
                 identical &= tokens == reference
         result["decode_tok_s"] = {name: {"median": float(np.median(v)), "runs": v} for name, v in runs.items()}
         result["decode_speedup_ilp_vs_linear"] = result["decode_tok_s"]["ilp"]["median"] / result["decode_tok_s"]["linear"]["median"]
+        result["a2a_rows_per_token_measured"] = {name: n / max(routed, 1) for name, n in rows.items()}
         result["tokens_identical"] = bool(identical)
     return result
+
+
+def _rows_sent(worker, key: str) -> int:
+    """(token, choice) rows this rank's MoE dispatchers sent across ranks, both directions (runs on a worker)."""
+    from tessera.runtime.llm import model_runner as mr
+
+    return int(mr._models(worker)[key].stage.dispatcher.rows_sent)
 
 
 def _table(title: str, header: list[str], rows: list[list]) -> str:
@@ -188,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             "cross_rank_fraction": "fraction of (expert at l, expert at l+1) pairs of a token on different ranks",
             "a2a_bytes_per_token_standard": "hidden-state bytes a token crosses ranks with per forward pass, two all-to-alls per MoE layer, attention on the token's home rank",
             "a2a_bytes_per_token_coherent": "same under context-coherent EP (token stays on the rank of its top-1 expert between layers, one all-to-all per layer)",
-            "decode_tok_s": "the engine's standard EP moves every (token, choice) row to the owner rank whatever the map, so placement changes which rows stay local only by chance; it is measured to show the map is applied at no cost, the gain needs context-coherent EP",
+            "decode_tok_s": "the engine replicates activations inside the ep group; standard EP splits tokens by index, so the map changes which rows stay local only by chance; coherent EP handles each token on its top-1 expert's rank, so that choice never moves and the map matters through the co-location of a token's other choices",
+            "a2a_rows_per_token_measured": "(token, choice) rows the engine's dispatchers sent across ranks (dispatch + return, all ranks, all MoE layers) per routed token, counted in the engine",
         },
     }
     results["synthetic"] = bench_synthetic(args.quick, args.ilp_time)
@@ -217,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                      ["solver", "cross", "cut_vs_lin", "B/tok std", "B/tok coh", "coh_cut"],
                      [[n, s["cross_rank_fraction"], s["cross_rank_reduction_vs_linear"], s["a2a_bytes_per_token_standard"],
                        s["a2a_bytes_per_token_coherent"], s["coherent_bytes_reduction_vs_linear"]] for n, s in e["trace"]["solvers"].items()]))
-        print(f"\ndecode tok/s ep=4: linear {e['decode_tok_s']['linear']['median']:.1f}, ilp {e['decode_tok_s']['ilp']['median']:.1f} "
-              f"(x{e['decode_speedup_ilp_vs_linear']:.2f}); tokens identical: {e['tokens_identical']}")
+        print(_table("engine ep=4, same workload", ["config", "decode tok/s (median)", "runs", "a2a rows/token (measured)"],
+                     [[n, v["median"], " ".join(f"{r:.1f}" for r in v["runs"]), e["a2a_rows_per_token_measured"][n]]
+                      for n, v in e["decode_tok_s"].items()]))
+        print(f"tokens identical across configs: {e['tokens_identical']}")
     print(f"\nwrote {out} in {results['wall_s']:.0f}s")
     return 0
 

@@ -30,6 +30,9 @@ from tessera.parallel.tensor import split_range
 from tessera.runtime.config import ConfigError
 
 
+EP_MODES = ("standard", "coherent")
+
+
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Owners of every expert of every MoE layer: ``owners[layer][expert]`` = group ranks, slice order."""
@@ -42,6 +45,9 @@ class ExpertPlacement:
     # layer -> per expert, a tuple of extra copies, each a tuple of group ranks
     # like ``owners``. A token's (expert) choice goes to one copy, split evenly.
     replicas: dict = field(default_factory=dict)
+    # "standard": tokens split over the group by index; "coherent": each token is
+    # handled on the rank of its top-1 expert (see ExpertDispatcher).
+    mode: str = "standard"
 
     def local_experts(self, layer: int, group_rank: int) -> list[tuple[int, int, int]]:
         """(expert, slice index, number of slices) held by ``group_rank`` in ``layer`` (replicas included)."""
@@ -72,7 +78,8 @@ class ExpertPlacement:
 
 
 def build_placement(
-    num_experts: int, moe_layers: Sequence[int], ep: int, tp: int, expert_map=None, expert_replicas=None
+    num_experts: int, moe_layers: Sequence[int], ep: int, tp: int, expert_map=None, expert_replicas=None,
+    mode: str = "standard",
 ) -> ExpertPlacement:
     """Validate ``expert_map`` (``map[layer][expert] = ep rank``, or one list for all layers) and expand it.
 
@@ -80,6 +87,11 @@ def build_placement(
     extra ep ranks holding a copy of that expert. Raises :class:`ConfigError`
     before any worker starts when the map cannot work.
     """
+    if mode not in EP_MODES:
+        raise ConfigError(f"expert-parallel mode {mode!r} is unknown; use one of {', '.join(EP_MODES)}")
+    if mode != "standard":
+        base = build_placement(num_experts, moe_layers, ep, tp, expert_map, expert_replicas)
+        return ExpertPlacement(base.num_experts, base.ep, base.tp, base.owners, base.replicas, mode)
     if expert_replicas is not None:
         base = build_placement(num_experts, moe_layers, ep, tp, expert_map)
         return _with_replicas(base, list(moe_layers), expert_replicas)
@@ -175,8 +187,18 @@ def split_index(n: int, parts: int, item: int) -> int:
 class ExpertDispatcher:
     """Moves routed tokens to their expert owners and the partial outputs back (one MoE group)."""
 
-    def __init__(self, group, group_rank: int, group_size: int) -> None:
+    def __init__(self, group, group_rank: int, group_size: int, coherent: bool = False) -> None:
         self.group, self.rank, self.size = group, group_rank, group_size
+        self.coherent = coherent
+        self.rows_sent = 0  # (token, choice) rows this rank sent to other ranks, both directions
+
+    @staticmethod
+    def destinations(token_index: torch.Tensor, ids: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        """[tokens, k, slices] group ranks computing each choice (replicas: copy = token index mod copies)."""
+        if owners.dim() == 3:
+            counts = (owners[:, :, 0] >= 0).sum(1)
+            return owners[ids, token_index.unsqueeze(1) % counts[ids]]
+        return owners[ids]
 
     def __call__(
         self,
@@ -187,15 +209,20 @@ class ExpertDispatcher:
         compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # (rows, expert ids) -> rows
     ) -> torch.Tensor:
         T, H = x.shape
-        a, b = split_range(T, self.size, self.rank)
-        xs, ids, w = x[a:b], topk_ids[a:b], topk_w[a:b]
-        k, slices = ids.shape[1], owners.shape[-1]
-        if owners.dim() == 3:  # replicas: token t's choice of expert e uses copy t mod (copies of e)
-            counts = (owners[:, :, 0] >= 0).sum(1)
-            copy = (torch.arange(a, b).unsqueeze(1) % counts[ids])
-            dest = owners[ids, copy].reshape(-1)
+        if self.coherent and self.size > 1:
+            # Context-coherent: x is replicated, so the rank that computes a token's
+            # top-1 expert can own the token at no cost; only its other choices move.
+            all_dest = self.destinations(torch.arange(T), topk_ids, owners)
+            anchor = all_dest[:, 0, 0]
+            mine = torch.nonzero(anchor == self.rank).squeeze(1)
+            xs, ids, w, dest = x[mine], topk_ids[mine], topk_w[mine], all_dest[mine].reshape(-1)
+            a, b = 0, len(mine)
         else:
-            dest = owners[ids].reshape(-1)  # [(t, k, s)]
+            anchor = None
+            a, b = split_range(T, self.size, self.rank)
+            xs, ids, w = x[a:b], topk_ids[a:b], topk_w[a:b]
+            dest = self.destinations(torch.arange(a, b), ids, owners).reshape(-1)  # [(t, k, s)]
+        k, slices = ids.shape[1], owners.shape[-1]
         token = torch.arange(b - a).repeat_interleave(k * slices)
         expert = ids.repeat_interleave(slices, dim=1).reshape(-1)
         weight = w.repeat_interleave(slices, dim=1).reshape(-1)
@@ -209,6 +236,7 @@ class ExpertDispatcher:
             recv_counts = torch.empty_like(send_counts)
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
             sc, rc = send_counts.tolist(), recv_counts.tolist()
+            self.rows_sent += (sum(sc) - sc[self.rank]) + (sum(rc) - rc[self.rank])
             recv_rows = x.new_empty((sum(rc), H))
             dist.all_to_all_single(recv_rows, send_rows.contiguous(), rc, sc, group=self.group)
             recv_expert = expert.new_empty(sum(rc))
@@ -220,6 +248,8 @@ class ExpertDispatcher:
         share.index_add_(0, token, back * weight.unsqueeze(1).to(back.dtype))
         if self.size == 1:
             return share
+        if anchor is not None:
+            return self._gather_by_anchor(share, anchor, T, H)
         part = -(-T // self.size)
         padded = torch.cat([share, share.new_zeros((part - share.shape[0], H))]) if share.shape[0] < part else share
         gathered = all_gather_cat(padded.contiguous(), group=self.group)
@@ -228,3 +258,14 @@ class ExpertDispatcher:
             ra, rb = split_range(T, self.size, r)
             pieces.append(gathered[r * part : r * part + (rb - ra)])
         return torch.cat(pieces, 0)
+
+    def _gather_by_anchor(self, share: torch.Tensor, anchor: torch.Tensor, T: int, H: int) -> torch.Tensor:
+        """All-gather uneven per-rank shares; every rank knows every token's anchor, so no counts travel."""
+        counts = torch.bincount(anchor, minlength=self.size).tolist()
+        part = max(counts)
+        padded = torch.cat([share, share.new_zeros((part - share.shape[0], H))]) if share.shape[0] < part else share
+        gathered = all_gather_cat(padded.contiguous(), group=self.group)
+        out = share.new_empty((T, H))
+        for r in range(self.size):
+            out[torch.nonzero(anchor == r).squeeze(1)] = gathered[r * part : r * part + counts[r]]
+        return out

@@ -67,3 +67,7 @@ def test_solver_placement_generates_the_same_tokens_as_linear(make_controller, t
     tokens, _, applied = _generate(ctl, tiny_mixtral, **replicated.engine_options())
     assert applied == expert_map
     assert tokens == base_tokens, "generation with replicated hot experts differs from the linear placement"
+
+    # Context-coherent expert parallel (tokens handled on their top-1 expert's rank), with replicas.
+    tokens, _, _ = _generate(ctl, tiny_mixtral, expert_parallel_mode="coherent", **replicated.engine_options())
+    assert tokens == base_tokens, "context-coherent expert parallel changed the generated tokens"
