@@ -1,8 +1,10 @@
 """The embedded demo: a local Ray, 4 CPU workers, and what tessera does with them.
 
-Sections run in order on their own controllers; each prints what was placed
-where and what it cost. Later sections (MoE generation, diffusion) are added
-by the engines that implement them.
+Sections run in order on their own controllers over one local Ray; each
+prints what was placed where and what it cost: the 2x2 mesh and its
+collectives, MoE generation (tiny Qwen3-MoE, tp=2 x ep=2) and diffusion
+(tiny PixArt, patch parallel sp=2, written to a PNG). Tiny models are built on
+first use and cached under ``$TESSERA_CACHE`` (default ``~/.cache/tessera``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,23 @@ def demo_mesh(plan: ParallelPlan = ParallelPlan({"pp": 2, "tp": 2}), timeouts: T
         return {"startup": t, "fanout_ms": fanout_ms}
 
 
-# Sections of the demo, in order. Engines append theirs here.
-SECTIONS: list[tuple[str, Callable[[], object]]] = [("mesh", demo_mesh)]
+def _section(module: str, name: str) -> Callable[[], object]:
+    """Import a section only when it runs (the CLI stays fast, sections stay independent)."""
+
+    def run() -> object:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)()
+
+    return run
+
+
+# Sections of the demo, in order: the mesh, then each engine's.
+SECTIONS: list[tuple[str, Callable[[], object]]] = [
+    ("mesh", demo_mesh),
+    ("moe", _section("tessera.launch.demo_moe", "demo_moe")),
+    ("diffusion", _section("tessera.launch.demo_diffusion", "demo_diffusion")),
+]
 
 
 def run_demo(only: list[str] | None = None) -> int:
