@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from tessera.models.dit_layers import sdpa
-from tessera.parallel.counted import CommCounter, all_to_all_tokens
+from tessera.parallel.counted import CommCounter, all_to_all_tokens, gather_tokens
 
 
 def check_ulysses_heads(heads: int, sp: int) -> None:
@@ -45,21 +45,32 @@ class UlyssesAttention:
         return None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, extra_kv=None) -> torch.Tensor:
+        """``q`` may start with replicated text queries (as many as ``extra_kv`` has tokens; joint attention)."""
+        n_txt = 0 if extra_kv is None else extra_kv[0].shape[1]
+        q_txt, q = q[:, :n_txt], q[:, n_txt:]
         b, n_local, heads, d = q.shape
         sp = self.world
         check_ulysses_heads(heads, sp)
         hs = heads // sp
+        mine = slice(self.me * hs, (self.me + 1) * hs)
         qkv = torch.stack([q, k, v], dim=2)  # [B, N_loc, 3, H, d]
         # [B, N_loc, 3, sp, hs, d] -> [sp, N_loc, B, 3, hs, d]: chunk j (heads of rank j) goes to rank j
         send = qkv.view(b, n_local, 3, sp, hs, d).permute(3, 1, 0, 2, 4, 5).reshape(sp * n_local, b, 3, hs, d)
         recv = all_to_all_tokens(send, [n_local] * sp, self.counts, self.group, self.counter, "ulysses_qkv", self.me)
         full = recv.transpose(0, 1)  # [B, N_total, 3, hs, d]
         fq, fk, fv = full[:, :, 0], full[:, :, 1], full[:, :, 2]
-        if extra_kv is not None:
-            heads_of_mine = slice(self.me * hs, (self.me + 1) * hs)
-            fk = torch.cat([extra_kv[0][:, :, heads_of_mine], fk], dim=1)
-            fv = torch.cat([extra_kv[1][:, :, heads_of_mine], fv], dim=1)
-        out = sdpa(fq, fk, fv).transpose(0, 1)  # [N_total, B, hs, d]
+        if n_txt:
+            # text tokens are on every rank: take this rank's heads locally, no exchange needed
+            fq = torch.cat([q_txt[:, :, mine], fq], dim=1)
+            fk = torch.cat([extra_kv[0][:, :, mine], fk], dim=1)
+            fv = torch.cat([extra_kv[1][:, :, mine], fv], dim=1)
+        out = sdpa(fq, fk, fv)
+        txt_out, out = out[:, :n_txt], out[:, n_txt:].transpose(0, 1)  # image part: [N_total, B, hs, d]
         back = all_to_all_tokens(out, self.counts, [n_local] * sp, self.group, self.counter, "ulysses_out", self.me)
         # [sp, N_loc, B, hs, d] -> [B, N_loc, sp, hs, d] -> [B, N_loc, H, d]
-        return back.view(sp, n_local, b, hs, d).permute(2, 1, 0, 3, 4).reshape(b, n_local, heads, d)
+        img_out = back.view(sp, n_local, b, hs, d).permute(2, 1, 0, 3, 4).reshape(b, n_local, heads, d)
+        if not n_txt:
+            return img_out
+        # every rank needs the text stream's output for all heads: gather the head slices
+        _, finish = gather_tokens(txt_out.permute(2, 0, 1, 3), [hs] * sp, self.group, self.counter, "ulysses_text")
+        return torch.cat([finish().permute(1, 2, 0, 3), img_out], dim=1)

@@ -122,13 +122,14 @@ class DiffusionEngine:
             steps=defaults["steps"] if steps is None else steps, height=height, width=width,
             guidance_scale=defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale),
             seed=seed, mode=mode, warmup_steps=warmup_steps, partial_fraction=partial_fraction,
-            max_sequence_length=max_sequence_length or (300 if self.dir.family == "pixart" else 256),
+            max_sequence_length=max_sequence_length or {"pixart": 300, "flux": 512, "sd3": 256}[self.dir.family],
             output=output, trace=trace,
         )
         sp, cfg, tp = self.degrees.get("sp", 1), self.degrees.get("cfg", 1), self.degrees.get("tp", 1)
-        if cfg == 2 and not req.guided:
-            raise ValueError(f"the plan has cfg=2 but guidance_scale={req.guidance_scale} (<= 1) means one branch; "
-                             "use guidance_scale > 1 or a plan without cfg")
+        if cfg == 2 and not (req.guided and self.info[0]["uses_cfg"]):
+            raise ValueError(f"the plan has cfg=2 but this request has one branch (guidance_scale={req.guidance_scale}"
+                             f"{'; this checkpoint embeds guidance instead of CFG' if not self.info[0]['uses_cfg'] else ''}); "
+                             "use guidance_scale > 1 with a CFG model, or a plan without cfg")
         if mode == "ulysses":
             heads = self.info[0]["heads"]
             if heads % (sp * tp):

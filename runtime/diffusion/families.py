@@ -70,7 +70,7 @@ class PixArtAdapter:
         return scheduler.timesteps
 
     def predict(self, latent_rows: torch.Tensor, cond: Conditioning, t: torch.Tensor, shard: TokenShard,
-                self_attn: Any, image_hw: tuple[int, int]) -> torch.Tensor:
+                self_attn: Any, image_hw: tuple[int, int], guidance: float | None = None) -> torch.Tensor:
         b = latent_rows.shape[0]
         extra = {}
         if self.model.config.additional_conditions:

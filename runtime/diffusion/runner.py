@@ -85,6 +85,7 @@ class DiffusionRunner:
     def describe(self) -> dict:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"family": self.dir.family, "param_bytes": params, "load_s": self.load_s,
+                "uses_cfg": self.adapter.uses_cfg,
                 "heads": self.model.num_heads, "rank": self.worker.rank}
 
     # -- one request ---------------------------------------------------------------
@@ -114,7 +115,8 @@ class DiffusionRunner:
         if dist.is_initialized() and self.worker.world_size > 1:
             dist.broadcast_object_list(payload, src=0)
         cond, uncond = (Conditioning({k: v.to(self.device) for k, v in d.items()}) for d in payload[0])
-        if not req.guided:
+        self.guided = req.guided and self.adapter.uses_cfg
+        if not self.guided:
             self.text = cond
         elif self.cfg == 2:
             self.text = cond if self.cfg_rank == COND else uncond
@@ -126,7 +128,8 @@ class DiffusionRunner:
         self.timesteps = self.adapter.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
         shape = (len(req.prompts), self.adapter.latent_channels, lat_h, lat_w)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(req.seed), dtype=torch.float32)
-        self.latents = (noise[:, :, self.rows] * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+        sigma0 = float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+        self.latents = (noise[:, :, self.rows] * sigma0).to(self.device, self.dtype)
         self.attn = self._attention(req)
         self.step_index = 0
         self.trace: list[dict] = []
@@ -159,13 +162,16 @@ class DiffusionRunner:
             self.attn.start_step(i)
         self_attn = self.attn if self.attn is not None else local_self_attention
         x = self.latents
-        batched_cfg = req.guided and self.cfg == 1
-        x_in = self.scheduler.scale_model_input(torch.cat([x, x]) if batched_cfg else x, t)
+        batched_cfg = self.guided and self.cfg == 1
+        x_in = torch.cat([x, x]) if batched_cfg else x
+        if hasattr(self.scheduler, "scale_model_input"):
+            x_in = self.scheduler.scale_model_input(x_in, t)
         with torch.no_grad():
-            pred = self.adapter.predict(x_in, self.text, t, self.shard, self_attn, (req.height, req.width))
+            pred = self.adapter.predict(x_in, self.text, t, self.shard, self_attn, (req.height, req.width),
+                                        guidance=req.guidance_scale)
         if batched_cfg:
             pred = cfg_batched_combine(pred, req.guidance_scale)
-        elif req.guided:
+        elif self.guided:
             pred = cfg_parallel_combine(pred, self.cfg_group, req.guidance_scale, self.counter)
         if req.trace:
             self.trace.append({"t": float(t), "latents": x.detach().clone(), "pred": pred.detach().clone()})

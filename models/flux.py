@@ -1,0 +1,245 @@
+"""Flux: double-stream (MMDiT) blocks, then single-stream blocks, with 3-axis RoPE.
+
+Own compact implementation with diffusers' ``FluxTransformer2DModel``
+checkpoint names. It takes this rank's rows of the *unpacked* VAE latent
+(``[B, C, rows, W]``) and packs 2x2 latent pixels into one token itself, so
+a band of latent rows is a band of token rows. Text tokens are replicated on
+every rank; image tokens are sharded. Joint attention calls the pluggable
+``self_attn(q, k_img, v_img, extra_kv=(k_txt, v_txt))`` with ``q`` = text
+queries followed by this rank's image queries; RoPE is applied before the
+exchange, so gathered K carry their own positions.
+
+Parallel plan (what is parallel):
+- patch/sequence parallel: ``transformer_blocks.*.attn``, ``single_transformer_blocks.*.attn``
+- tensor parallel: column ``attn.to_q|to_k|to_v``, ``ff.net.0.proj``, ``proj_mlp``; row ``attn.to_out.0``, ``ff.net.2``
+- pipeline stages may cut between blocks of either list
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.models.dit_layers import (
+    Attention,
+    GeluMLP,
+    TimestepMLP,
+    TokenShard,
+    local_self_attention,
+    modulate,
+    patchify,
+    timestep_embedding,
+)
+from tessera.models.pixart import DiffusionParallelSpec
+
+PARALLEL_SPEC = DiffusionParallelSpec(
+    patch_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
+    colwise=("transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
+             "transformer_blocks.*.ff.net.0.proj", "single_transformer_blocks.*.proj_mlp"),
+    rowwise=("transformer_blocks.*.attn.to_out.0", "transformer_blocks.*.ff.net.2"),
+    stage_blocks=("transformer_blocks", "single_transformer_blocks"),
+)
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: Sequence[int] = (16, 56, 56)
+
+    def __post_init__(self) -> None:
+        if self.patch_size != 1:
+            raise ValueError("tessera's Flux expects patch_size 1 (2x2 packing happens on the latent)")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {tuple(self.axes_dims_rope)} must sum to attention_head_dim "
+                             f"{self.attention_head_dim}")
+        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "FluxConfig":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[S, head_dim]`` for positions ``ids [S, n_axes]``, pairs interleaved (Flux's layout)."""
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = torch.outer(ids[:, axis].double(), freqs)
+        cos.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin.append(angles.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, S, H, d]`` pairwise (even, odd) by the per-position angles."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
+    return (x.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)
+
+
+class _AdaNorm(nn.Module):
+    """``linear(silu(temb))`` chunked into ``n`` modulation vectors (adaLN-Zero)."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, n * dim)
+        self.n = n
+
+    def forward(self, temb: torch.Tensor):
+        return self.linear(F.silu(temb))[:, None].chunk(self.n, dim=-1)
+
+
+class _JointAttention(Attention):
+    def __init__(self, dim: int, heads: int, head_dim: int, context: bool) -> None:
+        super().__init__(dim, heads, head_dim, qk_norm=True, out=context)
+        if context:
+            self.add_q_proj = nn.Linear(dim, heads * head_dim)
+            self.add_k_proj = nn.Linear(dim, heads * head_dim)
+            self.add_v_proj = nn.Linear(dim, heads * head_dim)
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=1e-6)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6)
+            self.to_add_out = nn.Linear(heads * head_dim, dim)
+
+
+def _joint(self_attn, layer, q_txt, k_txt, v_txt, q_img, k_img, v_img, rope_txt, rope_img):
+    q_txt, k_txt = apply_rope(q_txt, *rope_txt), apply_rope(k_txt, *rope_txt)
+    q_img, k_img = apply_rope(q_img, *rope_img), apply_rope(k_img, *rope_img)
+    out = self_attn(torch.cat([q_txt, q_img], dim=1), k_img, v_img, layer=layer, extra_kv=(k_txt, v_txt))
+    n_txt = q_txt.shape[1]
+    return out[:, :n_txt].flatten(2), out[:, n_txt:].flatten(2)
+
+
+class FluxDoubleBlock(nn.Module):
+    """Separate weights for text and image streams, one joint attention over both."""
+
+    def __init__(self, cfg: FluxConfig) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.norm1, self.norm1_context = _AdaNorm(d, 6), _AdaNorm(d, 6)
+        self.attn = _JointAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, context=True)
+        self.ff, self.ff_context = GeluMLP(d, 4 * d), GeluMLP(d, 4 * d)
+
+    def forward(self, img, txt, temb, rope_txt, rope_img, self_attn, layer):
+        d = img.shape[-1]
+        sh, sc, g, sh2, sc2, g2 = self.norm1(temb)
+        csh, csc, cg, csh2, csc2, cg2 = self.norm1_context(temb)
+        h = modulate(F.layer_norm(img, (d,), eps=1e-6), sh, sc)
+        c = modulate(F.layer_norm(txt, (d,), eps=1e-6), csh, csc)
+        a = self.attn
+        q, k, v = a.qkv(h)
+        cq, ck, cv = a.heads(a.add_q_proj(c)), a.heads(a.add_k_proj(c)), a.heads(a.add_v_proj(c))
+        cq, ck = a.norm_added_q(cq), a.norm_added_k(ck)
+        out_txt, out_img = _joint(self_attn, layer, cq, ck, cv, q, k, v, rope_txt, rope_img)
+        img = img + g * a.to_out[0](out_img)
+        img = img + g2 * self.ff(modulate(F.layer_norm(img, (d,), eps=1e-6), sh2, sc2))
+        txt = txt + cg * a.to_add_out(out_txt)
+        txt = txt + cg2 * self.ff_context(modulate(F.layer_norm(txt, (d,), eps=1e-6), csh2, csc2))
+        return img, txt
+
+
+class FluxSingleBlock(nn.Module):
+    """Shared weights for both streams; attention and MLP in parallel, one output projection."""
+
+    def __init__(self, cfg: FluxConfig) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.norm = _AdaNorm(d, 3)
+        self.proj_mlp = nn.Linear(d, 4 * d)
+        self.proj_out = nn.Linear(5 * d, d)
+        self.attn = _JointAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, context=False)
+
+    def forward(self, img, txt, temb, rope_txt, rope_img, self_attn, layer):
+        d = img.shape[-1]
+        sh, sc, g = self.norm(temb)
+        h_img = modulate(F.layer_norm(img, (d,), eps=1e-6), sh, sc)
+        h_txt = modulate(F.layer_norm(txt, (d,), eps=1e-6), sh, sc)
+        q, k, v = self.attn.qkv(h_img)
+        cq, ck, cv = self.attn.qkv(h_txt)
+        out_txt, out_img = _joint(self_attn, layer, cq, ck, cv, q, k, v, rope_txt, rope_img)
+
+        def mix(x, h, attn_out):
+            return x + g * self.proj_out(torch.cat([attn_out, F.gelu(self.proj_mlp(h), approximate="tanh")], dim=-1))
+
+        return mix(img, h_img, out_img), mix(txt, h_txt, out_txt)
+
+
+class _TimeTextEmbed(nn.Module):
+    def __init__(self, cfg: FluxConfig) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.timestep_embedder = TimestepMLP(256, d)
+        if cfg.guidance_embeds:
+            self.guidance_embedder = TimestepMLP(256, d)
+        self.text_embedder = TimestepMLP(cfg.pooled_projection_dim, d)
+
+
+class FluxTransformer(nn.Module):
+    family = "flux"
+    parallel_spec = PARALLEL_SPEC
+
+    def __init__(self, cfg: FluxConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        d = cfg.inner_dim
+        self.time_text_embed = _TimeTextEmbed(cfg)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, d)
+        self.x_embedder = nn.Linear(cfg.in_channels, d)
+        self.transformer_blocks = nn.ModuleList(FluxDoubleBlock(cfg) for _ in range(cfg.num_layers))
+        self.single_transformer_blocks = nn.ModuleList(FluxSingleBlock(cfg) for _ in range(cfg.num_single_layers))
+        self.norm_out = nn.Module()
+        self.norm_out.linear = nn.Linear(d, 2 * d)
+        self.proj_out = nn.Linear(d, cfg.out_channels or cfg.in_channels)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    def temb(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        emb = self.time_text_embed
+        t = emb.timestep_embedder(timestep_embedding(timestep * 1000, 256).to(pooled.dtype))
+        if self.config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("this Flux checkpoint embeds guidance (guidance_embeds=True); pass guidance")
+            t = t + emb.guidance_embedder(timestep_embedding(guidance * 1000, 256).to(pooled.dtype))
+        return t + emb.text_embedder(pooled)
+
+    def forward(self, latent_rows: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
+                shard: TokenShard | None = None, self_attn=local_self_attention,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """``latent_rows [B, C, 2*rows, 2*W']`` -> velocity of the same rows (same shape)."""
+        b, c, h, w = latent_rows.shape
+        if shard is None:
+            shard = TokenShard.full(h // 2, w // 2)
+        img = self.x_embedder(patchify(latent_rows, 2))
+        txt = self.context_embedder(text)
+        temb = self.temb(timestep, pooled, guidance)
+        rows = torch.arange(shard.row_start, shard.row_end)
+        img_ids = torch.stack([torch.zeros(shard.rows, shard.grid_w), rows[:, None].expand(-1, shard.grid_w).float(),
+                               torch.arange(shard.grid_w)[None].expand(shard.rows, -1).float()], dim=-1).reshape(-1, 3)
+        axes = self.config.axes_dims_rope
+        rope_img = tuple(x.to(img.device) for x in rope_tables(img_ids, axes))
+        rope_txt = tuple(x.to(img.device) for x in rope_tables(torch.zeros(txt.shape[1], 3), axes))
+        layer = 0
+        for block in list(self.transformer_blocks) + list(self.single_transformer_blocks):
+            img, txt = block(img, txt, temb, rope_txt, rope_img, self_attn, layer)
+            layer += 1
+        scale, shift = self.norm_out.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
+        out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
+        return out.view(b, shard.rows, shard.grid_w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
