@@ -70,6 +70,7 @@ class ExpertCache:
         capacity_bytes: int | None = None,
         group_name: Callable[[int, int], str] = expert_group_name,
         affinity_counts: torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
     ) -> None:
         cfg = store.config
         self.store = store
@@ -79,7 +80,10 @@ class ExpertCache:
         if self.policy not in ("lru", "lfu"):
             raise ValueError(f"cache policy {self.policy!r} is unknown; use 'lru' or 'lfu'")
         mode = predictor or cfg.predictor
-        self.affinity = AffinityPredictor(num_layers, num_experts, affinity_counts) if mode in ("affinity", "both") else None
+        # MoE layers in forward order (dense layers in between are skipped): "next layer" means next here.
+        self.order = list(layers) if layers is not None else list(range(num_layers))
+        self._pos = {layer: i for i, layer in enumerate(self.order)}
+        self.affinity = AffinityPredictor(len(self.order), num_experts, affinity_counts) if mode in ("affinity", "both") else None
         if mode in ("gate", "both") and gate_weight is None:
             raise ValueError(f"predictor {mode!r} needs gate_weight (layer -> router weight)")
         self.gate = GatePredictor(gate_weight, router_top_k) if mode in ("gate", "both") and gate_weight else None
@@ -119,8 +123,9 @@ class ExpertCache:
         with self._lock:
             self._pinned.clear()
             self._score_prediction(layer, ids)
-            if self.affinity is not None and self._last is not None and self._last[0] == layer - 1:
-                self.affinity.observe(layer, self._last[1], ids)
+            pos = self._pos[layer]
+            if self.affinity is not None and self._last is not None and self._pos[self._last[0]] == pos - 1:
+                self.affinity.observe(pos, self._last[1], ids)
             self._last = (layer, ids)
             keys = [(layer, e) for e in ids]
             self._pinned.update(keys)
@@ -151,6 +156,10 @@ class ExpertCache:
 
     def _admit(self, key: Key, prefetched: bool, required: bool) -> bool:
         name = self.group_name(*key)
+        if name not in self.store.specs:
+            if required:
+                raise KeyError(f"expert {key[1]} of layer {key[0]} is not held by this worker's store ({name!r})")
+            return False  # predicted, but another rank owns it
         nbytes = self.store.nbytes(name)
         while True:
             fut = None
@@ -209,9 +218,10 @@ class ExpertCache:
         return True
 
     def _prefetch_next(self, layer: int, ids: Sequence[int], hidden: torch.Tensor | None) -> None:
-        nxt = layer + 1
-        if nxt >= self.num_layers or (self.affinity is None and self.gate is None):
+        pos = self._pos[layer] + 1
+        if pos >= len(self.order) or (self.affinity is None and self.gate is None):
             return
+        nxt = self.order[pos]
         scores = None
         k = self.predict_top_k or len(ids)  # default: as many as this layer used
         if self.gate is not None:
@@ -219,7 +229,7 @@ class ExpertCache:
             if scores is not None and not self.predict_top_k:
                 k = max(k, int((scores > 0).sum()))  # every expert the next router would pick
         if self.affinity is not None:
-            aff = self.affinity.scores(nxt, ids)
+            aff = self.affinity.scores(pos, ids)
             if aff is not None:
                 # Gate votes dominate; affinity breaks ties and fills in when no gate score exists.
                 aff = aff / aff.max()

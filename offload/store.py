@@ -147,6 +147,7 @@ class TieredStore:
         reader: Reader | None = None,
         read_delay_s: float = 0.0,
         progress: Callable[[str], None] | None = None,
+        external_resident_bytes: int = 0,
     ) -> None:
         self.config = config
         self.device = torch.device(device)
@@ -161,9 +162,14 @@ class TieredStore:
             Tier.DEVICE: TierBudget("device", config.device_budget_bytes),
             Tier.HOST: TierBudget("host", config.host_budget_bytes),
         }
+        # Weights the caller keeps resident in the device tier itself (e.g. a model's dense layers):
+        # charged to the device budget so offloaded groups only get what is really left.
+        self.external_resident_bytes = external_resident_bytes
         self.counters = {"fetches": 0, "reads": 0, "bytes_read": 0, "read_s": 0.0, "repaired": 0, "h2d_bytes": 0}
         self._lock = threading.Lock()
         self._check_budgets()
+        if external_resident_bytes:
+            self.budgets[Tier.DEVICE].reserve(external_resident_bytes, "weights kept resident by the caller")
         self.reader: Reader | None = None
         self.tier_file: TierFile | None = None
         self._resident: dict[str, Tensors] = {}
@@ -204,7 +210,9 @@ class TieredStore:
 
     def _check_budgets(self) -> None:
         dev = self.config.device_budget_bytes
-        resident = sum(self.specs[n].nbytes for n, t in self.tiers.items() if t == Tier.DEVICE)
+        resident = self.external_resident_bytes + sum(
+            self.specs[n].nbytes for n, t in self.tiers.items() if t == Tier.DEVICE
+        )
         streamed = [s for s in self.specs.values() if self.tiers[s.name] != Tier.DEVICE]
         largest = max(streamed, key=lambda s: s.nbytes, default=None)
         if resident > dev:

@@ -195,6 +195,72 @@ class TierFile:
         return bad
 
 
+class TierFileWriter:
+    """Streams groups into a new tier file one at a time (a loader can hand over each group and drop it).
+
+    ``total_bytes`` (the padded size of all groups) is checked against free
+    disk space before the first byte is written. ``finish`` fsyncs, renames and
+    writes the manifest last; ``abort`` removes the partial file.
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, fingerprint: str, total_bytes: int, min_free_bytes: int = 0) -> None:
+        self.dir = check_tier_dir(directory, total_bytes, min_free_bytes)
+        self.data, self.man = TierFile.paths(self.dir, name)
+        self.tmp_data, self.tmp_man = self.data.with_suffix(".tier.tmp"), self.man.with_suffix(".json.tmp")
+        self.fingerprint = fingerprint
+        self.entries: list[dict] = []
+        self.offset = 0
+        self._f = open(self.tmp_data, "wb")
+
+    def add(self, gname: str, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Append one group; returns its padded size."""
+        buf, tensor_entries = pack_group(tensors)
+        try:
+            self._f.write(memoryview(buf.numpy()))
+        except OSError as exc:
+            self.abort()
+            if exc.errno == 28:  # ENOSPC
+                raise DiskSpaceError(f"tier directory {self.dir} ran out of space while writing {self.data}; free space or use another nvme_dir") from exc
+            raise
+        self.entries.append(
+            {
+                "name": gname,
+                "offset": self.offset,
+                "nbytes": buf.numel(),
+                "checksum": checksum(buf),
+                "tensors": [
+                    {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
+                    for t in tensor_entries
+                ],
+            }
+        )
+        self.offset += buf.numel()
+        return buf.numel()
+
+    def finish(self) -> TierFile:
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self.tmp_data, self.data)
+            manifest = {
+                "format": FORMAT, "fingerprint": self.fingerprint, "alignment": ALIGNMENT,
+                "file_bytes": self.offset, "groups": self.entries,
+            }
+            self.tmp_man.write_text(json.dumps(manifest))
+            os.replace(self.tmp_man, self.man)
+        except OSError:
+            self.abort()
+            raise
+        return TierFile(self.data, manifest)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        for p in (self.tmp_data, self.tmp_man):
+            p.unlink(missing_ok=True)
+
+
 def write_tier_file(
     directory: str | os.PathLike,
     name: str,
@@ -202,51 +268,16 @@ def write_tier_file(
     fingerprint: str,
     total_bytes: int,
     min_free_bytes: int = 0,
-    progress=None,
 ) -> TierFile:
-    """Write groups (streamed: one group in memory at a time) into a new tier file; return it opened.
-
-    ``total_bytes`` is the padded size the groups will take (checked against
-    free disk space before the first byte is written).
-    """
-    d = check_tier_dir(directory, total_bytes, min_free_bytes)
-    data, man = TierFile.paths(d, name)
-    tmp_data, tmp_man = data.with_suffix(".tier.tmp"), man.with_suffix(".json.tmp")
-    entries: list[dict] = []
-    offset = 0
+    """Write groups (streamed: one group in memory at a time) into a new tier file; return it opened."""
+    writer = TierFileWriter(directory, name, fingerprint, total_bytes, min_free_bytes)
     try:
-        with open(tmp_data, "wb") as f:
-            for gname, tensors in groups:
-                buf, tensor_entries = pack_group(tensors)
-                f.write(memoryview(buf.numpy()))
-                entries.append(
-                    {
-                        "name": gname,
-                        "offset": offset,
-                        "nbytes": buf.numel(),
-                        "checksum": checksum(buf),
-                        "tensors": [
-                            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
-                            for t in tensor_entries
-                        ],
-                    }
-                )
-                offset += buf.numel()
-                if progress is not None:
-                    progress(buf.numel())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_data, data)
-        manifest = {"format": FORMAT, "fingerprint": fingerprint, "alignment": ALIGNMENT, "file_bytes": offset, "groups": entries}
-        tmp_man.write_text(json.dumps(manifest))
-        os.replace(tmp_man, man)
-    except OSError as exc:
-        for p in (tmp_data, tmp_man):
-            p.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise DiskSpaceError(f"tier directory {d} ran out of space while writing {data}; free space or use another nvme_dir") from exc
+        for gname, tensors in groups:
+            writer.add(gname, tensors)
+    except BaseException:
+        writer.abort()
         raise
-    return TierFile(data, manifest)
+    return writer.finish()
 
 
 def rewrite_group(tier: TierFile, name: str, tensors: Mapping[str, torch.Tensor]) -> None:

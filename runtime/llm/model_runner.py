@@ -40,6 +40,8 @@ class LoadSpec:
     block_size: int
     placement: ExpertPlacement | None
     record_routing: bool = False
+    moe_dispatch: str = "auto"  # see tessera.parallel.expert.DISPATCH_MODES
+    offload: Any = None  # tessera.offload.config.OffloadConfig: experts in host/NVMe tiers behind an expert cache
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class ModelRunner:
     def close(self) -> None:
         self.stage.cache = None
         self.stage.params.clear()
+        close_experts = getattr(self.stage.experts, "close", None)  # offloaded experts hold files and buffers
+        if close_experts is not None:
+            close_experts()
 
     @property
     def returns_result(self) -> bool:
@@ -162,7 +167,15 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
     first, last = groups.pp_rank == 0, groups.pp_rank == groups.pp - 1
     pv = ParallelView(groups.tp, groups.tp_rank, groups.tp_group, groups.moe_size, groups.moe_rank, groups.moe_group)
     dtype = getattr(torch, spec.dtype)
-    stage, nbytes = load_stage(spec.model_dir, arch, family, layers, first, last, pv, spec.placement, dtype)
+    sink = None
+    if spec.offload is not None:
+        from tessera.offload.moe import sink_for_stage
+
+        sink = sink_for_stage(spec, worker, spec.model_dir, arch, family, layers, pv.moe_rank, dtype)
+    stage, nbytes = load_stage(spec.model_dir, arch, family, layers, first, last, pv, spec.placement, dtype,
+                               expert_weights=sink, dispatch_mode=spec.moe_dispatch)
+    if sink is not None:
+        stage.experts = sink.finish(stage)
     if arch.attention == "mla":
         heads, kdim = stage.local_heads, arch.qk_head_dim
     else:

@@ -1,0 +1,220 @@
+"""Offloaded routed experts for the MoE engine, behind the model's ``ExpertWeights`` seam.
+
+The MoE block obtains expert weights only through ``experts.get(layer,
+expert_ids)`` (``tessera.models.moe_layers.ExpertWeights``). This module
+supplies an object with the same interface backed by a
+:class:`~tessera.offload.store.TieredStore` (experts on NVMe, or in host
+memory without an NVMe dir) and an :class:`~tessera.offload.expert_cache.ExpertCache`
+in the device tier; model math is untouched, so offloaded generation is
+token- and logit-identical to in-memory generation.
+
+Loading streams: ``models.loader.load_stage`` hands each expert to
+:class:`ExpertSink.put`, which appends it to the tier file and drops it, so
+host memory never holds all experts at once. When a tier file for the same
+checkpoint, rank slice and dtype exists, it is reused (nothing is written).
+The stage's dense weights (attention, norms, routers, shared experts, embeddings)
+stay resident and are charged to the device budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from tessera.offload.config import OffloadConfig, Tier
+from tessera.offload.errors import OffloadConfigError
+from tessera.offload.expert_cache import ExpertCache, expert_group_name
+from tessera.offload.store import GroupSpec, TieredStore, fingerprint_of
+from tessera.offload.tier_file import TierFile, TierFileWriter, group_nbytes
+
+log = logging.getLogger("tessera.offload.moe")
+STORE_KEY = "tessera.llm"
+
+
+class OffloadedExperts:
+    """The ``ExpertWeights`` seam over the expert cache: ``get`` returns (gate_up, down) per expert id."""
+
+    def __init__(self, store: TieredStore, cache: ExpertCache, local: dict[int, list[int]]) -> None:
+        self.store = store
+        self.cache = cache
+        self._local = local
+        self._hidden: dict[int, torch.Tensor] = {}
+
+    def local_experts(self, layer: int) -> list[int]:
+        return list(self._local.get(layer, []))
+
+    def hint_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+        """The hidden state entering ``layer``'s MoE block (used by the gate predictor)."""
+        self._hidden[layer] = hidden
+
+    def get(self, layer: int, expert_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ids = [int(e) for e in expert_ids]
+        weights = self.cache.get(layer, ids, hidden=self._hidden.pop(layer, None))
+        return [(weights[e]["gate_up"], weights[e]["down"]) for e in ids]
+
+    def nbytes(self) -> int:
+        """Bytes of all local experts across tiers (what the rank is responsible for)."""
+        return sum(s.nbytes for s in self.store.specs.values())
+
+    def stats(self) -> dict[str, Any]:
+        out = {f"store_{k}": v for k, v in self.store.stats().items()}
+        out.update({f"cache_{k}": v for k, v in self.cache.stats().items()})
+        return out
+
+    def close(self) -> None:
+        self.cache.close()
+        self.store.close()
+
+
+class ExpertSink:
+    """Receives this rank's experts from ``load_stage`` (``put``) and streams them into the tier file."""
+
+    def __init__(
+        self,
+        config: OffloadConfig,
+        name: str,
+        fingerprint: str,
+        expected: dict[str, int],
+        reload,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self.fingerprint = fingerprint
+        self.expected = expected  # group name -> padded bytes
+        self.reload = reload  # (layer, expert) -> tensors, for repairs
+        self.device = device
+        self.local: dict[int, list[int]] = {}
+        self.host: dict[str, dict[str, torch.Tensor]] = {}
+        self.writer: TierFileWriter | None = None
+        self.tier = Tier.NVME if config.nvme_dir is not None else Tier.HOST
+        if self.tier == Tier.NVME:
+            existing = TierFile.open(config.nvme_dir, name, fingerprint=fingerprint)
+            if existing is None or set(existing.groups) != set(expected):
+                self.writer = TierFileWriter(
+                    config.nvme_dir, name, fingerprint, sum(expected.values()), config.min_free_bytes
+                )
+
+    # the ExpertWeights interface used while loading
+    def put(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        name = expert_group_name(layer, expert)
+        tensors = {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
+        if group_nbytes(tensors) != self.expected.get(name):
+            raise OffloadConfigError(f"expert {name!r} has an unexpected size; the checkpoint does not match its config")
+        self.local.setdefault(layer, []).append(expert)
+        if self.tier == Tier.HOST:
+            self.host[name] = tensors
+        elif self.writer is not None:
+            self.writer.add(name, tensors)
+
+    def local_experts(self, layer: int) -> list[int]:
+        return sorted(self.local.get(layer, []))
+
+    def finish(self, stage) -> OffloadedExperts:
+        """Close the tier file and build the store and the cache for ``stage`` (a MoEStage)."""
+        if self.writer is not None:
+            self.writer.finish()
+            self.writer = None
+        specs = []
+        for name, nbytes in self.expected.items():
+            layer, expert = _parse(name)
+            if self.tier == Tier.HOST:
+                held = self.host[name]
+                specs.append(GroupSpec(name, nbytes, lambda held=held: held))
+            else:
+                specs.append(GroupSpec(name, nbytes, lambda layer=layer, expert=expert: self.reload(layer, expert)))
+        resident = _tensor_bytes(stage.globals) + sum(_tensor_bytes(p) for p in stage.params.values())
+        store = TieredStore(
+            self.config, specs, {s.name: self.tier for s in specs}, fingerprint=self.fingerprint, name=self.name,
+            device=self.device, external_resident_bytes=resident,
+        )
+        self.host.clear()  # the store holds the host tier now
+        arch = stage.arch
+        moe_layers = [l for l in stage.layers if arch.moe_layers[l]]
+
+        def gate_weight(layer: int):
+            p = stage.params.get(layer)
+            return None if p is None or "router" not in p else p["router"]
+
+        cache = ExpertCache(
+            store, arch.num_layers, arch.num_experts, layers=moe_layers, gate_weight=gate_weight,
+            router_top_k=arch.top_k,
+        )
+        experts = OffloadedExperts(store, cache, {l: sorted(v) for l, v in self.local.items()})
+        _install_gate_hint(stage, experts)
+        return experts
+
+
+def _parse(name: str) -> tuple[int, int]:
+    parts = name.split(".")
+    return int(parts[1]), int(parts[3])
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _install_gate_hint(stage, experts: OffloadedExperts) -> None:
+    """Let the gate predictor see each MoE block's input: wraps this stage object's ``moe`` (no model code changes)."""
+    original = stage.moe
+
+    def moe(layer: int, x: torch.Tensor) -> torch.Tensor:
+        experts.hint_hidden(layer, x)
+        return original(layer, x)
+
+    stage.moe = moe
+
+
+def sink_for_stage(spec, worker, model_dir: str, arch, family, layers, moe_rank: int, dtype: torch.dtype) -> ExpertSink:
+    """An ExpertSink for the experts ``load_stage`` will put on this rank (sizes known from config.json)."""
+    from tessera.models.checkpoint import CheckpointReader, weight_files
+    from tessera.models.loader import expected_shape
+    from tessera.parallel.tensor import split_range
+
+    config: OffloadConfig = spec.offload
+    if not isinstance(config, OffloadConfig):
+        raise OffloadConfigError(f"offload must be an OffloadConfig, got {type(config).__name__}")
+    H = arch.hidden_size
+    expected: dict[str, int] = {}
+    slices: dict[tuple[int, int], tuple[int, int]] = {}
+    for layer in layers:
+        if not arch.moe_layers[layer]:
+            continue
+        for expert, index, count in spec.placement.local_experts(layer, moe_rank):
+            a, b = split_range(arch.moe_intermediate, count, index)
+            slices[(layer, expert)] = (a, b)
+            meta = {
+                "gate_up": torch.empty((2 * (b - a), H), dtype=dtype, device="meta"),
+                "down": torch.empty((H, b - a), dtype=dtype, device="meta"),
+            }
+            expected[expert_group_name(layer, expert)] = group_nbytes(meta)
+    layout = {f"{n}|{slices[_parse(n)]}|{dtype}": v for n, v in expected.items()}
+    from pathlib import Path
+
+    fp = fingerprint_of(sorted({str(Path(model_dir) / f) for f in weight_files(model_dir).values()}), layout)
+    name = f"experts-{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}-rank{worker.rank}of{worker.world_size}"
+    names = family.CHECKPOINT_NAMES
+
+    def reload(layer: int, expert: int) -> dict[str, torch.Tensor]:
+        a, b = slices[(layer, expert)]
+        reader = CheckpointReader(model_dir, expected_dtype=arch.dtype)
+        try:
+            key = lambda n: names[n].format(layer=layer, expert=expert)  # noqa: E731
+            gate = reader.read(key("expert_gate"), expected_shape(arch, "expert_gate"), dim=0, start=a, stop=b, dtype=dtype)
+            up = reader.read(key("expert_up"), expected_shape(arch, "expert_up"), dim=0, start=a, stop=b, dtype=dtype)
+            down = reader.read(key("expert_down"), expected_shape(arch, "expert_down"), dim=1, start=a, stop=b, dtype=dtype)
+        finally:
+            reader.close()
+        return {"gate_up": torch.cat([gate, up], 0).contiguous(), "down": down.contiguous()}
+
+    return ExpertSink(config, name, fp, expected, reload, worker.device)
+
+
+def offload_stats(worker, key: str) -> dict[str, Any] | None:
+    """This rank's offload counters for the engine model ``key`` (None when it is not offloaded)."""
+    runner = worker.store.get(STORE_KEY, {}).get(key)
+    experts = getattr(getattr(runner, "stage", None), "experts", None)
+    return experts.stats() if isinstance(experts, OffloadedExperts) else None
