@@ -10,7 +10,6 @@ its stage/shard, and the last stage returns sampled tokens.
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import itertools
 import logging
 import math
@@ -150,9 +149,6 @@ class LLMEngine:
         ``offload`` (a ``tessera.offload.config.OffloadConfig``): routed experts live in
         host memory or an NVMe tier file and stream through a per-rank expert cache
         within the config's device budget (same tokens as without it).
-        ``offload`` (a ``tessera.offload.config.OffloadConfig``): routed experts live in
-        host memory or an NVMe tier file and stream through a per-rank expert cache
-        within the config's device budget (same tokens as without it).
         """
         started = time.perf_counter()
         model_dir = Path(model_dir)
@@ -163,12 +159,6 @@ class LLMEngine:
         family = family_for(archs[0])
         arch = family.parse_config(cfg)
         weight_files(model_dir)  # fails now, naming the directory, if there are no safetensors
-        offload = options.pop("offload", None)
-        if offload is not None:
-            from tessera.offload.config import OffloadConfig
-
-            if not isinstance(offload, OffloadConfig):
-                raise ConfigError(f"offload must be a tessera.offload.config.OffloadConfig, got {type(offload).__name__}")
         offload = options.pop("offload", None)
         if offload is not None:
             from tessera.offload.config import OffloadConfig
@@ -198,8 +188,6 @@ class LLMEngine:
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
                            opts.record_routing)
-        if offload is not None:
-            spec = dataclasses.replace(spec, offload=offload)
         if offload is not None:
             spec = dataclasses.replace(spec, offload=offload)
         engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
