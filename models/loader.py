@@ -84,6 +84,7 @@ def load_stage(
     placement: ExpertPlacement | None,
     dtype: torch.dtype,
     expert_weights: ExpertWeights | None = None,
+    dispatch_mode: str = "auto",
 ) -> tuple[MoEStage, int]:
     """(stage, bytes read) for the given layers on this rank."""
     reader = CheckpointReader(model_dir, expected_dtype=arch.dtype)
@@ -139,6 +140,7 @@ def load_stage(
         pv=pv,
         local_heads=arch.num_heads // tp,
         local_kv_heads=kv_local,
+        dispatch_mode=dispatch_mode,
     )
     bytes_read = reader.bytes_read
     reader.close()

@@ -157,11 +157,13 @@ class MoEStage:
     local_kv_heads: int
     cache: PagedKVCache | None = None
     record_routing: bool = False
+    dispatch_mode: str = "auto"
     routing: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         coherent = self.placement is not None and self.placement.mode == "coherent"
-        self.dispatcher = ExpertDispatcher(self.pv.moe_group, self.pv.moe_rank, self.pv.moe_size, coherent=coherent)
+        self.dispatcher = ExpertDispatcher(self.pv.moe_group, self.pv.moe_rank, self.pv.moe_size, coherent=coherent,
+                                            mode=self.dispatch_mode)
         self.owner_tables = (
             {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
         )

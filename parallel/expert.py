@@ -10,11 +10,17 @@ over that ep rank's tp ranks. When there are more ep ranks than experts
 too, as in DeepSpeed-MoE expert slicing. Every owner of an expert computes a
 partial output with its slice; the combine step sums them.
 
-Dispatch: activations are replicated inside the group, so each rank takes a
+Dispatch (``all_to_all`` mode): activations are replicated inside the group, so each rank takes a
 balanced share of the tokens, sends every (token, choice) to every owner of the
 chosen expert with ``all_to_all_single`` (uneven splits), gets the partial
 expert outputs back the same way, weights and sums them, and the shares are
 all-gathered so every rank again holds the full batch.
+
+For a handful of tokens (decode) five collectives per layer cost more than the
+data they move, so ``all_reduce`` mode (chosen by ``auto`` below
+``LOW_LATENCY_TOKENS``) skips the exchange: every rank already holds every
+token, computes the (token, choice) pairs its expert slices own, and one
+all_reduce sums the partial outputs. Both modes give the same result.
 """
 
 from __future__ import annotations
@@ -184,12 +190,19 @@ def split_index(n: int, parts: int, item: int) -> int:
     raise IndexError(item)
 
 
+DISPATCH_MODES = ("auto", "all_to_all", "all_reduce")
+LOW_LATENCY_TOKENS = 16
+
+
 class ExpertDispatcher:
     """Moves routed tokens to their expert owners and the partial outputs back (one MoE group)."""
 
-    def __init__(self, group, group_rank: int, group_size: int, coherent: bool = False) -> None:
+    def __init__(self, group, group_rank: int, group_size: int, coherent: bool = False, mode: str = "auto") -> None:
+        if mode not in DISPATCH_MODES:
+            raise ConfigError(f"MoE dispatch mode {mode!r} is unknown; use one of {', '.join(DISPATCH_MODES)}")
         self.group, self.rank, self.size = group, group_rank, group_size
         self.coherent = coherent
+        self.mode = mode
         self.rows_sent = 0  # (token, choice) rows this rank sent to other ranks, both directions
 
     @staticmethod
@@ -209,6 +222,10 @@ class ExpertDispatcher:
         compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],  # (rows, expert ids) -> rows
     ) -> torch.Tensor:
         T, H = x.shape
+        if self.size > 1 and not self.coherent and (
+            self.mode == "all_reduce" or (self.mode == "auto" and T <= LOW_LATENCY_TOKENS)
+        ):
+            return self._all_reduce(x, topk_ids, topk_w, owners, compute)
         if self.coherent and self.size > 1:
             # Context-coherent: x is replicated, so the rank that computes a token's
             # top-1 expert can own the token at no cost; only its other choices move.
@@ -268,4 +285,15 @@ class ExpertDispatcher:
         out = share.new_empty((T, H))
         for r in range(self.size):
             out[torch.nonzero(anchor == r).squeeze(1)] = gathered[r * part : r * part + counts[r]]
+        return out
+
+    def _all_reduce(self, x, topk_ids, topk_w, owners, compute) -> torch.Tensor:
+        dest = self.destinations(torch.arange(x.shape[0]), topk_ids, owners)  # [T, k, slices]
+        mine = (dest == self.rank).any(-1)  # [T, k]: choices whose expert slice (or replica) is here
+        token, choice = mine.nonzero(as_tuple=True)
+        out = x.new_zeros(x.shape)
+        if token.numel():
+            rows = compute(x[token], topk_ids[token, choice])
+            out.index_add_(0, token, rows * topk_w[token, choice].unsqueeze(1).to(rows.dtype))
+        dist.all_reduce(out, group=self.group)
         return out

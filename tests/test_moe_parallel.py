@@ -18,32 +18,35 @@ EP4 = {"ep": 4}
 PP2_TP2 = {"pp": 2, "tp": 2}
 PP2_EP2 = {"pp": 2, "ep": 2}
 
+# all_to_all dispatch unless the case names a mode (prefills here are 12 tokens, which "auto"
+# would combine with all_reduce).
 CASES = [
-    # (plan, model, expert_map)
+    # (plan, model, expert_map[, dispatch mode])
     (TP2_EP2, "mixtral", None),
     (TP2_EP2, "qwen2_moe", None),
     (TP2_EP2, "qwen3_moe", None),
     (TP2_EP2, "deepseek_v2", None),
     (TP2_EP2, "deepseek_v3", None),
-    (TP2_EP2, "qwen3_kv1", None),
+    (TP2_EP2, "qwen3_kv1", None, "auto"),
     (TP2_EP2, "qwen3_moe", [1, 0, 1, 0]),
     (TP2_EP2, "deepseek_v3", [[1, 0, 0, 1]]),
     (EP4, "mixtral", None),
     (EP4, "deepseek_v2", None),
     (EP4, "mixtral_2e", None),
+    (EP4, "mixtral_2e", None, "all_reduce"),
     (EP4, "qwen2_moe", [[3, 2, 1, 0], [0, 2, 3, 1]]),
     (PP2_TP2, "qwen2_moe", None),
     (PP2_TP2, "deepseek_v3", None),
     (PP2_TP2, "qwen3_kv1", None),
     (PP2_EP2, "mixtral_2e", None),
-    (PP2_EP2, "deepseek_v2", None),
+    (PP2_EP2, "deepseek_v2", None, "all_reduce"),
     (PP2_EP2, "qwen3_moe", [0, 1, 1, 0]),
 ]
 
 
 def _id(case) -> str:
-    plan, model, emap = case
-    return "-".join(f"{d}{k}" for d, k in plan.items()) + f"-{model}" + ("-map" if emap else "")
+    plan, model, emap, *mode = case
+    return "-".join(f"{d}{k}" for d, k in plan.items()) + f"-{model}" + ("-map" if emap else "") + "".join(f"-{m}" for m in mode)
 
 
 def test_ranks_read_only_their_slices(make_controller, tiny_refs):  # noqa: F811
@@ -64,10 +67,10 @@ def test_ranks_read_only_their_slices(make_controller, tiny_refs):  # noqa: F811
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_plan_matches_transformers(make_controller, tiny_refs, case):  # noqa: F811
-    plan, model, expert_map = case
+    plan, model, expert_map, *mode = case
     ctl = make_controller(plan)
     engine = LLMEngine.load(ctl, tiny_refs[model].path, dtype="float32", stop_at_eos=False, max_model_len=64,
-                            block_size=4, expert_map=expert_map)
+                            block_size=4, expert_map=expert_map, moe_dispatch=(mode or ["all_to_all"])[0])
     try:
         check_against_reference(engine, tiny_refs[model])
         if expert_map is not None:

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from tessera.memory.kv_cache import BlockAllocator
 from tessera.models.checkpoint import CheckpointError, read_config, weight_files
 from tessera.models.registry import family_for
-from tessera.parallel.expert import build_placement
+from tessera.parallel.expert import DISPATCH_MODES, build_placement
 from tessera.parallel.groups import check_llm_plan
 from tessera.parallel.pipeline import check_pp
 from tessera.parallel.tensor import check_tp
@@ -89,6 +89,7 @@ class EngineOptions:
     record_routing: bool = False
     stop_at_eos: bool = True
     step_timeout_s: float = 600.0
+    moe_dispatch: str = "auto"  # "all_to_all" | "all_reduce" | "auto" (all_reduce for <= 16 tokens)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -96,6 +97,8 @@ class EngineOptions:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.moe_dispatch not in DISPATCH_MODES:
+            raise ConfigError(f"moe_dispatch {self.moe_dispatch!r} is unknown; use one of {', '.join(DISPATCH_MODES)}")
         if self.num_kv_blocks == 0:
             object.__setattr__(self, "num_kv_blocks", self.max_num_seqs * -(-self.max_model_len // self.block_size))
 
@@ -145,7 +148,8 @@ class LLMEngine:
         ``expert_parallel_mode`` (``"standard"`` or ``"coherent"``: each token handled on the rank
         of its top-1 expert, so only its other choices cross ranks; same tokens),
         ``record_routing`` (keep top-k expert ids per MoE layer per token; see
-        :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``.
+        :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``, ``moe_dispatch``
+        (``auto``: all_reduce combine for <= 16 tokens, all_to_all dispatch above).
         ``offload`` (a ``tessera.offload.config.OffloadConfig``): routed experts live in
         host memory or an NVMe tier file and stream through a per-rank expert cache
         within the config's device budget (same tokens as without it).
@@ -187,7 +191,7 @@ class LLMEngine:
         key = f"{model_dir.name}-{next(_engine_ids)}"
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
-                           opts.record_routing)
+                           opts.record_routing, moe_dispatch=opts.moe_dispatch)
         if offload is not None:
             spec = dataclasses.replace(spec, offload=offload)
         engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
