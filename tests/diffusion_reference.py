@@ -86,3 +86,23 @@ def flux_reference_latents(model_dir: str, prompt: str, steps: int, height: int,
     out = pipe(prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=0.0,
                generator=torch.Generator().manual_seed(seed), output_type="latent", max_sequence_length=512)
     return pipe._unpack_latents(out.images, height, width, pipe.vae_scale_factor)
+
+
+def sd3_reference_pred(model_dir: str, latents: torch.Tensor, t: float, embeds, guidance_scale: float) -> torch.Tensor:
+    """StableDiffusion3Pipeline's batched-CFG transformer call for one step."""
+    pipe = reference_transformer(model_dir)
+    cond, uncond = embeds
+    x = torch.cat([latents, latents])
+    with torch.no_grad():
+        out = pipe.transformer(x, encoder_hidden_states=torch.cat([uncond["text"], cond["text"]]),
+                               pooled_projections=torch.cat([uncond["pooled"], cond["pooled"]]),
+                               timestep=torch.tensor([t]).expand(2), return_dict=False)[0]
+    u, c = out.chunk(2)
+    return u + guidance_scale * (c - u)
+
+
+def sd3_reference_latents(model_dir: str, prompt: str, steps: int, height: int, width: int, guidance_scale: float,
+                          seed: int) -> torch.Tensor:
+    pipe = reference_transformer(model_dir)
+    return pipe(prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=guidance_scale,
+                generator=torch.Generator().manual_seed(seed), output_type="latent", max_sequence_length=256).images
