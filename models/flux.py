@@ -11,7 +11,9 @@ exchange, so gathered K carry their own positions.
 
 Parallel plan (what is parallel):
 - patch/sequence parallel: ``transformer_blocks.*.attn``, ``single_transformer_blocks.*.attn``
-- tensor parallel: column ``attn.to_q|to_k|to_v``, ``ff.net.0.proj``, ``proj_mlp``; row ``attn.to_out.0``, ``ff.net.2``
+- tensor parallel (double-stream blocks): column q/k/v of both streams and the MLP inputs; row the
+  attention outputs and MLP outputs. Single-stream blocks stay whole: their ``proj_out`` mixes
+  attention heads and MLP columns in one input, which a plain row split cannot follow.
 - pipeline stages may cut between blocks of either list
 """
 
@@ -38,9 +40,11 @@ from tessera.models.pixart import DiffusionParallelSpec
 
 PARALLEL_SPEC = DiffusionParallelSpec(
     patch_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    colwise=("transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
-             "transformer_blocks.*.ff.net.0.proj", "single_transformer_blocks.*.proj_mlp"),
-    rowwise=("transformer_blocks.*.attn.to_out.0", "transformer_blocks.*.ff.net.2"),
+    colwise=tuple(f"transformer_blocks.*.{n}" for n in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+        "ff.net.0.proj", "ff_context.net.0.proj")),
+    rowwise=tuple(f"transformer_blocks.*.{n}" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2",
+                                                         "ff_context.net.2")),
     stage_blocks=("transformer_blocks", "single_transformer_blocks"),
 )
 

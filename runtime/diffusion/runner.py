@@ -61,11 +61,12 @@ class DiffusionRunner:
         coords = worker.coordinates() if worker.mesh is not None else {}
         self.sp_rank = coords.get("sp", 0)
         self.cfg_rank = coords.get("cfg", 0)
+        self.counter = CommCounter()
         prepare = None
         if self.tp > 1:
             from tessera.parallel.dit_tensor import tensor_parallel_prepare
 
-            prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp)
+            prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp, self.counter)
         started = time.perf_counter()
         self.model = load_transformer(self.dir, self.device, self.dtype, prepare=prepare)
         self.load_s = time.perf_counter() - started
@@ -73,7 +74,6 @@ class DiffusionRunner:
         vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
         self.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
         self.vae = None
-        self.counter = CommCounter()
         self.req: DiffusionRequest | None = None
         self.attn = None
 
