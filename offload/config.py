@@ -60,7 +60,7 @@ class OffloadConfig:
     io_threads: int = 4
     queue_depth: int = 32
     block_size: int = 1 << 20
-    chunk_bytes: int = 4 << 20
+    chunk_bytes: int = 1 << 20
     cache_policy: str = "lru"
     predictor: str = "affinity"
     predict_top_k: int = 0  # 0: as many experts as the current layer used
