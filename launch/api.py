@@ -217,6 +217,7 @@ class LaunchTimings:
     """Where the launch time went, in seconds."""
 
     ray_connect_s: float
+    wait_nodes_s: float
     model_s: float
     plan_s: float
     workers_s: float
@@ -224,7 +225,7 @@ class LaunchTimings:
 
     @property
     def total_s(self) -> float:
-        return self.ray_connect_s + self.model_s + self.plan_s + self.workers_s + self.engine_load_s
+        return self.ray_connect_s + self.wait_nodes_s + self.model_s + self.plan_s + self.workers_s + self.engine_load_s
 
 
 class Handle:
@@ -436,6 +437,7 @@ def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, n
     t2 = time.perf_counter()
     needed = int(placement.world_size * placement.cpus_per_rank + 0.999)
     _RayConnection.acquire(address, runtime_env, num_cpus or max(os.cpu_count() or 1, needed, 8))
+    t_connected = time.perf_counter()
     controller = None
     try:
         if jobfile.min_nodes > 1:
@@ -457,6 +459,6 @@ def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, n
         _RayConnection.release()
         raise
     timings = LaunchTimings(
-        ray_connect_s=t3 - t2, model_s=t1 - t0, plan_s=t2 - t1, workers_s=t4 - t3, engine_load_s=t5 - t4
+        ray_connect_s=t_connected - t2, wait_nodes_s=t3 - t_connected, model_s=t1 - t0, plan_s=t2 - t1, workers_s=t4 - t3, engine_load_s=t5 - t4
     )
     return Handle(job, placement, controller, engine, kind if engine is not None else None, model_dir, timings)
