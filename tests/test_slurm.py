@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,13 @@ from tessera.tests._cluster_fixtures import BIN, free_ports, slurm_unavailable_r
 pytestmark = pytest.mark.timeout(900)
 
 MESH_JOB = "task: mesh\nplan: {pp: 2, tp: 2}\nmesh: {payload_bytes: 4096}\n"
+# ep=2 x tp=2: each tensor-parallel pair is packed onto one node, experts are split across the nodes.
+GENERATE_JOB = """task: generate
+model: tiny-moe:mixtral
+plan: {ep: 2, tp: 2}
+prompts: ["the router sends every token"]
+sampling: {max_new_tokens: 6}
+"""
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
@@ -78,7 +86,9 @@ def test_slurm_submit_two_nodes_runs_a_ray_job_across_both(slurm_cluster, tmp_pa
     run_root = Path(tempfile.mkdtemp(prefix="tsr", dir="/tmp"))  # short: Ray's socket paths are length-limited
     home = tmp_path / "home"
     home.mkdir()
-    (tmp_path / "job.yaml").write_text(MESH_JOB + f"output: {tmp_path / 'result.json'}\n")
+    has_engine = importlib.util.find_spec("tessera.runtime.llm.engine") is not None
+    job = GENERATE_JOB if has_engine else MESH_JOB  # the mesh check runs where the MoE engine is missing
+    (tmp_path / "job.yaml").write_text(job + f"output: {tmp_path / 'result.json'}\n")
     ray_port, dash_port = free_ports(2)
     env = {
         **slurm_cluster.env,
@@ -98,13 +108,17 @@ def test_slurm_submit_two_nodes_runs_a_ray_job_across_both(slurm_cluster, tmp_pa
         )
         logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
         assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-4000:]
-        assert "collectives over each dim: all correct" in logs
         result = json.loads((tmp_path / "result.json").read_text())
         assert result["ok"] and result["nodes"] == 2
+        if has_engine:
+            (gen,) = result["generations"]
+            assert 1 <= len(gen["token_ids"]) <= 6 and f"tokens {gen['token_ids']}" in logs
+        else:
+            assert "collectives over each dim: all correct" in logs
         by_node = {}
         for rank in result["placement"]:
             by_node.setdefault(rank["node_id"], []).append(rank["rank"])
-        assert sorted(map(sorted, by_node.values())) == [[0, 1], [2, 3]]  # each tp group on one node, pp across
+        assert sorted(map(sorted, by_node.values())) == [[0, 1], [2, 3]]  # each tp pair on one node
         assert re.search(r"tessera-timing: teardown_done", logs)
         # Teardown left no Ray process of the job behind (bounded wait, then clean up and fail).
         deadline = time.monotonic() + 60
