@@ -123,8 +123,10 @@ def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
 
     size = dict(experts=16, layers=6, top_k=2, hidden=64, vocab=128)
     path = build_tiny_moe("mixtral", cache / "bench_affinity_mixtral", **size)
-    prompts = _workload(8 if quick else 16, size["vocab"])
-    sampling = SamplingParams(max_new_tokens=16 if quick else 32)
+    prompts = _workload(8 if quick else 24, size["vocab"])
+    # Seeded sampling keeps sequences diverse (greedy decoding of a tiny random model
+    # repeats a few tokens, so a handful of fixed routes would decide every figure).
+    sampling = SamplingParams(max_new_tokens=16 if quick else 32, temperature=1.0, seed=1234)
     result: dict = {"model": "tiny random Mixtral", **size, "ep": 4, "prompts": len(prompts), "max_new_tokens": sampling.max_new_tokens}
     _log("[engine] starting 4 workers (ep=4)")
     with Controller(Placement(ParallelPlan({"ep": 4}), device="cpu")) as ctl:

@@ -16,11 +16,14 @@ chosen expert with ``all_to_all_single`` (uneven splits), gets the partial
 expert outputs back the same way, weights and sums them, and the shares are
 all-gathered so every rank again holds the full batch.
 
-For a handful of tokens (decode) five collectives per layer cost more than the
-data they move, so ``all_reduce`` mode (chosen by ``auto`` below
-``LOW_LATENCY_TOKENS``) skips the exchange: every rank already holds every
-token, computes the (token, choice) pairs its expert slices own, and one
-all_reduce sums the partial outputs. Both modes give the same result.
+``all_reduce`` mode skips the exchange: every rank already holds every token,
+computes the (token, choice) pairs its expert slices own (the same work as
+after an all_to_all), and one all_reduce sums the partial outputs. Both modes
+give the same result. ``auto`` picks all_reduce for a handful of tokens
+(decode: five collectives per layer cost more than the data they move) and
+whenever it moves fewer bytes: all_to_all sends each row ``k * slices`` times
+to ``1/P`` of the group twice and then all-gathers the shares, which beats one
+all_reduce only when ``2 * k * slices < P`` (large ep, few choices).
 """
 
 from __future__ import annotations
@@ -223,7 +226,8 @@ class ExpertDispatcher:
     ) -> torch.Tensor:
         T, H = x.shape
         if self.size > 1 and not self.coherent and (
-            self.mode == "all_reduce" or (self.mode == "auto" and T <= LOW_LATENCY_TOKENS)
+            self.mode == "all_reduce"
+            or (self.mode == "auto" and (T <= LOW_LATENCY_TOKENS or 2 * topk_ids.shape[1] * owners.shape[-1] >= self.size))
         ):
             return self._all_reduce(x, topk_ids, topk_w, owners, compute)
         if self.coherent and self.size > 1:
@@ -282,9 +286,10 @@ class ExpertDispatcher:
         part = max(counts)
         padded = torch.cat([share, share.new_zeros((part - share.shape[0], H))]) if share.shape[0] < part else share
         gathered = all_gather_cat(padded.contiguous(), group=self.group)
+        # Rank r's share holds its tokens in ascending index order: a stable sort by anchor lines them up.
+        order = torch.argsort(anchor, stable=True)
         out = share.new_empty((T, H))
-        for r in range(self.size):
-            out[torch.nonzero(anchor == r).squeeze(1)] = gathered[r * part : r * part + counts[r]]
+        out[order] = torch.cat([gathered[r * part : r * part + counts[r]] for r in range(self.size)])
         return out
 
     def _all_reduce(self, x, topk_ids, topk_w, owners, compute) -> torch.Tensor:
