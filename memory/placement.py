@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from tessera.runtime.config import DEVICE_KINDS, ConfigError, JobSpec, ParallelPlan
+from tessera.runtime.config import JobSpec, ParallelPlan, check_plan_and_resources
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,7 @@ class Placement:
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.plan, ParallelPlan):
-            object.__setattr__(self, "plan", ParallelPlan.parse(self.plan))
-        if self.device not in DEVICE_KINDS:
-            raise ConfigError(f"device {self.device!r} is not supported; use one of {', '.join(DEVICE_KINDS)}")
-        if not self.cpus_per_rank > 0:
-            raise ConfigError(f"cpus_per_rank is {self.cpus_per_rank}; it must be > 0")
+        check_plan_and_resources(self)
 
     @classmethod
     def from_job(cls, job: JobSpec, **extras: Any) -> "Placement":

@@ -160,6 +160,19 @@ class Timeouts:
                 raise ConfigError(f"timeout {name} is {value}; every timeout must be > 0 seconds")
 
 
+def check_plan_and_resources(config: Any) -> None:
+    """Normalise ``config.plan`` to a ParallelPlan and check ``device`` and ``cpus_per_rank``.
+
+    Shared by the frozen dataclasses that carry a plan (JobSpec, Placement).
+    """
+    if not isinstance(config.plan, ParallelPlan):
+        object.__setattr__(config, "plan", ParallelPlan.parse(config.plan))
+    if config.device not in DEVICE_KINDS:
+        raise ConfigError(f"device {config.device!r} is not supported; use one of {', '.join(DEVICE_KINDS)}")
+    if not config.cpus_per_rank > 0:
+        raise ConfigError(f"cpus_per_rank is {config.cpus_per_rank}; it must be > 0 (e.g. 1)")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One job, whatever surface it came from (Python, CLI, ``ray job``, SLURM).
@@ -177,12 +190,7 @@ class JobSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.plan, ParallelPlan):
-            object.__setattr__(self, "plan", ParallelPlan.parse(self.plan))
-        if self.device not in DEVICE_KINDS:
-            raise ConfigError(f"device {self.device!r} is not supported; use one of {', '.join(DEVICE_KINDS)}")
-        if not self.cpus_per_rank > 0:
-            raise ConfigError(f"cpus_per_rank is {self.cpus_per_rank}; it must be > 0 (e.g. 1)")
+        check_plan_and_resources(self)
         level = str(self.log_level).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
