@@ -128,6 +128,7 @@ class ExpertCache:
                 self.affinity.observe(pos, self._last[1], ids)
             self._last = (layer, ids)
             keys = [(layer, e) for e in ids]
+            self._demote_unused_prefetches(layer, set(ids))
             self._pinned.update(keys)
             for k in keys:
                 self._freq[k] = self._freq.get(k, 0) + 1
@@ -183,6 +184,16 @@ class ExpertCache:
         if prefetched:
             self.counters["prefetch_issued"] += 1
         return True
+
+    def _demote_unused_prefetches(self, layer: int, used: set[int]) -> None:
+        """Prefetches for ``layer`` that this get does not use were mispredicted: make them the first
+        to go (otherwise, protected as "fresh", they would pile up and crowd out useful experts)."""
+        for key in [k for k, e in self._entries.items() if k[0] == layer and k[1] not in used and e.prefetched and not e.used]:
+            entry = self._entries[key]
+            entry.prefetched = False
+            entry.used = True
+            self.counters["prefetch_wasted"] += 1
+            self._entries.move_to_end(key, last=False)
 
     def _victim(self, protect_prefetched: bool) -> Key | None:
         candidates = [k for k in self._entries if k not in self._pinned]
