@@ -1,0 +1,145 @@
+"""Single-process checks: tessera's PixArt/Flux/SD3 modules vs diffusers, the diffusers-directory loader,
+sliced reads of sharded checkpoints, and validation that fails before any worker starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tessera.models.diffusers_loader import DiffusersDir, ModelDirError, load_transformer
+from tessera.models.dit_layers import TokenShard, patchify, split_rows
+from tessera.parallel.patch import PatchConfig
+from tessera.runtime.diffusion.request import DiffusionRequest
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    return model.eval()
+
+
+def test_pixart_matches_diffusers_on_odd_grid():
+    from diffusers import PixArtTransformer2DModel
+
+    from tessera.models.pixart import PixArtConfig, PixArtTransformer
+
+    ref = _perturb(PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                            num_layers=2, cross_attention_dim=16, sample_size=8, caption_channels=12))
+    mine = PixArtTransformer(PixArtConfig.from_dict(dict(ref.config))).eval()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    x, txt, t = torch.randn(2, 4, 10, 14), torch.randn(2, 5, 12), torch.tensor([500.0, 20.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=txt, timestep=t, encoder_attention_mask=mask).sample
+        got = mine(x, txt, t, text_mask=mask)
+    assert (want - got).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_flux_matches_diffusers(guidance_embeds):
+    from diffusers import FluxTransformer2DModel
+
+    from tessera.models.flux import FluxConfig, FluxTransformer
+
+    ref = _perturb(FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                          attention_head_dim=8, num_attention_heads=4, joint_attention_dim=12,
+                                          pooled_projection_dim=10, guidance_embeds=guidance_embeds,
+                                          axes_dims_rope=(2, 2, 4)))
+    mine = FluxTransformer(FluxConfig.from_dict(dict(ref.config))).eval()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    lat, txt, pooled, t = torch.randn(2, 4, 6, 10), torch.randn(2, 5, 12), torch.randn(2, 10), torch.tensor([0.7, 0.3])
+    g = torch.tensor([3.5, 3.5]) if guidance_embeds else None
+    ids = torch.zeros(3, 5, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(3)[:, None], torch.arange(5)[None]
+    with torch.no_grad():
+        want = ref(patchify(lat, 2), encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                   img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3), guidance=g).sample
+        got = patchify(mine(lat, txt, pooled, t, guidance=g), 2)
+    assert (want - got).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_sd3_matches_diffusers(qk_norm):
+    from diffusers import SD3Transformer2DModel
+
+    from tessera.models.sd3 import SD3Config, SD3Transformer
+
+    ref = _perturb(SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                         attention_head_dim=4, num_attention_heads=4, joint_attention_dim=12,
+                                         caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                         pos_embed_max_size=24, qk_norm=qk_norm))
+    ref.pos_embed.pos_embed.data = SD3Transformer2DModel(  # the table is a fixed buffer, not a weight
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=4,
+        caption_projection_dim=16, pos_embed_max_size=24).pos_embed.pos_embed
+    mine = SD3Transformer(SD3Config.from_dict(dict(ref.config))).eval()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    assert torch.allclose(mine.pos_embed.pos_embed, ref.pos_embed.pos_embed, atol=1e-6)  # own table == diffusers'
+    x, txt, pooled, t = torch.randn(2, 4, 10, 14), torch.randn(2, 5, 12), torch.randn(2, 10), torch.tensor([700.0, 3.0])
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t).sample
+        got = mine(x, txt, pooled, t)
+    assert (want - got).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_loader_reads_sharded_checkpoint_and_slices(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    ref = _perturb(PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                            num_layers=2, cross_attention_dim=16, sample_size=8, caption_channels=12))
+    ref.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    model_dir = DiffusersDir.open(tmp_path)
+    assert model_dir.family == "pixart"
+    assert len(set(model_dir.weight_files().values())) > 1  # really sharded
+    mine = load_transformer(model_dir)
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(mine.state_dict()[name], tensor), name
+    name = "transformer_blocks.1.attn1.to_q.weight"
+    part = model_dir.read_tensors([name], slicer=lambda n, shape: (slice(8, 16), slice(None)))[name]
+    assert torch.equal(part, ref.state_dict()[name][8:16])
+
+
+def test_loader_errors_name_the_fix(tmp_path):
+    with pytest.raises(ModelDirError, match="no model_index.json"):
+        DiffusersDir.open(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "UNet2DConditionModel"],
+                                                           "scheduler": ["diffusers", "X"], "vae": ["diffusers", "Y"]}))
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ModelDirError, match="not supported; tessera runs"):
+        DiffusersDir.open(tmp_path)
+
+
+def test_bands_and_request_validation():
+    assert split_rows(11, 3) == [(0, 4), (4, 8), (8, 11)]
+    assert split_rows(7, 4) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    with pytest.raises(ValueError, match="at most 2 ranks"):
+        split_rows(2, 3)
+    with pytest.raises(ValueError, match="not inside"):
+        TokenShard(4, 4, 3, 3)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        PatchConfig(mode="displaced", warmup_steps=-1)
+    with pytest.raises(ValueError, match="unknown"):
+        PatchConfig(mode="ring")
+    with pytest.raises(ValueError, match="negative prompts"):
+        DiffusionRequest(prompts=("a", "b"), negative_prompts=("",))
+    with pytest.raises(ValueError, match="steps"):
+        DiffusionRequest(prompts=("a",), negative_prompts=("",), steps=0)
+
+
+def test_tiny_pipeline_is_cached(tmp_path):
+    from tessera.models.tiny_diffusion import build_tiny_diffusion
+
+    path = build_tiny_diffusion("pixart", tmp_path / "p")
+    stamp = (path / "model_index.json").stat().st_mtime_ns
+    assert build_tiny_diffusion("pixart", tmp_path / "p") == path
+    assert (path / "model_index.json").stat().st_mtime_ns == stamp
+    assert {"transformer", "scheduler", "vae", "text_encoder", "tokenizer"} <= {p.name for p in path.iterdir()}
+    with pytest.raises(ValueError, match="unknown diffusion family"):
+        build_tiny_diffusion("unet", tmp_path / "u")
