@@ -70,3 +70,16 @@ def test_tessera_submit_reports_a_failing_job(ray_head, tmp_path):
     assert "placement not satisfied" in proc.stdout  # the driver's error, followed from the logs
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "FAILED" in errors[0], proc.stderr
+
+
+def test_tessera_submit_follows_a_job_to_success(ray_head, tmp_path):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "mesh.yaml").write_text(MESH_JOB)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tessera.launch.cli", "submit", "jobs/mesh.yaml", "--address", ray_head.dashboard_url,
+         "--submission-id", "tessera-test-ok", "--timeout", "400"],
+        cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "submitted tessera-test-ok" in proc.stdout and "tessera-test-ok SUCCEEDED" in proc.stdout
+    assert _result(proc.stdout)["mesh"]["correct"]  # the driver's logs were followed to the end
