@@ -361,11 +361,11 @@ class Handle:
     def _sampling(self, sampling: Any, overrides: Mapping[str, Any]) -> Any:
         if sampling is not None and not overrides:
             return sampling
-        from tessera.launch.jobfile import _check_sampling
+        from tessera.launch.jobfile import check_sampling
 
         params = importlib.import_module(LLM_ENGINE).SamplingParams
         base = dict(sampling.__dict__) if sampling is not None else {}
-        base.update(_check_sampling(overrides))
+        base.update(check_sampling(overrides))
         return params(**base)
 
 

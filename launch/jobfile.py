@@ -139,7 +139,7 @@ class JobFile:
                     f"task {self.task!r} needs a model: a checkpoint directory or "
                     f"{'tiny-moe:mixtral' if self.task == 'generate' else 'tiny-diffusion:pixart'}"
                 )
-        object.__setattr__(self, "sampling", _check_sampling(self.sampling))
+        object.__setattr__(self, "sampling", check_sampling(self.sampling))
         if isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int) or self.min_nodes < 1:
             raise ConfigError(f"min_nodes is {self.min_nodes!r}; it must be an integer >= 1")
         if not (isinstance(self.wait_nodes_s, (int, float)) and self.wait_nodes_s > 0):
@@ -327,7 +327,7 @@ def _parse_plan(value: Any) -> ParallelPlan:
     raise ConfigError(f"plan {value!r} is neither degrees ({{tp: 2}} or 'tp=2') nor auto")
 
 
-def _check_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
+def check_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(sampling, Mapping):
         raise ConfigError("sampling must be a mapping, e.g. sampling: {max_new_tokens: 8, temperature: 0}")
     out = {}
