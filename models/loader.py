@@ -100,17 +100,17 @@ def load_stage(
         return reader.read(key, shape, dim=sl[0], start=sl[1], stop=sl[2], dtype=dtype)
 
     glob: dict[str, torch.Tensor] = {}
-    vstart, _, part = vocab_range(arch.vocab_size, tp, rank)
+    vstart, _, _ = vocab_range(arch.vocab_size, tp, rank)
     if first:
         glob["embed"] = read("embed")
     if last:
         glob["final_norm"] = read("final_norm")
-        head_name = names["embed"] if arch.tie_word_embeddings else None
-        if arch.tie_word_embeddings and first:
-            head = glob["embed"]
-        else:
-            head = read("lm_head", ckpt_name=head_name)
-        glob["lm_head"] = pad_vocab_rows(head, part)
+        # The LM head is vocab-split over the whole stage (ep x tp ranks), not only tp:
+        # with ep > 1 a replicated head would be read in full by every ep rank per token.
+        head_name = names["embed" if arch.tie_word_embeddings else "lm_head"]
+        hstart, hstop, hpart = vocab_range(arch.vocab_size, pv.moe_size, pv.moe_rank)
+        head = reader.read(head_name, expected_shape(arch, "lm_head"), dim=0, start=hstart, stop=hstop, dtype=dtype)
+        glob["lm_head"] = pad_vocab_rows(head, hpart)
     params: dict[int, dict[str, torch.Tensor]] = {}
     experts = expert_weights or ExpertWeights()
     for layer in layers:

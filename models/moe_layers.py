@@ -175,7 +175,8 @@ class MoEStage:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.globals["final_norm"], self.arch.rms_eps)
-        return vocab_logits(h, self.globals["lm_head"], self.arch.vocab_size, self.pv.tp_group, self.pv.tp_size).float()
+        # vocab-split over the stage's ep x tp ranks (see models.loader)
+        return vocab_logits(h, self.globals["lm_head"], self.arch.vocab_size, self.pv.moe_group, self.pv.moe_size).float()
 
     def attention(self, layer: int, x: torch.Tensor, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
         a, p = self.arch, self.params[layer]

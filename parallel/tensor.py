@@ -10,8 +10,9 @@ rank holds more than its share:
 - ``colwise_kv``: key/value heads; when there are fewer kv heads than tp ranks each
   rank holds the one kv head its query heads use (replicated, GQA-correct).
 - ``rowwise``: input columns split; the partial outputs are summed with all_reduce.
-- ``vocab``: embedding / LM-head rows split by vocabulary range (last part padded);
-  lookups are masked and all-reduced, logits all-gathered.
+- ``vocab``: embedding rows split by vocabulary range over tp (last part padded),
+  lookups masked and all-reduced; the LM head uses the same ranges over all ep x tp
+  ranks of the last stage, logits all-gathered.
 - ``expert_colwise`` / ``expert_rowwise``: slices of one expert's intermediate dim
   (see ``tessera.parallel.expert``).
 """

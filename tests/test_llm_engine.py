@@ -100,6 +100,10 @@ def test_streaming_yields_the_generated_tokens(local_controller, tiny_refs):  # 
         assert [first, *stream] == expected
         with pytest.raises(ValueError, match="max_model_len"):
             list(engine.stream([1] * 40))
+        early = engine.stream(PROMPTS[0], SamplingParams(max_new_tokens=20))
+        next(early)
+        early.close()  # the caller stops early: the request is aborted and its blocks freed
+        assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"] and not engine.has_unfinished()
     finally:
         engine.close()
 

@@ -72,7 +72,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None  # None when the checkpoint has no tokenizer
-    finish_reason: str  # "length" | "stop" | "error"
+    finish_reason: str  # "length" | "stop" | "error" ("abort" after abort())
     error: str | None = None
 
 
@@ -89,7 +89,7 @@ class EngineOptions:
     record_routing: bool = False
     stop_at_eos: bool = True
     step_timeout_s: float = 600.0
-    moe_dispatch: str = "auto"  # "all_to_all" | "all_reduce" | "auto" (all_reduce for <= 16 tokens)
+    moe_dispatch: str = "auto"  # "all_to_all" | "all_reduce" | "auto" (fewer bytes / collectives; parallel.expert)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -149,7 +149,7 @@ class LLMEngine:
         of its top-1 expert, so only its other choices cross ranks; same tokens),
         ``record_routing`` (keep top-k expert ids per MoE layer per token; see
         :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``, ``moe_dispatch``
-        (``auto``: all_reduce combine for <= 16 tokens, all_to_all dispatch above).
+        (``auto``: all_reduce combine for <= 16 tokens or when it moves fewer bytes, else all_to_all).
         ``offload`` (a ``tessera.offload.config.OffloadConfig``): routed experts live in
         host memory or an NVMe tier file and stream through a per-rank expert cache
         within the config's device budget (same tokens as without it).
@@ -355,12 +355,24 @@ class LLMEngine:
             raise ValueError(self._pop(request_id).error)
         request = self.requests[request_id]
         sent = 0
-        while not request.finished:
-            self.step()
-            while sent < len(request.output):
-                yield request.output[sent]
-                sent += 1
-        self._pop(request_id)
+        try:
+            while not request.finished:
+                self.step()
+                while sent < len(request.output):
+                    yield request.output[sent]
+                    sent += 1
+        finally:  # also when the caller stops iterating early: free the request's KV blocks
+            self.abort(request_id)
+            self._pop(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a queued or running request now (finish_reason "abort"); its KV blocks are freed."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return
+        if request in self.scheduler.waiting:
+            self.scheduler.waiting.remove(request)
+        self.scheduler.finish(request, "abort")
 
     def score(self, prompt) -> "torch.Tensor":
         """Logits [len(prompt), vocab] of one prompt (fp32, on the driver), through the same paged path.
