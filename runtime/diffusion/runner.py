@@ -108,12 +108,19 @@ class DiffusionRunner:
         self.bands = bands
         self.rows = slice(r0 * unit, r1 * unit)
         # Prompt encoding on global rank 0, broadcast to all (text encoders are not replicated).
-        payload = [None]
+        payload: list[Any] = [None]
         if self.worker.rank == 0:
-            cond, uncond = self.adapter.encode(list(req.prompts), list(req.negative_prompts), req.max_sequence_length)
-            payload = [(cond.tensors, uncond.tensors)]
+            try:
+                cond, uncond = self.adapter.encode(list(req.prompts), list(req.negative_prompts),
+                                                   req.max_sequence_length)
+                payload = [(cond.tensors, uncond.tensors)]
+            except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then all raise
+                payload = [f"{type(err).__name__}: {err}"]
         if dist.is_initialized() and self.worker.world_size > 1:
             dist.broadcast_object_list(payload, src=0)
+        if isinstance(payload[0], str):
+            self.req = None
+            raise RuntimeError(f"prompt encoding failed on rank 0: {payload[0]}")
         cond, uncond = (Conditioning({k: v.to(self.device) for k, v in d.items()}) for d in payload[0])
         self.guided = req.guided and self.adapter.uses_cfg
         if not self.guided:
