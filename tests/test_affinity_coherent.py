@@ -23,7 +23,7 @@ def _dispatch_both_ways(worker, seed: int):
     expert_map = [[(3 * e + 1) % size for e in range(E)]]  # a non-contiguous map
     replicas = [[[(3 * e + 2) % size] if e == 5 else [] for e in range(E)]]
     outs = {}
-    for name, kwargs in {"standard": {}, "coherent": {"coherent": True}}.items():
+    for name, kwargs in {"standard": {"mode": "all_to_all"}, "coherent": {"coherent": True}}.items():
         for reps in (None, replicas):
             owners = build_placement(E, [0], size, 1, expert_map, reps).owner_table(0)
             d = ExpertDispatcher(group, rank, size, **kwargs)
