@@ -398,7 +398,8 @@ class TieredStore:
             out[f"{tier.value}_used"] = snap.used
             out[f"{tier.value}_peak"] = snap.peak
         out["groups"] = {t.value: sum(1 for v in self.tiers.values() if v == t) for t in Tier}
-        out["read_gb_s"] = out["bytes_read"] / out["read_s"] / 1e9 if out["read_s"] else 0.0
+        # read_s sums submit-to-landed latency per read (reads overlap), so it is a latency, not a rate.
+        out["mean_read_latency_ms"] = 1e3 * out["read_s"] / out["reads"] if out["reads"] else 0.0
         return out
 
     def close(self) -> None:
