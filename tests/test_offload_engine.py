@@ -86,3 +86,26 @@ def test_budget_too_small_for_the_dense_weights_is_refused(local_controller, moe
     cfg = OffloadConfig(device_budget_bytes=64 << 10, nvme_dir=str(tmp_path), reader="preadv")
     with pytest.raises(BudgetError, match="device budget"):
         LLMEngine.load(local_controller, moe_path, offload=cfg, **OPTS)
+
+
+def test_offload_on_real_workers_with_expert_parallel(make_controller, moe_path, tmp_path):
+    """ep=2 on two Ray workers: each rank writes and reads its own tier file; same tokens as in memory."""
+    ctl = make_controller({"ep": 2})
+    total = _weight_bytes(moe_path)
+    cfg = OffloadConfig(device_budget_bytes=total // 6, nvme_dir=str(tmp_path), reader="preadv")
+    ref = LLMEngine.load(ctl, moe_path, **OPTS)
+    off = LLMEngine.load(ctl, moe_path, offload=cfg, **OPTS)
+    try:
+        sampling = SamplingParams(max_new_tokens=5)
+        want = [r.token_ids for r in ref.generate(list(PROMPTS), sampling)]
+        assert [r.token_ids for r in off.generate(list(PROMPTS), sampling)] == want
+        stats = ctl.collective_rpc(offload_stats, args=(off.key,))
+        assert len(stats) == 2 and len(list(tmp_path.glob("*.tier"))) == 2  # one tier file per rank
+        for s in stats:
+            assert s["store_device_peak"] <= cfg.device_budget_bytes
+            assert s["cache_misses"] > 0 and s["store_bytes_read"] > 0
+        # each rank holds half the experts: its weights are still > 3x its device budget
+        assert total / 2 > 3 * cfg.device_budget_bytes
+    finally:
+        off.close()
+        ref.close()
