@@ -53,6 +53,7 @@ class MoEArch:
     dtype: str = "float32"
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # not implemented: contexts must fit inside it
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers:
@@ -86,6 +87,14 @@ def rope_theta_of(cfg: dict) -> float:
             "(only the default RoPE); use a checkpoint without rope scaling"
         )
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def sliding_window_of(cfg: dict) -> int | None:
+    """The attention window when the config turns sliding-window attention on, else None."""
+    window = cfg.get("sliding_window")
+    if not window or cfg.get("use_sliding_window") is False:
+        return None
+    return int(window)
 
 
 def eos_of(cfg: dict) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ layer boundary.
 
 from __future__ import annotations
 
-from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of
+from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of, sliding_window_of
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 MOE_BLOCK = "model.layers.{layer}.block_sparse_moe"
@@ -70,4 +70,5 @@ def parse_config(cfg: dict) -> MoEArch:
         dtype=dtype_of(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         eos_token_ids=eos_of(cfg),
+        sliding_window=sliding_window_of(cfg),
     )

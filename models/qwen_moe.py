@@ -9,7 +9,7 @@ over tp like a dense MLP) and its scalar gate (replicated). The MoE block is
 
 from __future__ import annotations
 
-from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of
+from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of, sliding_window_of
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 MOE_BLOCK = "model.layers.{layer}.mlp"
@@ -95,4 +95,5 @@ def parse_config(cfg: dict) -> MoEArch:
         dtype=dtype_of(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         eos_token_ids=eos_of(cfg),
+        sliding_window=sliding_window_of(cfg),
     )

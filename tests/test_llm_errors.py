@@ -105,6 +105,15 @@ def test_bad_plans_fail_before_workers(tiny_refs, degrees, options, message):  #
         _load(PlanOnly(degrees), tiny_refs["mixtral"].path, **options)
 
 
+def test_sliding_window_needs_short_context(broken):
+    path, _ = broken
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = 16
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="sliding-window attention.*max_model_len <= 16"):
+        _load(PlanOnly({}), path)
+
+
 def test_ep_larger_than_experts_must_divide(tiny_refs):  # noqa: F811
     with pytest.raises(ConfigError, match="ep must be a multiple"):
         _load(PlanOnly({"ep": 3}), tiny_refs["mixtral_2e"].path)

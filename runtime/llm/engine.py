@@ -181,6 +181,11 @@ class LLMEngine:
         options.setdefault("dtype", arch.dtype if arch.dtype in _DTYPES else "float32")
         options.setdefault("max_model_len", min(arch.max_position_embeddings, 1024))
         opts = EngineOptions(**options)
+        if arch.sliding_window is not None and opts.max_model_len > arch.sliding_window:
+            raise ConfigError(
+                f"{arch.architecture} uses sliding-window attention (window {arch.sliding_window}), which tessera does "
+                f"not implement; load with max_model_len <= {arch.sliding_window} so every context fits in the window"
+            )
         plan = controller.placement.plan
         check_llm_plan(plan)
         what = f"{arch.architecture} on plan {plan}"
