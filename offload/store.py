@@ -39,6 +39,7 @@ from tessera.offload.config import OffloadConfig, Tier
 from tessera.offload.errors import BudgetError, CorruptTierFileError, OffloadError
 from tessera.offload.tier_file import (
     TierFile,
+    checksum,
     group_nbytes,
     pack_group,
     rewrite_group,
@@ -74,6 +75,21 @@ def fingerprint_of(files: Iterable[str | os.PathLike], layout: Mapping[str, int]
         st = os.stat(f)
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(json.dumps(sorted(layout.items())).encode())
+    return h.hexdigest()
+
+
+def content_fingerprint(specs: Sequence[GroupSpec]) -> str:
+    """Identity of the groups' bytes themselves (used when the caller has no checkpoint files to name).
+
+    Costs one pass over the weights (CRC32, ~1 GB/s), but a tier file is then
+    reused only for exactly the same bytes: a different checkpoint with the
+    same shapes can never be served from a stale file.
+    """
+    h = hashlib.sha256()
+    for s in specs:
+        packed, entries = pack_group(dict(s.load()))
+        h.update(f"{s.name}|{packed.numel()}|{checksum(packed):08x}|".encode())
+        h.update(json.dumps([(e.name, e.dtype, e.shape, e.offset) for e in entries]).encode())
     return h.hexdigest()
 
 
@@ -182,8 +198,7 @@ class TieredStore:
                     f"{len(nvme)} weight group(s) are placed on NVMe but OffloadConfig.nvme_dir is not set; "
                     "give a directory on a fast local disk"
                 )
-            layout = {s.name: s.nbytes for s in nvme}
-            fp = fingerprint if fingerprint is not None else hashlib.sha256(json.dumps(sorted(layout.items())).encode()).hexdigest()
+            fp = fingerprint if fingerprint is not None else content_fingerprint(nvme)
             self.tier_file = self._open_or_write(name, nvme, fp, progress)
             self.reader = reader or make_reader(config, read_delay_s=read_delay_s)
         # Device-tier buffers for reads (CPU) or host staging buffers (CUDA), allocated by the reader

@@ -191,3 +191,18 @@ def test_tier_dir_errors_name_the_problem(tmp_path):
     with pytest.raises(DiskSpaceError, match="GiB free"):
         make(tmp_path, min_free_bytes=1 << 60)
     assert not list(tmp_path.glob("*.tier*"))
+
+
+def test_same_shapes_different_bytes_never_reuse_a_stale_file(tmp_path):
+    # Without checkpoint files to fingerprint, the store fingerprints the bytes themselves.
+    a = {"g": {"w": torch.zeros(64, 64)}}
+    b = {"g": {"w": torch.ones(64, 64)}}
+    cfg = OffloadConfig(device_budget_bytes=1 << 20, nvme_dir=str(tmp_path), reader="preadv")
+    for groups in (a, b):
+        specs = [group_spec(n, t) for n, t in groups.items()]
+        store = TieredStore(cfg, specs, {"g": Tier.NVME})
+        try:
+            with store.fetch("g") as h:
+                assert torch.equal(h.tensors["w"], groups["g"]["w"])
+        finally:
+            store.close()
