@@ -73,6 +73,13 @@ def test_paged_attention_matches_dense_causal_attention():
 
     torch.testing.assert_close(out[:1], dense(q[:1], ka, va, 6))
     torch.testing.assert_close(out[1:], dense(q[1:], kb, vb, 0))
+    # a decode-only step (one query per sequence) takes the fp32 matmul path
+    decode = build_metadata([SeqSlice(6, 1, tables[0]), SeqSlice(4, 1, tables[1])], block)
+    keys, values = cache.gather(0, decode.key_slots)
+    q2 = torch.randn(2, heads, d)
+    out2 = paged_attention(q2, keys, values, decode, d ** -0.5)
+    torch.testing.assert_close(out2[:1], dense(q2[:1], ka, va, 6))
+    torch.testing.assert_close(out2[1:], dense(q2[1:], kb, vb, 4))
 
 
 def test_tensor_parallel_slices():
