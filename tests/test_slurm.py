@@ -107,7 +107,8 @@ def test_slurm_submit_two_nodes_runs_a_ray_job_across_both(slurm_cluster, tmp_pa
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=700,
         )
         logs = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-        assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-4000:]
+        ray_logs = "".join(f"\n--- {p}\n" + p.read_text()[-3000:] for p in sorted(run_root.glob("*/ray-*.log")))
+        assert proc.returncode == 0, proc.stdout + proc.stderr + logs[-6000:] + ray_logs
         result = json.loads((tmp_path / "result.json").read_text())
         assert result["ok"] and result["nodes"] == 2
         if has_engine:
