@@ -9,6 +9,7 @@ from tessera.models.pixart import PixArtConfig, PixArtTransformer
 from tessera.offload.config import OffloadConfig
 from tessera.offload.modules import OffloadedBlocks
 from tessera.offload.store import group_spec
+from tessera.tests.llm_testing import local_controller  # noqa: F401 - fixture
 from tessera.tests.test_offload_helpers import one_torch_thread  # noqa: F401 - fixture
 
 
@@ -43,5 +44,36 @@ def test_dit_with_offloaded_stages_matches(tmp_path, nvme):
         assert s["stream_uses"] == 16 and s["stream_prefetch_hits"] >= 14  # all but the first are prefetched
         if nvme:
             assert s["reads"] >= 16
+    finally:
+        off.close()
+
+
+def test_diffusion_engine_with_offloaded_blocks_gives_the_same_latents(local_controller, session_tmp, tmp_path):  # noqa: F811
+    from tessera.models.tiny_diffusion import build_tiny_diffusion
+    from tessera.runtime.diffusion.engine import DiffusionEngine
+    from tessera.runtime.diffusion.runner import STORE_KEY
+
+    path = str(build_tiny_diffusion("pixart", session_tmp / "offload-tiny-pixart"))
+    args = dict(steps=2, height=64, width=64, seed=3, output="latent")
+    ref = DiffusionEngine.load(local_controller, path, progress=False)
+    try:
+        blocks = list(local_controller.worker.store[STORE_KEY].model.transformer_blocks)
+        sizes = [group_spec("s", {f"0.{k}": v for k, v in b.named_parameters()}).nbytes for b in blocks]
+        want = ref.generate_images(["a red square"], **args)
+    finally:
+        ref.close()
+    cfg = OffloadConfig(device_budget_bytes=2 * max(sizes), nvme_dir=str(tmp_path), reader="preadv")
+    off = DiffusionEngine.load(local_controller, path, progress=False, offload=cfg)
+    try:
+        runner = local_controller.worker.store[STORE_KEY]
+        blocks = list(runner.model.transformer_blocks)
+        assert all(p.numel() == 0 for b in blocks for p in b.parameters())  # the blocks live in the tier file
+        got = off.generate_images(["a red square"], **args)
+        assert len(got) == len(want) == 1
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        s = runner.offloaded.stats()
+        assert s["reads"] >= len(blocks) and s["device_peak"] <= cfg.device_budget_bytes
+        if len(blocks) >= 3:
+            assert sum(sizes) > 1.4 * cfg.device_budget_bytes  # the blocks do not fit at once
     finally:
         off.close()

@@ -39,7 +39,9 @@ class DiffusionEngine:
     def load(cls, controller: Any, model_dir: str | Path, **options: Any) -> "DiffusionEngine":
         """Open and check ``model_dir`` here, then have every rank build its shard of the transformer.
 
-        Options: ``dtype`` ("float32" | "bfloat16" | "float16"), ``progress`` (tqdm bar, default True).
+        Options: ``dtype`` ("float32" | "bfloat16" | "float16"), ``progress`` (tqdm bar, default True),
+        ``offload`` (a ``tessera.offload.config.OffloadConfig``: transformer blocks live in host memory or
+        an NVMe tier file and stream in stage by stage within its device budget).
         """
         model = DiffusersDir.open(model_dir)
         degrees = dict(controller.placement.plan.degrees)
@@ -56,7 +58,8 @@ class DiffusionEngine:
         if heads % tp:
             raise ValueError(f"tp={tp} does not divide the {heads} attention heads; use a tp that divides {heads}")
         dtype = options.get("dtype", "float32")
-        info = controller.collective_rpc(_r.load_runner, args=(str(model.path), dtype))
+        extra = {"offload": options["offload"]} if options.get("offload") is not None else None
+        info = controller.collective_rpc(_r.load_runner, args=(str(model.path), dtype), kwargs=extra)
         return cls(controller, model, info, dict(options))
 
     def generate_images(self, prompts: str | Sequence[str], *, steps: int | None = None, height: int = 64,

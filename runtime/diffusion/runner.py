@@ -46,7 +46,7 @@ def _group(worker: Any, dim: str):
 class DiffusionRunner:
     """Per-rank state: the (possibly sharded) transformer, and the request in flight."""
 
-    def __init__(self, worker: Any, model_dir: str, dtype: str = "float32") -> None:
+    def __init__(self, worker: Any, model_dir: str, dtype: str = "float32", offload: Any = None) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
         self.worker = worker
@@ -69,6 +69,11 @@ class DiffusionRunner:
             prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp, self.counter)
         started = time.perf_counter()
         self.model = load_transformer(self.dir, self.device, self.dtype, prepare=prepare)
+        self.offload, self.offloaded = offload, None
+        if offload is not None:  # tessera.offload: transformer blocks streamed stage by stage within a budget
+            from tessera.offload.modules import offload_model_blocks
+
+            self.offloaded = offload_model_blocks(self.model, offload, self.device, tag=f"rank{worker.rank}")
         self.load_s = time.perf_counter() - started
         self.adapter = adapter_for(self.dir, self.model)
         vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
@@ -80,6 +85,9 @@ class DiffusionRunner:
     def close(self) -> None:
         if self.req is not None and self.attn is not None:
             self.attn.finish()
+        if getattr(self, "offloaded", None) is not None:
+            self.offloaded.close()
+            self.offloaded = None
         self.model = None
 
     def describe(self) -> dict:
@@ -232,11 +240,14 @@ class DiffusionRunner:
 # -- the verbs the driver fans out ---------------------------------------------------
 
 
-def load_runner(worker: Any, model_dir: str, dtype: str = "float32") -> dict:
+def load_runner(worker: Any, model_dir: str, dtype: str = "float32", offload: Any = None) -> dict:
     old = worker.store.get(STORE_KEY)
-    if old is not None and str(old.dir.path) == str(DiffusersDir.open(model_dir).path) and old.dtype == _DTYPES[dtype]:
+    if old is not None and str(old.dir.path) == str(DiffusersDir.open(model_dir).path) and old.dtype == _DTYPES[dtype] \
+            and getattr(old, "offload", None) == offload:
         return old.describe()
-    worker.store[STORE_KEY] = DiffusionRunner(worker, model_dir, dtype)
+    if old is not None and getattr(old, "offloaded", None) is not None:
+        old.close()  # frees its tier-file reader and buffers
+    worker.store[STORE_KEY] = DiffusionRunner(worker, model_dir, dtype, offload=offload)
     return worker.store[STORE_KEY].describe()
 
 
