@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import glob
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -47,6 +48,19 @@ def _aio_builder():
     return AsyncIOBuilder()
 
 
+def _cached_aio_library() -> str | None:
+    """Path of a JIT-built aio library in the torch extensions cache, if one is there."""
+    try:
+        builder = _aio_builder()
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build_dir = _get_build_directory(builder.name, verbose=False)
+    except Exception:  # noqa: BLE001 - deepspeed missing or broken: no aio
+        return None
+    found = sorted(glob.glob(os.path.join(build_dir, f"{builder.name}*.so")))
+    return found[0] if found else None
+
+
 def aio_built() -> bool:
     """Whether DeepSpeed's aio op can be loaded without compiling (prebuilt or JIT-cached)."""
     if _AIO_MODULE is not None:
@@ -60,13 +74,7 @@ def aio_built() -> bool:
         return True
     except Exception:  # noqa: BLE001
         pass
-    from torch.utils.cpp_extension import _get_build_directory
-
-    try:
-        build_dir = _get_build_directory(builder.name, verbose=False)
-    except Exception:  # noqa: BLE001
-        return False
-    return bool(glob.glob(os.path.join(build_dir, f"{builder.name}*.so")))
+    return _cached_aio_library() is not None
 
 
 def load_aio(allow_build: bool = False):
@@ -82,6 +90,22 @@ def load_aio(allow_build: bool = False):
                 "or use reader='preadv'"
             )
         builder = _aio_builder()
+        if not allow_build:
+            # Load what is there without going through the JIT: from another
+            # virtual environment (other include paths) torch would decide the
+            # cached build is stale and recompile for minutes.
+            try:
+                _AIO_MODULE = importlib.import_module(builder.absolute_name())
+                return _AIO_MODULE
+            except Exception:  # noqa: BLE001 - not a prebuilt wheel: try the JIT cache
+                pass
+            library = _cached_aio_library()
+            if library is not None:
+                spec = importlib.util.spec_from_file_location(builder.name, library)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                _AIO_MODULE = module
+                return _AIO_MODULE
         if not builder.is_compatible(verbose=False):
             raise OffloadError("DeepSpeed's async I/O op cannot build here: install libaio-dev (apt-get install libaio-dev)")
         _AIO_MODULE = builder.load(verbose=False)
