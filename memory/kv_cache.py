@@ -66,6 +66,12 @@ class AttentionMetadata:
     out_index: torch.Tensor  # [N] flat index into [B * Tq] of each packed token
     last_index: torch.Tensor  # [B] packed index of each sequence's last new token
 
+    def to(self, device) -> "AttentionMetadata":
+        """The same metadata on ``device`` (built on the CPU, used where the cache lives)."""
+        if torch.device(device).type == "cpu":
+            return self
+        return AttentionMetadata(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
 
 def build_metadata(seqs: Sequence[SeqSlice], block_size: int) -> AttentionMetadata:
     positions, slots, q_rows, out_idx, last = [], [], [], [], []
@@ -112,6 +118,7 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         slots = num_blocks * block_size
         self.block_size = block_size
+        self.device = torch.device(device)
         self.k = {l: torch.zeros((slots, heads, k_dim), dtype=dtype, device=device) for l in layers}
         self.v = {l: torch.zeros((slots, heads, v_dim), dtype=dtype, device=device) for l in layers}
 

@@ -73,6 +73,17 @@ def shard_unit(arch: MoEArch, name: str) -> int:
     }.get(name, 1)
 
 
+class _DeviceReader(CheckpointReader):
+    """A CheckpointReader whose tensors land on the rank's device (sliced on the host first)."""
+
+    def __init__(self, model_dir: str, expected_dtype: str, device) -> None:
+        super().__init__(model_dir, expected_dtype=expected_dtype)
+        self.device = torch.device(device)
+
+    def read(self, *args, **kwargs) -> torch.Tensor:
+        return super().read(*args, **kwargs).to(self.device)
+
+
 def load_stage(
     model_dir: str,
     arch: MoEArch,
@@ -85,9 +96,10 @@ def load_stage(
     dtype: torch.dtype,
     expert_weights: ExpertWeights | None = None,
     dispatch_mode: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> tuple[MoEStage, int]:
-    """(stage, bytes read) for the given layers on this rank."""
-    reader = CheckpointReader(model_dir, expected_dtype=arch.dtype)
+    """(stage, bytes read) for the given layers on this rank; weights end on ``device``."""
+    reader = _DeviceReader(model_dir, arch.dtype, device)
     names, plan = family.CHECKPOINT_NAMES, family.TP_PLAN
     tp, rank = pv.tp_size, pv.tp_rank
 

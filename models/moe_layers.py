@@ -57,7 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
     freqs = positions.float().unsqueeze(-1) * inv_freq  # [N, dim/2]
     return freqs.cos(), freqs.sin()
 
@@ -212,8 +212,11 @@ class MoEStage:
         topw, topi = route(a, x, p["router"], p.get("router_bias"))
         if self.record_routing:
             self.routing.setdefault(layer, []).append(topi.to(torch.int32).clone())
+        owners = self.owner_tables[layer]
+        if owners.device != x.device:  # built on the CPU from the placement; moved once
+            owners = self.owner_tables[layer] = owners.to(x.device)
         out = self.dispatcher(
-            x, topi, topw, self.owner_tables[layer], lambda rows, ids: run_experts(self.experts, layer, rows, ids)
+            x, topi, topw, owners, lambda rows, ids: run_experts(self.experts, layer, rows, ids)
         )
         if a.shared_intermediate:
             shared = mlp(x, p["shared_gate_proj"], p["shared_up"], p["shared_down"], self.pv)

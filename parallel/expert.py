@@ -233,7 +233,7 @@ class ExpertDispatcher:
         if self.coherent and self.size > 1:
             # Context-coherent: x is replicated, so the rank that computes a token's
             # top-1 expert can own the token at no cost; only its other choices move.
-            all_dest = self.destinations(torch.arange(T), topk_ids, owners)
+            all_dest = self.destinations(torch.arange(T, device=x.device), topk_ids, owners)
             anchor = all_dest[:, 0, 0]
             mine = torch.nonzero(anchor == self.rank).squeeze(1)
             xs, ids, w, dest = x[mine], topk_ids[mine], topk_w[mine], all_dest[mine].reshape(-1)
@@ -242,9 +242,9 @@ class ExpertDispatcher:
             anchor = None
             a, b = split_range(T, self.size, self.rank)
             xs, ids, w = x[a:b], topk_ids[a:b], topk_w[a:b]
-            dest = self.destinations(torch.arange(a, b), ids, owners).reshape(-1)  # [(t, k, s)]
+            dest = self.destinations(torch.arange(a, b, device=x.device), ids, owners).reshape(-1)  # [(t, k, s)]
         k, slices = ids.shape[1], owners.shape[-1]
-        token = torch.arange(b - a).repeat_interleave(k * slices)
+        token = torch.arange(b - a, device=x.device).repeat_interleave(k * slices)
         expert = ids.repeat_interleave(slices, dim=1).reshape(-1)
         weight = w.repeat_interleave(slices, dim=1).reshape(-1)
         order = torch.argsort(dest, stable=True)
@@ -293,7 +293,7 @@ class ExpertDispatcher:
         return out
 
     def _all_reduce(self, x, topk_ids, topk_w, owners, compute) -> torch.Tensor:
-        dest = self.destinations(torch.arange(x.shape[0]), topk_ids, owners)  # [T, k, slices]
+        dest = self.destinations(torch.arange(x.shape[0], device=x.device), topk_ids, owners)  # [T, k, slices]
         mine = (dest == self.rank).any(-1)  # [T, k]: choices whose expert slice (or replica) is here
         token, choice = mine.nonzero(as_tuple=True)
         out = x.new_zeros(x.shape)

@@ -100,11 +100,12 @@ class ModelRunner:
         logits_out: list[torch.Tensor] = []
 
         def start(chunk):
-            ids = torch.tensor([t for s in chunk for t in s.token_ids], dtype=torch.int64)
+            ids = torch.tensor([t for s in chunk for t in s.token_ids], dtype=torch.int64, device=st.cache.device)
             return st.embed(ids)
 
         def body(chunk, h):
             meta = build_metadata([SeqSlice(s.start, len(s.token_ids), s.block_table) for s in chunk], st.cache.block_size)
+            meta = meta.to(st.cache.device)
             chunk_meta[id(chunk)] = meta
             return st.forward(h, meta)
 
@@ -123,7 +124,7 @@ class ModelRunner:
                 logits_out.extend(logits[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
             elif batch.return_logits == "last":
                 logits_out.extend(last)
-            tokens.extend(sample(last, [s.sample for s in chunk]))
+            tokens.extend(sample(last.cpu(), [s.sample for s in chunk]))  # seeded CPU generators
 
         chunk_meta: dict[int, Any] = {}
         chunks = micro_batches(list(batch.seqs), g.pp)
@@ -140,13 +141,13 @@ class ModelRunner:
             return None
         out: dict[str, Any] = {"tokens": tokens}
         if batch.return_logits != "none":
-            out["logits"] = [t.clone() for t in logits_out]
+            out["logits"] = [t.cpu().clone() for t in logits_out]
         return out
 
     def routing_trace(self) -> dict[int, torch.Tensor] | None:
         if not self.stage.record_routing or self.groups.moe_rank != 0:
             return None
-        return {layer: torch.cat(parts).numpy() for layer, parts in self.stage.routing.items()}
+        return {layer: torch.cat(parts).cpu().numpy() for layer, parts in self.stage.routing.items()}
 
 
 def _models(worker) -> _Models:
@@ -173,7 +174,7 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
 
         sink = sink_for_stage(spec, worker, spec.model_dir, arch, family, layers, pv.moe_rank, dtype)
     stage, nbytes = load_stage(spec.model_dir, arch, family, layers, first, last, pv, spec.placement, dtype,
-                               expert_weights=sink, dispatch_mode=spec.moe_dispatch)
+                               expert_weights=sink, dispatch_mode=spec.moe_dispatch, device=worker.device)
     if sink is not None:
         stage.experts = sink.finish(stage)
     if arch.attention == "mla":
