@@ -48,17 +48,40 @@ def _aio_builder():
     return AsyncIOBuilder()
 
 
+def _cached_library(name: str) -> str | None:
+    """Path of a JIT-built DeepSpeed op ``name`` in the torch extensions cache, if one is there."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        build_dir = _get_build_directory(name, verbose=False)
+    except Exception:  # noqa: BLE001
+        return None
+    found = sorted(glob.glob(os.path.join(build_dir, f"{name}*.so")))
+    return found[0] if found else None
+
+
 def _cached_aio_library() -> str | None:
     """Path of a JIT-built aio library in the torch extensions cache, if one is there."""
     try:
         builder = _aio_builder()
-        from torch.utils.cpp_extension import _get_build_directory
-
-        build_dir = _get_build_directory(builder.name, verbose=False)
     except Exception:  # noqa: BLE001 - deepspeed missing or broken: no aio
         return None
-    found = sorted(glob.glob(os.path.join(build_dir, f"{builder.name}*.so")))
-    return found[0] if found else None
+    return _cached_library(builder.name)
+
+
+def _load_cached_aio(builder: Any, library: str) -> Any:
+    """Import the cached aio op directly. On CPU it resolves its pinned-buffer
+    manager from DeepSpeed's pin_memory op, which must be loaded first and
+    globally (as DeepSpeed's own loader does)."""
+    import ctypes
+
+    pin_memory = _cached_library("pin_memory")
+    if pin_memory is not None:
+        ctypes.CDLL(pin_memory, mode=ctypes.RTLD_GLOBAL)
+    spec = importlib.util.spec_from_file_location(builder.name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def aio_built() -> bool:
@@ -101,10 +124,7 @@ def load_aio(allow_build: bool = False):
                 pass
             library = _cached_aio_library()
             if library is not None:
-                spec = importlib.util.spec_from_file_location(builder.name, library)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                _AIO_MODULE = module
+                _AIO_MODULE = _load_cached_aio(builder, library)
                 return _AIO_MODULE
         if not builder.is_compatible(verbose=False):
             raise OffloadError("DeepSpeed's async I/O op cannot build here: install libaio-dev (apt-get install libaio-dev)")
