@@ -11,7 +11,11 @@ one machine with one thread per worker:
 3. PSNR of displaced and partial against exact for warmup in {0, 1, 2, 4},
    on the final latents and on the decoded 8-bit images;
 4. time per image of the diffusers pipeline in one process with 1 and 2
-   threads against tessera sp=2, same steps and size.
+   threads against tessera sp=2, same steps and size;
+5. a Flux transformer at 1024 tokens: seconds per forward of tessera sp=2
+   (Ulysses and exact patches) against diffusers in one process (1 and 2
+   threads) and diffusers' own context parallelism
+   (``ContextParallelConfig(ulysses_degree=2)``, 2 processes, gloo).
 
 The model is random (no weights ship on PyPI), so PSNR measures how far the
 approximation moves the trajectory, not perceived quality.
@@ -95,6 +99,118 @@ def diffusers_time(model_dir: Path, threads: int, steps: int, size: int, guidanc
         torch.set_num_threads(before)
 
 
+# -- Flux: tessera sp=2 against diffusers' own context parallelism ----------------------------
+
+
+def _flux_inputs(model_dir: Path, side: int):
+    import json as _json
+
+    cfg = _json.loads((model_dir / "transformer" / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, side * side, cfg["in_channels"], generator=g)
+    txt = torch.randn(1, 64, cfg["joint_attention_dim"], generator=g)
+    pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=g)
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None]
+    return dict(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=torch.tensor([0.5]),
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(64, 3), return_dict=False)
+
+
+def _time_forwards(model, inputs, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        model(**inputs)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _cp_worker(rank: int, world: int, model_dir: str, side: int, repeats: int, port: int, queue) -> None:
+    """One process of diffusers' context-parallel Flux (gloo, 1 thread)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    torch.accelerator.device_count = lambda: 1  # CPU-only torch reports 0 and diffusers refuses
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from diffusers import ContextParallelConfig, FluxTransformer2DModel
+
+        model = FluxTransformer2DModel.from_pretrained(f"{model_dir}/transformer").eval()
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        seconds = _time_forwards(model, _flux_inputs(Path(model_dir), side), repeats)
+        if rank == 0:
+            queue.put(seconds)
+    finally:
+        dist.destroy_process_group()
+
+
+def diffusers_context_parallel(model_dir: Path, side: int, repeats: int) -> float:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_cp_worker, args=(r, 2, str(model_dir), side, repeats, port, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    import queue as _queue
+
+    deadline = time.monotonic() + 900
+    try:
+        while time.monotonic() < deadline:
+            try:
+                return queue.get(timeout=5)
+            except _queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError("a diffusers context-parallel process failed; see its traceback above") from None
+        raise TimeoutError("diffusers context-parallel run did not finish in 900 s")
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+
+
+def flux_comparison(args, timeouts: Timeouts) -> dict:
+    """Per-forward time at ``side x side`` tokens: tessera sp=2 (Ulysses, exact) vs diffusers 1/2 threads and CP."""
+    from diffusers import FluxTransformer2DModel
+
+    from tessera.runtime.diffusion.engine import DiffusionEngine
+
+    model_dir = build_tiny_diffusion("flux", default_cache_dir() / f"bench-flux-L{args.flux_layers}-D{args.flux_dim}",
+                                     layers=args.flux_layers, heads=args.flux_dim // 32, head_dim=32)
+    side = args.flux_tokens_side
+    model = FluxTransformer2DModel.from_pretrained(str(model_dir / "transformer")).eval()
+    params = sum(p.numel() for p in model.parameters())
+    inputs = _flux_inputs(model_dir, side)
+    out = {"params": params, "image_tokens": side * side}
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out[f"diffusers_{threads}thread_s"] = _time_forwards(model, inputs, args.repeats)
+    torch.set_num_threads(before)
+    del model
+    out["diffusers_cp2_s"] = diffusers_context_parallel(model_dir, side, args.repeats)
+    pixels = side * 2 * 2  # 2x2 packing, VAE factor 2
+    with Controller(Placement(ParallelPlan({"sp": 2})), timeouts=timeouts) as ctl:
+        engine = DiffusionEngine.load(ctl, model_dir, progress=False)
+        for mode in ("ulysses", "exact"):
+            engine.generate_images(PROMPT, steps=args.repeats + 1, height=pixels, width=pixels, guidance_scale=0.0,
+                                   mode=mode, output="latent")
+            out[f"tessera_sp2_{mode}_s"] = _median_step(engine.stats()["last"])
+    base = out["diffusers_1thread_s"]
+    for key in ("diffusers_2thread_s", "diffusers_cp2_s", "tessera_sp2_ulysses_s", "tessera_sp2_exact_s"):
+        out[key[:-2] + "_speedup"] = base / out[key]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size/2, tokens = (size/4)^2)")
@@ -103,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flux-layers", type=int, default=6, help="Flux blocks (half double-, half single-stream)")
+    ap.add_argument("--flux-dim", type=int, default=512, help="Flux hidden size (heads of 64)")
+    ap.add_argument("--flux-tokens-side", type=int, default=32, help="Flux image tokens per side (32 -> 1024)")
+    ap.add_argument("--skip-flux", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -131,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             jobs.append({"name": f"partial-w{w}", "kw": {**base, "mode": "partial", "warmup_steps": w,
                                                           "partial_fraction": 0.25}})
         sp2 = run_engine({"sp": 2}, model_dir, jobs, timeouts)
+        flux = None if args.skip_flux else flux_comparison(args, timeouts)
     finally:
         if own_ray:
             ray.shutdown()
@@ -177,12 +298,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  time per image: diffusers 1 thread {baseline['diffusers_1thread_s']:.2f}s, 2 threads "
           f"{baseline['diffusers_2thread_s']:.2f}s; tessera sp=2 exact {tessera_image_s:.2f}s "
           f"({baseline['speedup_vs_diffusers_1thread']:.2f}x / {baseline['speedup_vs_diffusers_2thread']:.2f}x)")
+    if flux is not None:
+        print(f"  Flux {flux['params'] / 1e6:.0f}M params, {flux['image_tokens']} tokens, s per forward (speedup vs "
+              f"diffusers 1 thread): diffusers 2 threads {flux['diffusers_2thread_s']:.2f} "
+              f"({flux['diffusers_2thread_speedup']:.2f}x), diffusers CP ulysses=2 {flux['diffusers_cp2_s']:.2f} "
+              f"({flux['diffusers_cp2_speedup']:.2f}x), tessera sp=2 Ulysses {flux['tessera_sp2_ulysses_s']:.2f} "
+              f"({flux['tessera_sp2_ulysses_speedup']:.2f}x), exact patches {flux['tessera_sp2_exact_s']:.2f} "
+              f"({flux['tessera_sp2_exact_speedup']:.2f}x)")
     result = {
         "machine": "2-core CPU VM, gloo, 1 thread per worker (shared with other jobs: noisy)",
         "model": {"family": "pixart", "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                   "image_px": args.size, "image_tokens": tokens, "steps": args.steps},
         "speedup": speedup, "bytes_per_step": bytes_per_step, "quality_vs_exact": quality,
         "vs_diffusers_time_per_image": baseline,
+        "flux_vs_diffusers_context_parallel": flux,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

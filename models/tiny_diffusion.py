@@ -94,11 +94,19 @@ def _flux(layers: int, heads: int, head_dim: int):
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=max(1, layers // 2), num_single_layers=max(1, layers - layers // 2),
         attention_head_dim=head_dim * 2, num_attention_heads=heads // 2, joint_attention_dim=enc.config.d_model,
-        pooled_projection_dim=cfg.hidden_size, guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+        pooled_projection_dim=cfg.hidden_size, guidance_embeds=False, axes_dims_rope=_rope_axes(head_dim * 2),
     )
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4, use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.1, scaling_factor=0.9), text_encoder=clip_cls(cfg).eval(), tokenizer=ctok,
                         text_encoder_2=enc, tokenizer_2=tok, transformer=transformer)
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Split a Flux head into (index, row, column) RoPE axes of even widths, like Flux's (16, 56, 56)."""
+    if head_dim == 8:
+        return (2, 2, 4)
+    side = (head_dim * 7 // 16) // 2 * 2
+    return (head_dim - 2 * side, side, side)
 
 
 def _sd3(layers: int, heads: int, head_dim: int):
