@@ -27,6 +27,7 @@ from tessera.parallel.groups import check_llm_plan
 from tessera.parallel.pipeline import check_pp
 from tessera.parallel.tensor import check_tp
 from tessera.runtime.config import ConfigError
+from tessera.runtime.errors import WorkerDiedError
 from tessera.runtime.llm import model_runner as mr
 from tessera.runtime.llm.sampler import SampleSpec
 from tessera.runtime.llm.scheduler import Request, Scheduler
@@ -132,7 +133,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._closed = False
         self._counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
-                          "requests_finished": 0, "requests_failed": 0}
+                          "requests_finished": 0, "requests_failed": 0, "recoveries": 0}
         self.load_s = 0.0
 
     # -- loading ------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class LLMEngine:
                            opts.record_routing, moe_dispatch=opts.moe_dispatch)
         if offload is not None:
             spec = dataclasses.replace(spec, offload=offload)
+        engine._load_spec = spec
         engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
         engine.result_rank = next(s["rank"] for s in engine.shards if s["returns_result"])
         engine.load_s = time.perf_counter() - started
@@ -288,8 +290,13 @@ class LLMEngine:
             for s in batch
         )
         started = time.perf_counter()
-        results = self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(seqs)),
-                                                 timeout_s=self.options.step_timeout_s)
+        try:
+            results = self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(seqs)),
+                                                     timeout_s=self.options.step_timeout_s)
+        except WorkerDiedError as err:
+            self._recover(batch, err)
+            results = self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(seqs)),
+                                                     timeout_s=self.options.step_timeout_s)
         elapsed = time.perf_counter() - started
         tokens = results[self.result_rank]["tokens"]
         prefill = sum(len(s.token_ids) for s in batch if s.is_prefill)
@@ -314,6 +321,29 @@ class LLMEngine:
                 c["requests_finished"] += 1
             out.append((r.request_id, token, r.finished))
         return out
+
+    def _recover(self, batch, err: Exception) -> None:
+        """A worker died: rebuild every rank, reload the shards, rebuild the KV of the batch.
+
+        The driver holds every request's prompt and output, so nothing is lost:
+        a decoding sequence gets its cache back from one prefill of
+        ``prompt + output[:-1]`` (the token it samples is dropped: the request
+        already has it), then the failed step runs again. Sampling is seeded by
+        (request seed, token index), so the replayed tokens are identical.
+        """
+        log.warning("%s; restarting the workers and replaying %d request(s) in flight", err, len(batch))
+        self.controller.restart()
+        self.shards = self.controller.collective_rpc(mr.load_model, args=(self._load_spec,))
+        rebuild = tuple(
+            mr.StepSeq(tuple(s.request.prompt + s.request.output[:-1]), 0, tuple(s.request.blocks),
+                       SampleSpec(0.0, 0, 1.0, s.request.seed, 0))
+            for s in batch
+            if not s.is_prefill
+        )
+        if rebuild:
+            self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(rebuild)),
+                                           timeout_s=self.options.step_timeout_s)
+        self._counters["recoveries"] += 1
 
     def result(self, request_id: str) -> GenerationResult:
         if request_id in self.errors:
