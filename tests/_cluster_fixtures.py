@@ -9,6 +9,7 @@ never a kill by name.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -24,18 +25,41 @@ from typing import Iterator
 BIN = Path(sys.executable).parent
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free right now (held open together so they differ)."""
-    socks = []
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free right now, chosen *below* the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) is released before the daemon binds
+    it, and meanwhile any process on the machine (another Ray, a gloo
+    rendezvous) may be given the same ephemeral port: a Ray head whose runtime
+    env agent port was taken that way talks to another Ray's agent and fails
+    with "Invalid authentication token". Ports below the ephemeral range are
+    never handed out automatically.
+    """
+    low = max(10000, _ephemeral_range()[0] - 12000)
+    high = _ephemeral_range()[0] - 1
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    ports: list[int] = []
+    for _ in range(2000):
+        port = rng.randrange(low, high)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"could not find {n} free TCP ports in [{low}, {high})")
 
 
 def auth_env(home: Path, token: str) -> dict[str, str]:
