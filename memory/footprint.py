@@ -107,32 +107,34 @@ def read_model_spec(path: str | Path) -> ModelSpec:
 
 
 def _lm_spec(root: Path) -> ModelSpec:
-    cfg = json.loads((root / "config.json").read_text())
-    archs = cfg.get("architectures") or ["unknown"]
-    experts, dense, largest = _group_bytes(_tensor_sizes(_weight_files(root)))
-    layers = int(cfg.get("num_hidden_layers", 0))
-    heads = int(cfg.get("num_attention_heads", 1))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    num_experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
-    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), 4)
-    if cfg.get("kv_lora_rank"):  # multi-head latent attention caches the compressed latent
-        per_layer = int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim", 0))
-    else:
-        head_dim = int(cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads)
-        per_layer = 2 * kv_heads * head_dim
+    from tessera.models.checkpoint import read_config
+    from tessera.models.registry import family_for
+
+    cfg = read_config(root)
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"{root / 'config.json'} names no architectures; it is not a causal-LM checkpoint")
+    files = _weight_files(root)
+    arch = family_for(archs[0]).parse_config(cfg)  # the engine's own reading of the config
+    experts, dense, largest = _group_bytes(_tensor_sizes(files))
+    # What the engine caches per token and layer: K and V of every cached head
+    # (multi-head latent attention caches the expanded per-head K/V, not the latent).
+    cached_heads = arch.num_heads if arch.attention == "mla" else arch.num_kv_heads
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(arch.dtype, 4)
+    per_token = arch.num_layers * cached_heads * (arch.qk_head_dim + arch.v_head_dim) * dtype_bytes
     return ModelSpec(
         path=str(root),
         kind="moe_lm",
-        architecture=archs[0],
+        architecture=arch.architecture,
         total_bytes=experts + dense,
         expert_bytes=experts,
         dense_bytes=dense,
         largest_group_bytes=largest,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        num_experts=num_experts,
-        kv_bytes_per_token=layers * per_layer * dtype_bytes,
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        num_experts=arch.num_experts,
+        kv_bytes_per_token=per_token,
     )
 
 
