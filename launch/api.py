@@ -311,17 +311,10 @@ class Handle:
 
     def check_mesh(self, payload_bytes: int = 1 << 16) -> dict[str, Any]:
         """Run the collectives check over every mesh dim; verify each value against the plan."""
-        from tessera.runtime.diagnostics import expected_collectives, mesh_collectives
+        from tessera.runtime.diagnostics import check_mesh
 
         self._check_open()
-        results = self.controller.collective_rpc(mesh_collectives, kwargs={"payload_bytes": payload_bytes})
-        plan = self.placement.plan
-        coords = {r: plan.coordinates(r) for r in range(plan.world_size)}
-        failures = []
-        for rank, out in enumerate(results):
-            for dim, got in out["dims"].items():
-                want = expected_collectives(coords, rank, dim)
-                failures += [f"rank {rank} {dim} {k}" for k in want if got[k] != want[k]]
+        results, failures = check_mesh(self.controller, payload_bytes)
         return {
             "correct": not failures,
             "failures": failures,

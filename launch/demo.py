@@ -15,7 +15,7 @@ from typing import Callable
 from tessera.memory.placement import Placement
 from tessera.runtime.config import ParallelPlan, Timeouts
 from tessera.runtime.controller import Controller
-from tessera.runtime.diagnostics import expected_collectives, mesh_collectives
+from tessera.runtime.diagnostics import check_mesh
 
 
 def print_placement(ctl: Controller) -> None:
@@ -36,13 +36,7 @@ def demo_mesh(plan: ParallelPlan = ParallelPlan({"pp": 2, "tp": 2}), timeouts: T
             f"{t['process_group_s']:.2f}s)"
         )
         print_placement(ctl)
-        results = ctl.collective_rpc(mesh_collectives, kwargs={"payload_bytes": 1 << 20})
-        coords = {r: plan.coordinates(r) for r in range(plan.world_size)}
-        failures = []
-        for rank, out in enumerate(results):
-            for dim, got in out["dims"].items():
-                want = expected_collectives(coords, rank, dim)
-                failures += [f"rank {rank} {dim} {k}" for k in want if got[k] != want[k]]
+        results, failures = check_mesh(ctl, payload_bytes=1 << 20)
         print(f"  collectives over each dim: {'all correct' if not failures else 'WRONG: ' + ', '.join(failures)}")
         print(f"  {'dim':<5} {'all_reduce':>12} {'all_gather':>12} {'all_to_all':>12}   (1 MiB, median ms, rank 0)")
         for dim, got in results[0]["dims"].items():

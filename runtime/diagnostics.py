@@ -98,3 +98,19 @@ def expected_collectives(plan_coords: dict[int, dict[str, int]], rank: int, dim:
         "all_gather": group,
         "all_to_all": [1000 * peer + me for peer in group for _ in range(me + 1)],
     }
+
+
+def check_mesh(controller: Any, payload_bytes: int = 1 << 20) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run :func:`mesh_collectives` on every rank and compare with the plan.
+
+    Returns the per-rank results and the failed checks (``"rank R DIM KEY"``; empty when all are right).
+    """
+    plan = controller.placement.plan
+    results = controller.collective_rpc(mesh_collectives, kwargs={"payload_bytes": payload_bytes})
+    coords = {r: plan.coordinates(r) for r in range(plan.world_size)}
+    failures = []
+    for rank, out in enumerate(results):
+        for dim, got in out["dims"].items():
+            want = expected_collectives(coords, rank, dim)
+            failures += [f"rank {rank} {dim} {key}" for key in want if got[key] != want[key]]
+    return results, failures
