@@ -15,7 +15,11 @@ one machine with one thread per worker:
 5. a Flux transformer at 1024 tokens: seconds per forward of tessera sp=2
    (Ulysses and exact patches) against diffusers in one process (1 and 2
    threads) and diffusers' own context parallelism
-   (``ContextParallelConfig(ulysses_degree=2)``, 2 processes, gloo).
+   (``ContextParallelConfig(ulysses_degree=2)``, 2 processes, gloo). Both
+   sides see the same sequence: 1024 image tokens and ``FLUX_TEXT_TOKENS``
+   (64) text tokens (tessera's request sets ``max_sequence_length`` to it;
+   left at Flux's default of 512 the tessera side did 5x the text work and
+   looked slower than one diffusers process).
 
 The model is random (no weights ship on PyPI), so PSNR measures how far the
 approximation moves the trajectory, not perceived quality.
@@ -41,6 +45,7 @@ from tessera.runtime.controller import Controller
 
 RESULTS = Path(__file__).resolve().parent / "results" / "diffusion.json"
 PROMPT = "a lighthouse on a cliff at dusk"
+FLUX_TEXT_TOKENS = 64  # text sequence of the Flux comparison, the same for diffusers and tessera
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float | None = None) -> float:
@@ -108,12 +113,12 @@ def _flux_inputs(model_dir: Path, side: int):
     cfg = _json.loads((model_dir / "transformer" / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, side * side, cfg["in_channels"], generator=g)
-    txt = torch.randn(1, 64, cfg["joint_attention_dim"], generator=g)
+    txt = torch.randn(1, FLUX_TEXT_TOKENS, cfg["joint_attention_dim"], generator=g)
     pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=g)
     ids = torch.zeros(side, side, 3)
     ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None]
     return dict(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=torch.tensor([0.5]),
-                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(64, 3), return_dict=False)
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3), return_dict=False)
 
 
 def _time_forwards(model, inputs, repeats: int) -> float:
@@ -203,7 +208,7 @@ def flux_comparison(args, timeouts: Timeouts) -> dict:
         engine = DiffusionEngine.load(ctl, model_dir, progress=False)
         for mode in ("ulysses", "exact"):
             engine.generate_images(PROMPT, steps=args.repeats + 1, height=pixels, width=pixels, guidance_scale=0.0,
-                                   mode=mode, output="latent")
+                                   mode=mode, output="latent", max_sequence_length=FLUX_TEXT_TOKENS)
             out[f"tessera_sp2_{mode}_s"] = _median_step(engine.stats()["last"])
     base = out["diffusers_1thread_s"]
     for key in ("diffusers_2thread_s", "diffusers_cp2_s", "tessera_sp2_ulysses_s", "tessera_sp2_exact_s"):
