@@ -27,6 +27,18 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """A slicer answer for a tensor read as several slices joined along ``dim``.
+
+    safetensors reads one contiguous range per dim; a row-split linear whose
+    input is ``[attention heads | MLP columns]`` needs two ranges of columns.
+    """
+
+    dim: int
+    parts: tuple[tuple[slice, ...], ...]
+
+
 class ModelDirError(ValueError):
     """The directory is not a usable diffusers pipeline; the message says what is missing."""
 
@@ -85,9 +97,10 @@ class DiffusersDir:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
 
-    def read_tensors(self, names: Iterable[str], slicer: Callable[[str, tuple[int, ...]], tuple | None] | None = None,
+    def read_tensors(self, names: Iterable[str], slicer: Callable[[str, tuple[int, ...]], tuple | Pieces | None] | None = None,
                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Read ``names`` from their files; ``slicer(name, shape)`` may return a tuple of slices to read only part."""
+        """Read ``names`` from their files; ``slicer(name, shape)`` may return a tuple of slices (or
+        :class:`Pieces`) to read only part."""
         from safetensors import safe_open
 
         files = self.weight_files()
@@ -103,7 +116,10 @@ class DiffusersDir:
                 for name in file_names:
                     part = f.get_slice(name)
                     index = slicer(name, tuple(part.get_shape())) if slicer else None
-                    tensor = part[index] if index is not None else part[:]
+                    if isinstance(index, Pieces):
+                        tensor = torch.cat([part[p] for p in index.parts], dim=index.dim)
+                    else:
+                        tensor = part[index] if index is not None else part[:]
                     out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return out
 
@@ -140,17 +156,23 @@ def build_transformer(family: str, config: Mapping[str, Any]):
 
 
 def load_transformer(model_dir: DiffusersDir, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                     prepare: Callable[[torch.nn.Module], Callable | None] | None = None) -> torch.nn.Module:
+                     prepare: Callable[[torch.nn.Module], Callable | None] | None = None,
+                     report: dict | None = None) -> torch.nn.Module:
     """Build the family's module and fill it from safetensors.
 
     ``prepare(module)`` may reshape the module first (tensor parallel swaps in
-    sharded linears) and return a ``slicer`` so that only this rank's slices
-    are read from disk.
+    sharded linears, pipeline stages drop other stages' blocks) and return a
+    ``slicer`` so that only this rank's slices are read from disk. ``report``
+    (a dict) receives ``bytes_read`` and ``tensors_read``: what this rank took
+    from the files, which tests compare with the checkpoint's total.
     """
     model = build_transformer(model_dir.family, model_dir.transformer_config)
     slicer = prepare(model) if prepare is not None else None
     wanted = dict(model.state_dict())
     tensors = model_dir.read_tensors(wanted.keys(), slicer=slicer, dtype=dtype)
+    if report is not None:
+        report["bytes_read"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        report["tensors_read"] = len(tensors)
     for name, meta in wanted.items():
         if tuple(tensors[name].shape) != tuple(meta.shape):
             raise ModelDirError(f"tensor {name!r} has shape {tuple(tensors[name].shape)} on disk but the model expects "

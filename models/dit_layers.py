@@ -215,3 +215,34 @@ def unpatchify(tokens: torch.Tensor, rows: int, cols: int, p: int, channels: int
 
 
 AttnFactory = Callable[[], SelfAttentionFn]
+
+
+class OnOtherStage(nn.Module):
+    """Stand-in for a block or embedding that another pipeline stage holds.
+
+    It has no parameters, so nothing of it appears in this rank's state dict
+    and the loader never reads its tensors; calling it is a bug in the schedule.
+    """
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this module is held by another pipeline stage; it cannot run on this rank")
+
+
+def local_blocks(*block_lists: nn.ModuleList):
+    """``(global index, block)`` over the block lists as one sequence, skipping other stages' blocks."""
+    index = 0
+    for blocks in block_lists:
+        for block in blocks:
+            if not isinstance(block, OnOtherStage):
+                yield index, block
+            index += 1
+
+
+def whole_model(embed: Callable, body: Callable, head: Callable):
+    """The single-stage schedule ``head(body(embed()))``; ``parallel/dit_pipeline.py`` supplies the staged one.
+
+    Every family's ``forward`` is written as these three closures over a
+    ``carry`` dict of tensors (hidden states plus the conditioning later
+    blocks need), so a pipeline stage can run only its part and ship the carry.
+    """
+    return head(body(embed()))

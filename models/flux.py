@@ -11,10 +11,13 @@ exchange, so gathered K carry their own positions.
 
 Parallel plan (what is parallel):
 - patch/sequence parallel: ``transformer_blocks.*.attn``, ``single_transformer_blocks.*.attn``
-- tensor parallel (double-stream blocks): column q/k/v of both streams and the MLP inputs; row the
-  attention outputs and MLP outputs. Single-stream blocks stay whole: their ``proj_out`` mixes
-  attention heads and MLP columns in one input, which a plain row split cannot follow.
-- pipeline stages may cut between blocks of either list
+- tensor parallel, double-stream blocks: column q/k/v of both streams and the MLP inputs; row the
+  attention outputs and MLP outputs.
+- tensor parallel, single-stream blocks: column q/k/v (by heads) and ``proj_mlp``; ``proj_out`` reads
+  ``[attention heads | MLP columns]``, so it is row-split in two pieces (``rowwise_pieces``, widths 1:4):
+  a rank holds the input columns of its heads and of its MLP columns, in the order its own concat has.
+- pipeline stages cut the double and single block lists as one sequence; the first stage holds the
+  time/text/image embedders, the last ``norm_out`` and ``proj_out``
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from tessera.models.dit_layers import (
     GeluMLP,
     TimestepMLP,
     TokenShard,
+    local_blocks,
     local_self_attention,
     modulate,
     patchify,
     timestep_embedding,
+    whole_model,
 )
 from tessera.models.pixart import DiffusionParallelSpec
 
@@ -42,10 +47,14 @@ PARALLEL_SPEC = DiffusionParallelSpec(
     patch_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
     colwise=tuple(f"transformer_blocks.*.{n}" for n in (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-        "ff.net.0.proj", "ff_context.net.0.proj")),
+        "ff.net.0.proj", "ff_context.net.0.proj")
+    ) + tuple(f"single_transformer_blocks.*.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
     rowwise=tuple(f"transformer_blocks.*.{n}" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2",
                                                          "ff_context.net.2")),
+    rowwise_pieces=(("single_transformer_blocks.*.proj_out", (1, 4)),),
     stage_blocks=("transformer_blocks", "single_transformer_blocks"),
+    embed=("time_text_embed", "context_embedder", "x_embedder"),
+    head=("norm_out", "proj_out"),
 )
 
 
@@ -177,11 +186,12 @@ class FluxSingleBlock(nn.Module):
         q, k, v = self.attn.qkv(h_img)
         cq, ck, cv = self.attn.qkv(h_txt)
         out_txt, out_img = _joint(self_attn, layer, cq, ck, cv, q, k, v, rope_txt, rope_img)
-
-        def mix(x, h, attn_out):
-            return x + g * self.proj_out(torch.cat([attn_out, F.gelu(self.proj_mlp(h), approximate="tanh")], dim=-1))
-
-        return mix(img, h_img, out_img), mix(txt, h_txt, out_txt)
+        # both streams through one MLP and one output projection (one all-reduce under tp), as diffusers
+        # runs the joint [text, image] sequence; the attention part comes first in proj_out's input
+        n_txt = txt.shape[1]
+        mlp = F.gelu(self.proj_mlp(torch.cat([h_txt, h_img], dim=1)), approximate="tanh")
+        mixed = g * self.proj_out(torch.cat([torch.cat([out_txt, out_img], dim=1), mlp], dim=-1))
+        return img + mixed[:, n_txt:], txt + mixed[:, :n_txt]
 
 
 class _TimeTextEmbed(nn.Module):
@@ -226,24 +236,32 @@ class FluxTransformer(nn.Module):
 
     def forward(self, latent_rows: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
                 shard: TokenShard | None = None, self_attn=local_self_attention,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, stage=whole_model) -> torch.Tensor:
         """``latent_rows [B, C, 2*rows, 2*W']`` -> velocity of the same rows (same shape)."""
         b, c, h, w = latent_rows.shape
         if shard is None:
             shard = TokenShard.full(h // 2, w // 2)
-        img = self.x_embedder(patchify(latent_rows, 2))
-        txt = self.context_embedder(text)
-        temb = self.temb(timestep, pooled, guidance)
         rows = torch.arange(shard.row_start, shard.row_end)
         img_ids = torch.stack([torch.zeros(shard.rows, shard.grid_w), rows[:, None].expand(-1, shard.grid_w).float(),
                                torch.arange(shard.grid_w)[None].expand(shard.rows, -1).float()], dim=-1).reshape(-1, 3)
         axes = self.config.axes_dims_rope
-        rope_img = tuple(x.to(img.device) for x in rope_tables(img_ids, axes))
-        rope_txt = tuple(x.to(img.device) for x in rope_tables(torch.zeros(txt.shape[1], 3), axes))
-        layer = 0
-        for block in list(self.transformer_blocks) + list(self.single_transformer_blocks):
-            img, txt = block(img, txt, temb, rope_txt, rope_img, self_attn, layer)
-            layer += 1
-        scale, shift = self.norm_out.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
-        out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
-        return out.view(b, shard.rows, shard.grid_w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        rope_img = tuple(x.to(latent_rows.device) for x in rope_tables(img_ids, axes))
+        rope_txt = tuple(x.to(latent_rows.device) for x in rope_tables(torch.zeros(text.shape[1], 3), axes))
+
+        def embed():
+            img = self.x_embedder(patchify(latent_rows, 2))
+            return {"img": img, "txt": self.context_embedder(text), "temb": self.temb(timestep, pooled, guidance)}
+
+        def body(carry):
+            for layer, block in local_blocks(self.transformer_blocks, self.single_transformer_blocks):
+                carry["img"], carry["txt"] = block(carry["img"], carry["txt"], carry["temb"], rope_txt, rope_img,
+                                                   self_attn, layer)
+            return carry
+
+        def head(carry):
+            img, temb = carry["img"], carry["temb"]
+            scale, shift = self.norm_out.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
+            out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
+            return out.view(b, shard.rows, shard.grid_w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+        return stage(embed, body, head)

@@ -12,7 +12,8 @@ Parallel plan (what is parallel; ``parallel/`` says how):
 - patch/sequence parallel: ``transformer_blocks.*.attn1`` (image self-attention)
 - tensor parallel: column ``attn1/attn2.to_q|to_k|to_v``, ``ff.net.0.proj``;
   row ``attn1/attn2.to_out.0``, ``ff.net.2``
-- pipeline stages may cut between ``transformer_blocks``
+- pipeline stages may cut between ``transformer_blocks``; the first stage holds the patch, time and
+  caption embeddings, the last the final modulation and ``proj_out``
 """
 
 from __future__ import annotations
@@ -29,23 +30,37 @@ from tessera.models.dit_layers import (
     GeluMLP,
     TimestepMLP,
     TokenShard,
+    local_blocks,
     local_self_attention,
     modulate,
     sincos_pos_embed_2d,
     timestep_embedding,
     unpatchify,
+    whole_model,
 )
 
 
 @dataclass(frozen=True)
 class DiffusionParallelSpec:
-    """What a family declares parallel: module-name patterns, read by ``parallel/``."""
+    """What a family declares parallel: module-name patterns, read by ``parallel/``.
+
+    ``rowwise_pieces``: row-split linears whose input is a concatenation of
+    separately column-split parts, as ``(pattern, relative widths)``; each
+    part is split over ``tp`` on its own (Flux's single-block ``proj_out``
+    reads ``[attention heads | MLP columns]`` = widths ``(1, 4)``).
+    ``stage_blocks``: the block lists, in forward order, that pipeline stages
+    cut as one sequence; ``embed`` / ``head``: top-level modules or
+    parameters only the first / last stage holds.
+    """
 
     patch_attention: tuple[str, ...]
     colwise: tuple[str, ...]
     rowwise: tuple[str, ...]
     stage_blocks: tuple[str, ...]
     heads_attr: str = "num_attention_heads"
+    rowwise_pieces: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    embed: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
 
 
 PARALLEL_SPEC = DiffusionParallelSpec(
@@ -57,6 +72,8 @@ PARALLEL_SPEC = DiffusionParallelSpec(
     ),
     rowwise=("transformer_blocks.*.attn1.to_out.0", "transformer_blocks.*.attn2.to_out.0", "transformer_blocks.*.ff.net.2"),
     stage_blocks=("transformer_blocks",),
+    embed=("pos_embed", "adaln_single", "caption_projection"),
+    head=("scale_shift_table", "proj_out"),
 )
 
 
@@ -202,24 +219,36 @@ class PixArtTransformer(nn.Module):
 
     def forward(self, latent_rows: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
                 shard: TokenShard | None = None, text_mask: torch.Tensor | None = None,
-                self_attn=local_self_attention, resolution=None, aspect_ratio=None) -> torch.Tensor:
-        """``latent_rows`` is ``[B, C, rows*p, W]``: rows ``shard.row_start..row_end`` of the patch grid."""
+                self_attn=local_self_attention, resolution=None, aspect_ratio=None, stage=whole_model):
+        """``latent_rows`` is ``[B, C, rows*p, W]``: rows ``shard.row_start..row_end`` of the patch grid.
+
+        ``stage`` runs the embed/body/head closures (``whole_model`` here; a pipeline stage runs its part
+        and returns ``None`` unless it is the last).
+        """
         cfg, p = self.config, self.config.patch_size
         b = latent_rows.shape[0]
         if shard is None:
             shard = TokenShard.full(*self.grid(*latent_rows.shape[-2:]))
-        x = self.pos_embed.proj(latent_rows).flatten(2).transpose(1, 2)
-        x = x + self.pos_table(shard.grid_h, shard.grid_w)[shard.token_slice].to(x)
-        if timestep.ndim == 0:
-            timestep = timestep.expand(b)
-        t6, t_emb = self.embed_time(timestep.to(x.device), b, resolution, aspect_ratio)
-        if self.caption_projection is not None:
-            text = self.caption_projection(text)
         bias = None
         if text_mask is not None:
-            bias = ((1 - text_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
-        for i, block in enumerate(self.transformer_blocks):
-            x = block(x, text, bias, t6, self_attn, i)
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
-        x = modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale)
-        return unpatchify(self.proj_out(x), shard.rows, shard.grid_w, p, cfg.out_ch)
+            bias = ((1 - text_mask.to(latent_rows.dtype)) * -10000.0)[:, None, None, :]
+
+        def embed():
+            x = self.pos_embed.proj(latent_rows).flatten(2).transpose(1, 2)
+            x = x + self.pos_table(shard.grid_h, shard.grid_w)[shard.token_slice].to(x)
+            ts = timestep.expand(b) if timestep.ndim == 0 else timestep
+            t6, t_emb = self.embed_time(ts.to(x.device), b, resolution, aspect_ratio)
+            txt = self.caption_projection(text) if self.caption_projection is not None else text
+            return {"x": x, "text": txt, "t6": t6, "t_emb": t_emb}
+
+        def body(c):
+            for i, block in local_blocks(self.transformer_blocks):
+                c["x"] = block(c["x"], c["text"], bias, c["t6"], self_attn, i)
+            return c
+
+        def head(c):
+            shift, scale = (self.scale_shift_table[None] + c["t_emb"][:, None]).chunk(2, dim=1)
+            x = modulate(F.layer_norm(c["x"], (c["x"].shape[-1],), eps=1e-6), shift, scale)
+            return unpatchify(self.proj_out(x), shard.rows, shard.grid_w, p, cfg.out_ch)
+
+        return stage(embed, body, head)

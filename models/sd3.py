@@ -11,7 +11,8 @@ through the pluggable ``self_attn`` (text queries first, then image).
 Parallel plan (what is parallel):
 - patch/sequence parallel: ``transformer_blocks.*.attn``
 - tensor parallel: column q/k/v of both streams and the MLP inputs; row attention and MLP outputs
-- pipeline stages may cut between ``transformer_blocks``
+- pipeline stages may cut between ``transformer_blocks``; embeddings on the first stage, ``norm_out`` /
+  ``proj_out`` on the last
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from tessera.models.dit_layers import (
     GeluMLP,
     TimestepMLP,
     TokenShard,
+    local_blocks,
     local_self_attention,
     modulate,
     sincos_pos_embed_2d,
     timestep_embedding,
     unpatchify,
+    whole_model,
 )
 from tessera.models.pixart import DiffusionParallelSpec
 
@@ -44,6 +47,8 @@ PARALLEL_SPEC = DiffusionParallelSpec(
     rowwise=tuple(f"transformer_blocks.*.{n}" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2",
                                                          "ff_context.net.2")),
     stage_blocks=("transformer_blocks",),
+    embed=("pos_embed", "time_text_embed", "context_embedder"),
+    head=("norm_out", "proj_out"),
 )
 
 
@@ -188,17 +193,27 @@ class SD3Transformer(nn.Module):
         return rows.reshape(1, -1, table.shape[-1])
 
     def forward(self, latent_rows: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor,
-                shard: TokenShard | None = None, self_attn=local_self_attention) -> torch.Tensor:
+                shard: TokenShard | None = None, self_attn=local_self_attention, stage=whole_model) -> torch.Tensor:
         p = self.config.patch_size
         if shard is None:
             shard = TokenShard.full(latent_rows.shape[-2] // p, latent_rows.shape[-1] // p)
-        img = self.pos_embed.proj(latent_rows).flatten(2).transpose(1, 2)
-        img = img + self.band_positions(shard).to(img)
-        emb = self.time_text_embed
-        temb = emb.timestep_embedder(timestep_embedding(timestep, 256).to(img.dtype)) + emb.text_embedder(pooled)
-        txt = self.context_embedder(text)
-        for i, block in enumerate(self.transformer_blocks):
-            img, txt = block(img, txt, temb, self_attn, i)
-        scale, shift = self.norm_out.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
-        out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
-        return unpatchify(out, shard.rows, shard.grid_w, p, self.config.out_channels)
+
+        def embed():
+            img = self.pos_embed.proj(latent_rows).flatten(2).transpose(1, 2)
+            img = img + self.band_positions(shard).to(img)
+            emb = self.time_text_embed
+            temb = emb.timestep_embedder(timestep_embedding(timestep, 256).to(img.dtype)) + emb.text_embedder(pooled)
+            return {"img": img, "txt": self.context_embedder(text), "temb": temb}
+
+        def body(c):
+            for i, block in local_blocks(self.transformer_blocks):
+                c["img"], c["txt"] = block(c["img"], c["txt"], c["temb"], self_attn, i)
+            return c
+
+        def head(c):
+            img = c["img"]
+            scale, shift = self.norm_out.linear(F.silu(c["temb"]))[:, None].chunk(2, dim=-1)
+            out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
+            return unpatchify(out, shard.rows, shard.grid_w, p, self.config.out_channels)
+
+        return stage(embed, body, head)

@@ -12,6 +12,10 @@ layers and never more than a single-device run.
   attention heads or MLP columns. Heads are inferred from widths downstream.
 - row-split linear: this rank's columns of ``weight``; partial outputs are
   summed with one all-reduce over ``tp`` and the bias is added once.
+- row-split linear in pieces (``parallel_spec.rowwise_pieces``): the input is
+  a concat of parts that were column-split separately (Flux's single-block
+  ``proj_out`` reads ``[attention | MLP]``), so this rank's input columns are
+  its slice of each part, read as two slices and joined in the same order.
 """
 
 from __future__ import annotations
@@ -23,7 +27,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tessera.models.diffusers_loader import Pieces
 from tessera.parallel.counted import CommCounter
+from tessera.runtime.config import ConfigError
+
+
+def check_tp(heads: int, tp: int) -> None:
+    """Driver-side check: a column split by heads needs ``tp`` to divide the head count."""
+    if tp < 1 or heads % tp:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise ConfigError(f"tp={tp} does not divide the model's {heads} attention heads; "
+                          f"use a tp in {divisors} (or move the extra ranks to sp, cfg or pp)")
 
 
 class RowParallelLinear(nn.Module):
@@ -58,18 +72,30 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
                   counter: CommCounter | None = None) -> Callable[[str, tuple[int, ...]], tuple | None]:
     """Swap the declared linears of ``model`` (on meta) for local shards; return the slicer for loading."""
     spec = model.parallel_spec
+    pieces_of = dict(getattr(spec, "rowwise_pieces", ()))
     plan: dict[str, str] = {}
+    piece_widths: dict[str, list[int]] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        kind = "col" if _matches(name, spec.colwise) else "row" if _matches(name, spec.rowwise) else None
+        pattern = next((p for p in pieces_of if fnmatch.fnmatchcase(name, p)), None)
+        kind = ("col" if _matches(name, spec.colwise) else "row" if _matches(name, spec.rowwise)
+                else "pieces" if pattern is not None else None)
         if kind is None:
             continue
         out_f, in_f = module.out_features, module.in_features
-        size = out_f if kind == "col" else in_f
-        if size % tp:
-            raise ValueError(f"{name} has {size} {'output' if kind == 'col' else 'input'} features, not divisible "
-                             f"by tp={tp}; use a tp that divides the head count and MLP width")
+        if kind == "pieces":
+            weights = pieces_of[pattern]
+            widths = [in_f * w // sum(weights) for w in weights]
+            if sum(widths) != in_f or any(w % tp for w in widths):
+                raise ConfigError(f"{name} reads {in_f} input features in parts {widths}, not each divisible "
+                                  f"by tp={tp}; use a tp that divides the head count and MLP width")
+            piece_widths[name] = widths
+        else:
+            size = out_f if kind == "col" else in_f
+            if size % tp:
+                raise ConfigError(f"{name} has {size} {'output' if kind == 'col' else 'input'} features, not "
+                                  f"divisible by tp={tp}; use a tp that divides the head count and MLP width")
         with torch.device("meta"):
             if kind == "col":
                 new = nn.Linear(in_f, out_f // tp, bias=module.bias is not None)
@@ -87,10 +113,17 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
             n = shape[0] // tp
             rows = slice(tp_rank * n, (tp_rank + 1) * n)
             return (rows, slice(None)) if param == "weight" else (rows,)
-        if param == "weight":
-            n = shape[1] // tp
-            return (slice(None), slice(tp_rank * n, (tp_rank + 1) * n))
-        return None  # row-split bias is whole (added once after the all-reduce)
+        if param != "weight":
+            return None  # row-split bias is whole (added once after the all-reduce)
+        if kind == "pieces":
+            parts, start = [], 0
+            for width in piece_widths[module_name]:
+                n = width // tp
+                parts.append((slice(None), slice(start + tp_rank * n, start + (tp_rank + 1) * n)))
+                start += width
+            return Pieces(dim=1, parts=tuple(parts))
+        n = shape[1] // tp
+        return (slice(None), slice(tp_rank * n, (tp_rank + 1) * n))
 
     return slicer
 

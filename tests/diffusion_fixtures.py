@@ -17,3 +17,40 @@ def engine_on(make_controller, degrees: dict, model_dir: str):
     from tessera.runtime.diffusion.engine import DiffusionEngine
 
     return DiffusionEngine.load(make_controller(degrees), model_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux3(session_tmp):
+    """Flux with one double-stream and two single-stream blocks: pp=2 cuts inside the single list."""
+    return str(build_tiny_diffusion("flux", session_tmp / "tiny-flux-3", layers=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(session_tmp):
+    return str(build_tiny_diffusion("sd3", session_tmp / "tiny-sd3"))
+
+
+def param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def tp_split_bytes(model_dir: str) -> tuple[int, int]:
+    """(all parameter bytes, bytes of what tp splits: col-split weights+biases, row-split weights)."""
+    import fnmatch
+
+    from torch import nn
+
+    from tessera.models.diffusers_loader import DiffusersDir, load_transformer
+
+    model = load_transformer(DiffusersDir.open(model_dir))
+    spec = model.parallel_spec
+    row = tuple(spec.rowwise) + tuple(p for p, _ in spec.rowwise_pieces)
+    split = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in spec.colwise):
+            split += param_bytes(mod)
+        elif any(fnmatch.fnmatchcase(name, p) for p in row):
+            split += mod.weight.numel() * mod.weight.element_size()
+    return param_bytes(model), split

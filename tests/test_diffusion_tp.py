@@ -1,23 +1,31 @@
-"""Tensor-parallel weight sharding (tp=2) combined with patch parallel (sp=2): exact, and 1/tp of the weights."""
+"""Tensor-parallel weight sharding over tp: exact against diffusers, and 1/tp of the sharded layers per rank.
+
+PixArt: tp=2 x sp=2. Flux: tp=2 and tp=2 x sp=2, including the single-stream
+blocks whose ``proj_out`` is row-split in two pieces (attention heads | MLP).
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from tessera.tests.diffusion_fixtures import engine_on, tiny_pixart  # noqa: F401 (fixture)
-from tessera.tests.diffusion_reference import pixart_reference_pred
+from tessera.tests.diffusion_fixtures import engine_on, tiny_flux3, tiny_pixart, tp_split_bytes  # noqa: F401
+from tessera.tests.diffusion_reference import (
+    assert_latents_close,
+    flux_reference_latents,
+    flux_reference_pred,
+    pixart_reference_pred,
+)
 
 G = 4.0
+FLUX_STEPS, FLUX_H, FLUX_W = 2, 40, 32   # latent 20x16 -> 10 token rows of 8
 
 
 @pytest.mark.timeout(900)
 def test_tp2_x_sp2_shards_weights_and_matches_diffusers(make_controller, tiny_pixart):
-    from tessera.models.diffusers_loader import DiffusersDir, load_transformer
-
     engine = engine_on(make_controller, {"sp": 2, "tp": 2}, tiny_pixart)
-    full = sum(p.numel() * p.element_size() for p in load_transformer(DiffusersDir.open(tiny_pixart)).parameters())
+    full, split = tp_split_bytes(tiny_pixart)
     per_rank = engine.stats()["param_bytes_per_rank"]
-    assert all(b < full for b in per_rank)
+    assert per_rank == [full - split + split // 2] * 4, (per_rank, full, split)
     # the block linears are ~all the weights: each rank holds well under 3/4 of them
     assert max(per_rank) < 0.75 * full, (per_rank, full)
     for mode in ("exact", "ulysses"):
@@ -28,3 +36,35 @@ def test_tp2_x_sp2_shards_weights_and_matches_diffusers(make_controller, tiny_pi
             ref = pixart_reference_pred(tiny_pixart, step["latents"], step["t"], last["embeds"], G)
             assert (ref - step["pred"]).abs().max().item() <= 1e-4
         assert last["comm_by_rank"][0]["by_kind"]["tp_all_reduce"]["calls"] > 0
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("degrees", [{"tp": 2}, {"tp": 2, "sp": 2}], ids=["tp2", "tp2xsp2"])
+def test_flux_tp_shards_single_blocks_and_matches_diffusers(make_controller, tiny_flux3, degrees):
+    from tessera.models.diffusers_loader import DiffusersDir, load_transformer
+
+    engine = engine_on(make_controller, degrees, tiny_flux3)
+    full, split = tp_split_bytes(tiny_flux3)
+    single = load_transformer(DiffusersDir.open(tiny_flux3)).single_transformer_blocks
+    single_split = sum(p.numel() * p.element_size() for n, p in single.named_parameters()
+                       if n.split(".", 1)[1] in ("attn.to_q.weight", "attn.to_q.bias", "attn.to_k.weight",
+                                                 "attn.to_k.bias", "attn.to_v.weight", "attn.to_v.bias",
+                                                 "proj_mlp.weight", "proj_mlp.bias", "proj_out.weight"))
+    assert single_split > 0.4 * split  # the single-stream blocks are sharded, not replicated
+    stats = engine.stats()
+    ranks = len(stats["param_bytes_per_rank"])
+    want = full - split + split // 2
+    print(f"flux {degrees}: params per rank {stats['param_bytes_per_rank']}, single device {full}")
+    assert stats["param_bytes_per_rank"] == [want] * ranks, (stats["param_bytes_per_rank"], full, split)
+    assert stats["loaded_bytes_per_rank"] == [want] * ranks  # only this rank's slices were read
+    engine.generate_images("a green tree", steps=FLUX_STEPS, height=FLUX_H, width=FLUX_W, guidance_scale=0.0,
+                           seed=2, output="latent", trace=True)
+    last = engine.last
+    for step in last["trace"]:
+        ref = flux_reference_pred(tiny_flux3, step["latents"], step["t"], last["embeds"])
+        assert (ref - step["pred"]).abs().max().item() <= 1e-4, f"t={step['t']}"
+    assert_latents_close(last["latents"], flux_reference_latents(tiny_flux3, "a green tree", FLUX_STEPS, FLUX_H,
+                                                                 FLUX_W, seed=2))
+    # one all-reduce per row-split linear call: double block 4, each single block 1 (both streams at once)
+    calls = last["comm_by_rank"][0]["by_kind"]["tp_all_reduce"]["calls"]
+    assert calls == FLUX_STEPS * (4 + 2), calls

@@ -4,8 +4,9 @@ One ``collective_rpc`` per denoising step (every rank runs the step SPMD),
 so the driver shows a tqdm bar over steps and records per-step wall time;
 the per-layer exchanges happen between ranks, never through the driver.
 Plans are checked here, before any worker does work: the ``cfg`` degree must
-be 1 or 2, Ulysses needs heads divisible by ``sp x tp``, the image must be
-tall enough to give every ``sp`` rank a row.
+be 1 or 2, ``tp`` must divide the heads, ``pp`` may not exceed the number of
+transformer blocks, Ulysses needs heads divisible by ``sp x tp``, the image
+must be tall enough to give every ``sp`` rank a row.
 """
 
 from __future__ import annotations
@@ -45,22 +46,37 @@ class DiffusionEngine:
         """
         model = DiffusersDir.open(model_dir)
         degrees = dict(controller.placement.plan.degrees)
-        unsupported = [d for d in degrees if d not in ("sp", "cfg", "tp", "dp") and degrees[d] > 1]
-        if unsupported:
-            raise ValueError(f"diffusion runs over sp, cfg and tp; the plan also has {unsupported} > 1: drop them "
-                             "(use sp for patch/sequence parallel, cfg for guidance branches, tp for weight sharding)")
-        if degrees.get("dp", 1) > 1:
-            raise ValueError("diffusion does not use dp yet; run independent controllers for replicas")
-        if degrees.get("cfg", 1) not in (1, 2):
-            raise ValueError(f"cfg degree is {degrees['cfg']}; classifier-free guidance has exactly 2 branches, use cfg=2")
-        heads = int(model.transformer_config.get("num_attention_heads", 1))
-        tp = degrees.get("tp", 1)
-        if heads % tp:
-            raise ValueError(f"tp={tp} does not divide the {heads} attention heads; use a tp that divides {heads}")
+        cls.check_plan(model, degrees, offload=options.get("offload"))
         dtype = options.get("dtype", "float32")
         extra = {"offload": options["offload"]} if options.get("offload") is not None else None
         info = controller.collective_rpc(_r.load_runner, args=(str(model.path), dtype), kwargs=extra)
         return cls(controller, model, info, dict(options))
+
+    @staticmethod
+    def check_plan(model: DiffusersDir, degrees: dict, offload: Any = None) -> None:
+        """Refuse a plan that cannot work, on the driver, before any worker loads anything."""
+        from tessera.models.diffusers_loader import build_transformer
+        from tessera.parallel.dit_pipeline import check_pp, count_blocks
+        from tessera.parallel.dit_tensor import check_tp
+        from tessera.runtime.config import ConfigError
+
+        unsupported = [d for d in degrees if d not in ("sp", "cfg", "tp", "pp", "dp") and degrees[d] > 1]
+        if unsupported:
+            raise ConfigError(f"diffusion runs over sp, cfg, tp and pp; the plan also has {unsupported} > 1: drop "
+                              "them (sp: patch/sequence parallel, cfg: guidance branches, tp: weight sharding, "
+                              "pp: block stages)")
+        if degrees.get("dp", 1) > 1:
+            raise ConfigError("diffusion does not use dp yet; run independent controllers for replicas")
+        if degrees.get("cfg", 1) not in (1, 2):
+            raise ConfigError(f"cfg degree is {degrees['cfg']}; classifier-free guidance has exactly 2 branches, "
+                              "use cfg=2")
+        check_tp(int(model.transformer_config.get("num_attention_heads", 1)), degrees.get("tp", 1))
+        pp = degrees.get("pp", 1)
+        if pp > 1:
+            check_pp(count_blocks(build_transformer(model.family, model.transformer_config)), pp)
+            if offload is not None:
+                raise ConfigError("offload streams all blocks through one device; with pp > 1 every stage already "
+                                  "holds only its blocks: use pp or offload, not both")
 
     def generate_images(self, prompts: str | Sequence[str], *, steps: int | None = None, height: int = 64,
                         width: int = 64, guidance_scale: float | None = None, seed: int = 0, mode: str = "exact",
@@ -155,6 +171,7 @@ class DiffusionEngine:
         last = {k: v for k, v in self.last.items() if k not in ("latents", "trace", "embeds")}
         per_rank = [i["param_bytes"] for i in self.info]
         return {"family": self.dir.family, "plan": self.degrees, "param_bytes_per_rank": per_rank,
+                "loaded_bytes_per_rank": [i.get("loaded_bytes") for i in self.info],
                 "requests": len(self.history), "last": last}
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tessera.models.diffusers_loader import DiffusersDir
-from tessera.models.dit_layers import TokenShard
+from tessera.models.dit_layers import TokenShard, whole_model
 
 
 @dataclass
@@ -30,6 +30,10 @@ class Conditioning:
 
     def cat(self, other: "Conditioning") -> "Conditioning":
         return Conditioning({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
+
+    def select(self, rows: slice) -> "Conditioning":
+        """Batch rows ``rows`` (a pipeline micro-batch)."""
+        return Conditioning({k: v[rows] for k, v in self.tensors.items()})
 
 
 class PixArtAdapter:
@@ -70,7 +74,9 @@ class PixArtAdapter:
         return scheduler.timesteps
 
     def predict(self, latent_rows: torch.Tensor, cond: Conditioning, t: torch.Tensor, shard: TokenShard,
-                self_attn: Any, image_hw: tuple[int, int], guidance: float | None = None) -> torch.Tensor:
+                self_attn: Any, image_hw: tuple[int, int], guidance: float | None = None,
+                stage: Any = whole_model) -> torch.Tensor | None:
+        """The model's prediction for these rows; ``None`` on a pipeline stage other than the last."""
         b = latent_rows.shape[0]
         extra = {}
         if self.model.config.additional_conditions:
@@ -79,8 +85,8 @@ class PixArtAdapter:
                      "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32).repeat(b, 1)}
         timestep = t.reshape(1).expand(b)
         out = self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype), timestep, shard=shard,
-                         text_mask=cond.tensors["mask"], self_attn=self_attn, **extra)
-        if self.model.config.out_ch // 2 == self.latent_channels:
+                         text_mask=cond.tensors["mask"], self_attn=self_attn, stage=stage, **extra)
+        if out is not None and self.model.config.out_ch // 2 == self.latent_channels:
             out = out.chunk(2, dim=1)[0]  # learned variance channels are not used for sampling
         return out
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch
 
 from tessera.models.diffusers_loader import DiffusersDir
-from tessera.models.dit_layers import TokenShard
+from tessera.models.dit_layers import TokenShard, whole_model
 from tessera.runtime.diffusion.families import Conditioning, flow_shift_mu
 
 
@@ -62,7 +62,8 @@ class FluxAdapter:
         scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
         return scheduler.timesteps
 
-    def predict(self, latent_rows, cond: Conditioning, t, shard: TokenShard, self_attn, image_hw, guidance=None):
+    def predict(self, latent_rows, cond: Conditioning, t, shard: TokenShard, self_attn, image_hw, guidance=None,
+                stage=whole_model):
         b = latent_rows.shape[0]
         timestep = t.reshape(1).expand(b).to(latent_rows.dtype) / 1000
         g = None
@@ -70,7 +71,7 @@ class FluxAdapter:
             g = torch.full((b,), float(guidance if guidance is not None else 3.5), dtype=latent_rows.dtype)
         return self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype),
                           cond.tensors["pooled"].to(latent_rows.dtype), timestep, shard=shard, self_attn=self_attn,
-                          guidance=g)
+                          guidance=g, stage=stage)
 
     def to_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
         return latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -133,11 +134,13 @@ class SD3Adapter:
         scheduler.set_timesteps(steps, device="cpu", **kwargs)
         return scheduler.timesteps
 
-    def predict(self, latent_rows, cond: Conditioning, t, shard: TokenShard, self_attn, image_hw, guidance=None):
+    def predict(self, latent_rows, cond: Conditioning, t, shard: TokenShard, self_attn, image_hw, guidance=None,
+                stage=whole_model):
         b = latent_rows.shape[0]
         timestep = t.reshape(1).expand(b).to(latent_rows.dtype)
         return self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype),
-                          cond.tensors["pooled"].to(latent_rows.dtype), timestep, shard=shard, self_attn=self_attn)
+                          cond.tensors["pooled"].to(latent_rows.dtype), timestep, shard=shard, self_attn=self_attn,
+                          stage=stage)
 
     def to_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
         return latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)

@@ -62,13 +62,24 @@ class DiffusionRunner:
         self.sp_rank = coords.get("sp", 0)
         self.cfg_rank = coords.get("cfg", 0)
         self.counter = CommCounter()
-        prepare = None
+        tp_prepare, self.pipe = None, None
         if self.tp > 1:
             from tessera.parallel.dit_tensor import tensor_parallel_prepare
 
-            prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp, self.counter)
+            tp_prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp, self.counter)
+        if _degree(worker, "pp") > 1:  # pipeline stages: only this stage's blocks are built and read
+            from tessera.parallel.dit_pipeline import DiTPipeline
+
+            self.pipe = DiTPipeline.for_worker(worker, self.counter)
+
+        def prepare(model):
+            if self.pipe is not None:
+                self.pipe.prepare(model)
+            return tp_prepare(model) if tp_prepare is not None else None
+
         started = time.perf_counter()
-        self.model = load_transformer(self.dir, self.device, self.dtype, prepare=prepare)
+        self.loaded: dict = {}
+        self.model = load_transformer(self.dir, self.device, self.dtype, prepare=prepare, report=self.loaded)
         self.offload, self.offloaded = offload, None
         if offload is not None:  # tessera.offload: transformer blocks streamed stage by stage within a budget
             from tessera.offload.modules import offload_model_blocks
@@ -93,8 +104,9 @@ class DiffusionRunner:
     def describe(self) -> dict:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"family": self.dir.family, "param_bytes": params, "load_s": self.load_s,
-                "uses_cfg": self.adapter.uses_cfg,
-                "heads": self.model.num_heads, "rank": self.worker.rank}
+                "uses_cfg": self.adapter.uses_cfg, "loaded_bytes": self.loaded.get("bytes_read"),
+                "heads": self.model.num_heads, "rank": self.worker.rank,
+                **(self.pipe.describe() if self.pipe is not None else {})}
 
     # -- one request ---------------------------------------------------------------
 
@@ -182,8 +194,15 @@ class DiffusionRunner:
         if hasattr(self.scheduler, "scale_model_input"):
             x_in = self.scheduler.scale_model_input(x_in, t)
         with torch.no_grad():
-            pred = self.adapter.predict(x_in, self.text, t, self.shard, self_attn, (req.height, req.width),
-                                        guidance=req.guidance_scale)
+            if self.pipe is None:
+                pred = self.adapter.predict(x_in, self.text, t, self.shard, self_attn, (req.height, req.width),
+                                            guidance=req.guidance_scale)
+            else:  # stages overlap on micro-batches unless attention keeps per-layer state (stale patch K/V)
+                pred = self.pipe.predict(
+                    lambda rows, stage: self.adapter.predict(x_in[rows], self.text.select(rows), t, self.shard,
+                                                             self_attn, (req.height, req.width),
+                                                             guidance=req.guidance_scale, stage=stage),
+                    x_in, micro_batches=self.pipe.pp if self.sp == 1 or req.mode in ("exact", "ulysses") else 1)
         if batched_cfg:
             pred = cfg_batched_combine(pred, req.guidance_scale)
         elif self.guided:

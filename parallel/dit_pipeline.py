@@ -1,0 +1,215 @@
+"""Pipeline parallelism for diffusion transformers over the ``pp`` mesh dim.
+
+Why: tensor parallel shards every block but all-reduces twice per block;
+pipeline stages instead hold a contiguous range of blocks each and exchange
+one activation "carry" per micro-batch per step, so a DiT that does not fit
+one device fits ``pp`` of them with little traffic. A family declares *what*
+may be cut (``parallel_spec.stage_blocks``: its block lists in forward order,
+cut as one sequence; ``embed`` / ``head``: the modules only the first / last
+stage holds) and writes its ``forward`` as three closures ``embed() ->
+carry``, ``body(carry) -> carry``, ``head(carry) -> output`` handed to a
+``stage`` callable (``models/dit_layers.whole_model`` when unstaged). This
+file says *how*, in torchtitan-style steps:
+
+1. :func:`apply_pipeline_stages` (on the meta model, before loading):
+   other stages' blocks become parameter-free ``OnOtherStage`` stand-ins and
+   the embeddings / head are dropped where not needed, so the state dict, and
+   hence what the loader reads from safetensors, is this stage's only.
+2. :class:`StageSchedule` (the ``stage`` callable): the first stage embeds,
+   later ones ``recv`` the carry (hidden states plus the conditioning the
+   blocks read, e.g. PixArt's ``t6`` and projected captions); every stage
+   runs its blocks; the last applies the head, the others ``isend`` the carry.
+3. :class:`DiTPipeline.predict` runs one denoising step as several
+   micro-batches (batch rows: CFG halves, several prompts) so stage ``s``
+   works on micro-batch ``i+1`` while stage ``s+1`` works on ``i``; the last
+   stage then broadcasts the prediction over ``pp`` so every stage steps the
+   scheduler on identical latents (and global rank 0, on stage 0, returns them).
+
+Point-to-point partners are the ranks with the same ``(cfg, sp, tp)``
+coordinates in the neighbouring stage, so pp composes with tp (all-reduces
+stay inside a stage) and sp (K/V exchanges stay inside a stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tessera.models.dit_layers import OnOtherStage
+from tessera.parallel.counted import CommCounter
+from tessera.runtime.config import ConfigError
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The family's stage-cuttable block lists, in forward order."""
+    return [getattr(model, name) for name in model.parallel_spec.stage_blocks]
+
+
+def count_blocks(model: nn.Module) -> int:
+    return sum(len(blocks) for blocks in block_lists(model))
+
+
+def check_pp(num_blocks: int, pp: int) -> None:
+    """Driver-side check: every stage needs at least one block."""
+    if pp < 1 or pp > num_blocks:
+        raise ConfigError(f"pp={pp} pipeline stages for a transformer of {num_blocks} blocks: every stage needs "
+                          f"at least one block; use pp <= {num_blocks} (and put other ranks on tp, sp or cfg)")
+
+
+def stage_range(num_blocks: int, pp: int, stage: int) -> range:
+    """Balanced contiguous block range of ``stage`` (earlier stages take the remainder)."""
+    check_pp(num_blocks, pp)
+    base, extra = divmod(num_blocks, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def _drop(model: nn.Module, dotted: str) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if child in parent._parameters or child in parent._buffers:
+        setattr(parent, child, None)  # unregistered from the state dict, never read
+    elif isinstance(getattr(parent, child, None), nn.Module):
+        setattr(parent, child, OnOtherStage())
+
+
+def apply_pipeline_stages(model: nn.Module, stage: int, pp: int) -> range:
+    """Keep only ``stage``'s blocks (and embed/head where they belong) in ``model`` (meta); return its range."""
+    spec = model.parallel_spec
+    lists = block_lists(model)
+    mine = stage_range(sum(len(b) for b in lists), pp, stage)
+    index = 0
+    for blocks in lists:
+        for i in range(len(blocks)):
+            if index not in mine:
+                blocks[i] = OnOtherStage()
+            index += 1
+    if stage > 0:
+        for name in spec.embed:
+            _drop(model, name)
+    if stage < pp - 1:
+        for name in spec.head:
+            _drop(model, name)
+    return mine
+
+
+@dataclass
+class StageSchedule:
+    """The ``stage`` callable of a family's forward on a pipeline rank (one micro-batch per call)."""
+
+    stage: int
+    pp: int
+    prev_rank: int | None
+    next_rank: int | None
+    device: torch.device
+    counter: CommCounter | None = None
+    pending: list = field(default_factory=list)
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+    def __call__(self, embed: Callable, body: Callable, head: Callable):
+        carry = embed() if self.first else self.recv()
+        carry = body(carry)
+        if self.last:
+            return head(carry)
+        self.send(carry)
+        return None
+
+    def send(self, carry: dict[str, torch.Tensor]) -> None:
+        """Shapes first (they change with the request), then every tensor without waiting."""
+        meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in carry.items()]
+        dist.send_object_list([meta], dst=self.next_rank, device=self.device)
+        for tensor in carry.values():
+            tensor = tensor.contiguous()
+            self.pending.append((dist.isend(tensor, dst=self.next_rank), tensor))
+            if self.counter is not None:
+                self.counter.add("pp_activations", tensor.nbytes, 0)
+
+    def recv(self) -> dict[str, torch.Tensor]:
+        box: list[Any] = [None]
+        dist.recv_object_list(box, src=self.prev_rank, device=self.device)
+        carry = {}
+        for key, shape, dtype in box[0]:
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            dist.recv(tensor, src=self.prev_rank)
+            if self.counter is not None:
+                self.counter.add("pp_activations", 0, tensor.nbytes)
+            carry[key] = tensor
+        return carry
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+class DiTPipeline:
+    """This rank's stage: what it loads (``prepare``) and how a step runs (``predict``)."""
+
+    def __init__(self, stage: int, pp: int, rank_of_stage: Callable[[int], int], group: Any, device: torch.device,
+                 counter: CommCounter | None = None) -> None:
+        self.stage, self.pp, self.group = stage, pp, group
+        self.last_rank = rank_of_stage(pp - 1)
+        self.schedule = StageSchedule(stage, pp, rank_of_stage(stage - 1) if stage > 0 else None,
+                                      rank_of_stage(stage + 1) if stage < pp - 1 else None, device, counter)
+        self.counter = counter
+        self.blocks: range | None = None
+
+    @classmethod
+    def for_worker(cls, worker: Any, counter: CommCounter | None = None) -> "DiTPipeline":
+        """Stage and neighbours from the worker's named mesh (same coordinates on every other dim)."""
+        names = list(worker.mesh.mesh_dim_names)
+        coords = worker.coordinates()
+        axis = names.index("pp")
+        here = [coords[n] for n in names]
+
+        def rank_of_stage(stage: int) -> int:
+            at = list(here)
+            at[axis] = stage
+            return int(worker.mesh.mesh[tuple(at)])
+
+        return cls(coords["pp"], int(worker.mesh.mesh.shape[axis]), rank_of_stage, worker.group("pp"),
+                   torch.device(worker.device), counter)
+
+    @property
+    def last(self) -> bool:
+        return self.schedule.last
+
+    def prepare(self, model: nn.Module) -> None:
+        self.blocks = apply_pipeline_stages(model, self.stage, self.pp)
+
+    def predict(self, run: Callable[[slice, StageSchedule], torch.Tensor | None], like: torch.Tensor,
+                micro_batches: int = 1) -> torch.Tensor:
+        """Run ``run(batch_rows, schedule)`` per micro-batch; return the full prediction on every stage.
+
+        ``like`` is the model input (the prediction has its shape and dtype).
+        More micro-batches let stages overlap; callers keep one when the
+        attention keeps per-layer state across calls (stale patch K/V).
+        """
+        batch = like.shape[0]
+        n = max(1, min(micro_batches, batch))
+        base, extra = divmod(batch, n)
+        outs, start = [], 0
+        for i in range(n):
+            size = base + (1 if i < extra else 0)
+            outs.append(run(slice(start, start + size), self.schedule))
+            start += size
+        self.schedule.wait()
+        pred = torch.cat(outs).contiguous() if self.last else torch.empty_like(like)
+        dist.broadcast(pred, src=self.last_rank, group=self.group)
+        if self.counter is not None:
+            self.counter.add("pp_pred", pred.nbytes if self.last else 0, 0 if self.last else pred.nbytes)
+        return pred
+
+    def describe(self) -> dict:
+        return {"pp_stage": self.stage, "blocks": [self.blocks.start, self.blocks.stop] if self.blocks else None}
