@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tessera.models.rope import RopeScaling, parse_rope, softmax_scale
 from tessera.runtime.config import ConfigError
 
 
@@ -54,6 +55,7 @@ class MoEArch:
     max_position_embeddings: int = 4096
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # not implemented: contexts must fit inside it
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; else YaRN (models.rope)
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers:
@@ -73,20 +75,18 @@ class MoEArch:
             raise ConfigError(f"unknown attention kind {self.attention!r}")
 
     @property
+    def softmax_scale(self) -> float:
+        """Scale of attention scores: qk_head_dim**-0.5, adjusted for YaRN's mscale_all_dim (DeepSeek)."""
+        return softmax_scale(self.qk_head_dim, self.rope_scaling)
+
+    @property
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, m in enumerate(self.moe_layers) if m)
 
 
 def rope_theta_of(cfg: dict) -> float:
-    """rope theta from transformers 5 (``rope_parameters``) or 4 (``rope_theta``) configs."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
-    if rope_type not in ("default", None):
-        raise ConfigError(
-            f"rope_type {rope_type!r} in config.json is not supported by tessera's MoE models yet "
-            "(only the default RoPE); use a checkpoint without rope scaling"
-        )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    """rope theta of a family that implements only plain RoPE; any rope scaling is refused, naming its type."""
+    return parse_rope(cfg, supported=("default",))[0]
 
 
 def sliding_window_of(cfg: dict) -> int | None:

@@ -1,6 +1,7 @@
 """DeepSeek-V2 / V3 style: multi-head latent attention (MLA), shared experts, first dense layers,
 group-limited top-k routing (V2: softmax + ``group_limited_greedy``; V3: sigmoid scores with
-``e_score_correction_bias``, top-2-sum group scores, ``norm_topk_prob``, routed scaling).
+``e_score_correction_bias``, top-2-sum group scores, ``norm_topk_prob``, routed scaling),
+plain RoPE or YaRN (``models.rope``; also scales the attention softmax by ``mscale_all_dim``).
 
 What is parallel: the low-rank projections ``q_a``/``kv_a`` and their norms are
 replicated (small); ``q_b`` and ``kv_b`` are column-split by heads, ``o`` is
@@ -11,7 +12,8 @@ stages may cut at any layer boundary (the dense prefix included).
 
 from __future__ import annotations
 
-from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of
+from tessera.models.arch import MoEArch, dtype_of, eos_of
+from tessera.models.rope import parse_rope
 from tessera.runtime.config import ConfigError
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
@@ -75,6 +77,8 @@ def parse_config(cfg: dict) -> MoEArch:
         if method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(f"{arch}: topk_method {method!r} is not supported; use greedy or group_limited_greedy")
         router = "softmax" if method == "greedy" else "softmax_group"
+    # The released V2/V3 checkpoints use YaRN (rope_scaling type "yarn", with mscale/mscale_all_dim).
+    rope_theta, rope_scaling = parse_rope(cfg, supported=("default", "yarn"))
     return MoEArch(
         family="deepseek",
         architecture=arch,
@@ -86,7 +90,7 @@ def parse_config(cfg: dict) -> MoEArch:
         qk_head_dim=nope + rope,
         v_head_dim=cfg["v_head_dim"],
         rope_dim=rope,
-        rope_theta=rope_theta_of(cfg),
+        rope_theta=rope_theta,
         rms_eps=cfg.get("rms_norm_eps", 1e-6),
         moe_layers=moe,
         num_experts=experts,
@@ -110,4 +114,5 @@ def parse_config(cfg: dict) -> MoEArch:
         dtype=dtype_of(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         eos_token_ids=eos_of(cfg),
+        rope_scaling=rope_scaling,
     )

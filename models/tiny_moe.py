@@ -46,6 +46,8 @@ def _config(family: str, size: dict[str, Any]):
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    if size.get("rope_scaling"):  # e.g. {"type": "yarn", "factor": 4, "original_max_position_embeddings": 16, ...}
+        common["rope_scaling"] = dict(size["rope_scaling"])
     E = size.get("experts", 4)
     inter = size.get("intermediate", 2 * H)
     moe_inter = size.get("moe_intermediate", H)
@@ -90,7 +92,7 @@ def build_tiny_moe(family: str, path: str | Path, *, tokenizer: bool = False, se
     """Build (or reuse) a tiny random ``family`` checkpoint in ``path``; returns the path.
 
     ``size`` keys: hidden, layers, heads, kv_heads, experts, top_k, vocab, intermediate,
-    moe_intermediate, head_dim, init_std (a larger std than transformers' 0.02 keeps
+    moe_intermediate, head_dim, max_positions, rope_scaling, init_std (a larger std than transformers' 0.02 keeps
     logits and router scores well separated, so greedy comparisons are not ties).
     """
     path = Path(path)

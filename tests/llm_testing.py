@@ -32,22 +32,23 @@ MODELS = {
 @dataclass
 class Reference:
     path: Path
-    logits: torch.Tensor  # [len(PROMPTS[0]), vocab]
+    logits: torch.Tensor  # [len(prompts[0]), vocab]
     greedy: list[list[int]]  # per prompt, NEW_TOKENS tokens
+    prompts: tuple[list[int], ...] = PROMPTS
 
 
-def _reference(path: Path) -> Reference:
+def _reference(path: Path, prompts: tuple[list[int], ...] = PROMPTS) -> Reference:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = model(torch.tensor([PROMPTS[0]])).logits[0].float()
+        logits = model(torch.tensor([prompts[0]])).logits[0].float()
         greedy = []
-        for prompt in PROMPTS:
+        for prompt in prompts:
             out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)
             greedy.append(out[0, len(prompt):].tolist())
-    return Reference(path, logits, greedy)
+    return Reference(path, logits, greedy, prompts)
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +65,10 @@ def check_against_reference(engine, ref: Reference, tol: float = 1e-4) -> None:
     """Prefill logits within ``tol`` and greedy tokens identical (both prompts in one batch)."""
     from tessera.runtime.llm.engine import SamplingParams
 
-    logits = engine.score(PROMPTS[0])
+    logits = engine.score(ref.prompts[0])
     diff = (logits - ref.logits).abs().max().item()
     assert diff <= tol, f"prefill logits differ from transformers by {diff:.3e} (> {tol})"
-    results = engine.generate(list(PROMPTS), SamplingParams(max_new_tokens=NEW_TOKENS))
+    results = engine.generate(list(ref.prompts), SamplingParams(max_new_tokens=NEW_TOKENS))
     assert [r.token_ids for r in results] == ref.greedy
     assert all(r.finish_reason == "length" for r in results)
 
