@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tessera.parallel import shm_comm
+
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -24,6 +26,9 @@ def all_gather_cat(tensor: torch.Tensor, group: Any = None, dim: int = 0) -> tor
     size = dist.get_world_size(group)
     if size == 1:
         return tensor
+    shm = shm_comm.for_group(group)
+    if shm is not None and shm.fits(tensor.contiguous()):
+        return shm.all_gather_cat(tensor.contiguous(), dim)
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((size * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
     all_gather_tensor(out, moved, group=group)

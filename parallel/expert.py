@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_cat
 from tessera.parallel.tensor import split_range
 from tessera.runtime.config import ConfigError
@@ -300,5 +301,5 @@ class ExpertDispatcher:
         if token.numel():
             rows = compute(x[token], topk_ids[token, choice])
             out.index_add_(0, token, rows * topk_w[token, choice].unsqueeze(1).to(rows.dtype))
-        dist.all_reduce(out, group=self.group)
+        shm_comm.all_reduce(out, self.group)
         return out

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_cat
 from tessera.runtime.config import ConfigError
 
@@ -87,7 +87,7 @@ def tp_slice(kind: str, shape: tuple[int, ...], unit: int, tp: int, rank: int, h
 def all_reduce_tp(x: torch.Tensor, group, size: int) -> torch.Tensor:
     """Sum the partial outputs of a row-parallel linear."""
     if size > 1:
-        dist.all_reduce(x, group=group)
+        shm_comm.all_reduce(x, group)
     return x
 
 
@@ -106,7 +106,7 @@ def vocab_embed(ids: torch.Tensor, weight: torch.Tensor, start: int, group, size
     local = ids - start
     inside = (local >= 0) & (local < weight.shape[0])
     out = weight[local.clamp(0, weight.shape[0] - 1)] * inside.unsqueeze(-1).to(weight.dtype)
-    dist.all_reduce(out, group=group)
+    shm_comm.all_reduce(out, group)
     return out
 
 

@@ -20,6 +20,7 @@ from tessera.models.checkpoint import read_config
 from tessera.models.loader import load_stage
 from tessera.models.moe_layers import MoEStage, ParallelView
 from tessera.models.registry import family_for
+from tessera.parallel import shm_comm
 from tessera.parallel.expert import ExpertPlacement
 from tessera.parallel.groups import LLMGroups, llm_groups
 from tessera.parallel.pipeline import micro_batches, run_pipeline, stage_layers
@@ -161,6 +162,9 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
     """Load this rank's shard of ``spec.model_dir``; returns what it holds (for the placement report)."""
     started = time.perf_counter()
     groups = llm_groups(worker)
+    if worker.device.type == "cpu":  # small per-layer collectives meet in shared memory on one node
+        for group in (groups.tp_group, groups.moe_group):
+            shm_comm.attach(group)
     cfg = read_config(spec.model_dir)
     family = family_for(cfg["architectures"][0])
     arch = family.parse_config(cfg)
@@ -183,6 +187,7 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
         heads, kdim = stage.local_kv_heads, arch.qk_head_dim
     stage.cache = PagedKVCache(stage.layers, spec.num_blocks, spec.block_size, heads, kdim, arch.v_head_dim, dtype, worker.device)
     stage.record_routing = spec.record_routing and groups.moe_rank == 0
+    stage.coherent_sharded = spec.placement is not None and spec.placement.mode == "exflow"  # parallel.coherent
     runner = ModelRunner(spec, stage, groups, first, last, time.perf_counter() - started, nbytes)
     old = _models(worker).pop(spec.key, None)
     if old is not None:

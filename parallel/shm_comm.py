@@ -1,0 +1,171 @@
+"""Shared-memory all_reduce / all_gather for the ranks of one process group on one CPU node.
+
+Why: on CPU, tensor-parallel decode does ~2 small all_reduces per layer. A gloo
+all_reduce of 2 KiB between two processes on this 2-core machine costs about
+0.6-1.2 ms of wall time and 0.3-0.7 ms of CPU (TCP loopback, its own threads),
+which is more than the matmuls it joins. Ranks on one node can instead meet in
+a shared-memory segment: each writes its tensor into its slot, publishes a step
+counter, waits (spin, then yield) until every rank has published the same step,
+and reduces all slots itself -- about 0.1 ms, mostly the wait for the slower
+rank. vLLM's CPU backend and DeepSpeed (``deepspeed_shm_comm``) do the same in
+C++; DeepSpeed's needs a JIT build, so this is the same design in torch/numpy.
+
+The segment holds two buffers used alternately (step parity): when a rank
+writes step n, every rank has published step n-1 and therefore finished
+reading step n-2 from the same buffer, so one meeting per collective is
+enough. Every rank sums the slots in rank order (fp32 accumulation for
+16-bit types), so all ranks get bitwise the same result. Tensors larger than
+a slot, and groups that span nodes, fall back to gloo (the decision depends
+only on shapes, so every rank takes the same path).
+
+The ordering argument relies on x86-64's store ordering (data stores become
+visible before the counter store); other machines use gloo.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import secrets
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SLOT_BYTES = 1 << 20  # per rank and buffer; larger tensors go through gloo
+HEADER = 4096  # token (32 bytes) + one 64-byte line per rank counter
+WAIT_TIMEOUT_S = float(os.environ.get("TESSERA_SHM_TIMEOUT_S", "600"))
+_SPINS_BEFORE_YIELD = 64
+
+_GROUPS: dict[int, "ShmGroup"] = {}
+
+
+def enabled_here() -> bool:
+    return os.environ.get("TESSERA_SHM_COMM", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
+
+
+class ShmGroup:
+    """One group's shared segment: per-rank step counters and two buffers of ``world`` slots."""
+
+    def __init__(self, segment: mmap.mmap, rank: int, world: int, slot_bytes: int) -> None:
+        self.segment, self.rank, self.world, self.slot_bytes = segment, rank, world, slot_bytes
+        self.counters = np.ndarray((world,), dtype=np.int64, buffer=segment, offset=64, strides=(64,))
+        data = torch.frombuffer(segment, dtype=torch.uint8, count=2 * world * slot_bytes, offset=HEADER)
+        self.buffers = data.view(2, world, slot_bytes)
+        self.step = int(self.counters[rank])
+        self.calls = 0
+
+    def _meet(self, t: torch.Tensor) -> torch.Tensor:
+        """Publish ``t`` in this rank's slot and wait for every rank; returns the [world, bytes] buffer."""
+        self.step += 1
+        self.calls += 1
+        buf = self.buffers[self.step % 2]
+        nbytes = t.numel() * t.element_size()
+        buf[self.rank, :nbytes].copy_(t.reshape(-1).view(torch.uint8))
+        self.counters[self.rank] = self.step
+        spins, deadline = 0, None
+        while self.counters.min() < self.step:
+            spins += 1
+            if spins > _SPINS_BEFORE_YIELD:
+                os.sched_yield()  # the peer may share our core: let it run
+                if spins % 4096 == 0:
+                    deadline = deadline or time.monotonic() + WAIT_TIMEOUT_S
+                    if time.monotonic() > deadline:
+                        late = [r for r in range(self.world) if self.counters[r] < self.step]
+                        raise RuntimeError(
+                            f"shared-memory collective: rank(s) {late} of the group did not arrive within "
+                            f"{WAIT_TIMEOUT_S:.0f}s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
+                        )
+        return buf[:, :nbytes]
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() <= self.slot_bytes
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the group (``t`` contiguous, on the CPU, at most one slot)."""
+        slots = self._meet(t).view(t.dtype).view(self.world, -1)
+        acc = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+        total = slots[0].to(acc)
+        for r in range(1, self.world):
+            total = total + slots[r].to(acc)
+        t.view(-1).copy_(total)
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's ``t`` (same shape everywhere) concatenated along ``dim``."""
+        slots = self._meet(t).view(t.dtype)
+        return torch.cat([slots[r].view(t.shape) for r in range(self.world)], dim=dim)
+
+
+def attach(group: Any, slot_bytes: int = SLOT_BYTES) -> ShmGroup | None:
+    """Give ``group`` a shared segment when all its ranks are CPU processes on one node (collective).
+
+    Rank 0 creates the segment under /dev/shm and writes a random token; every
+    rank maps it and checks the token, and only if every rank succeeded is the
+    group switched over. The file is unlinked once all have mapped it, so no
+    segment outlives the processes. Returns None (gloo stays) otherwise.
+    """
+    if group is None or dist.get_backend(group) != "gloo":
+        return None
+    if id(group) in _GROUPS:
+        return _GROUPS[id(group)]
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world < 2:
+        return None
+    size = HEADER + 2 * world * slot_bytes
+    segment, info = None, [None]
+    if rank == 0 and enabled_here():
+        token = secrets.token_hex(16)
+        path = f"/dev/shm/tessera-comm-{os.getpid()}-{token[:8]}"
+        try:
+            segment = _map(path, size, create=True)
+            segment[:32] = token.encode()
+            info = [(path, token, socket.gethostname())]
+        except OSError:
+            segment = None
+    dist.broadcast_object_list(info, src=dist.get_global_rank(group, 0), group=group)
+    if info[0] is not None and rank != 0:
+        path, token, host = info[0]
+        if enabled_here() and host == socket.gethostname():
+            try:
+                segment = _map(path, size, create=False)
+                if segment[:32] != token.encode():
+                    segment = None
+            except OSError:
+                segment = None
+    votes: list[Any] = [None] * world
+    dist.all_gather_object(votes, segment is not None, group=group)  # also a barrier: all have mapped it
+    if rank == 0 and info[0] is not None:
+        os.unlink(info[0][0])
+    if not all(votes):
+        return None
+    shm = _GROUPS[id(group)] = ShmGroup(segment, rank, world, slot_bytes)
+    shm.group = group  # keep the group alive as long as its key is in use
+    return shm
+
+
+def _map(path: str, size: int, create: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def for_group(group: Any) -> ShmGroup | None:
+    return _GROUPS.get(id(group)) if group is not None else None
+
+
+def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """In-place sum over ``group``: through its shared segment when it has one and ``t`` fits, else gloo."""
+    shm = for_group(group)
+    if shm is not None and shm.fits(t):
+        return shm.all_reduce(t)
+    dist.all_reduce(t, group=group)
+    return t
