@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from tessera.memory.kv_cache import BlockAllocator
 from tessera.models.checkpoint import CheckpointError, read_config, weight_files
 from tessera.models.registry import family_for
+from tessera.parallel.coherent import EXFLOW, check_exflow
 from tessera.parallel.expert import DISPATCH_MODES, build_placement
 from tessera.parallel.groups import check_llm_plan
 from tessera.parallel.pipeline import check_pp
@@ -147,7 +148,8 @@ class LLMEngine:
         (``expert_map[layer][expert] = ep rank``, or one list for all MoE layers),
         ``expert_replicas`` (``[layer][expert]`` = extra ep ranks holding a copy of a hot expert),
         ``expert_parallel_mode`` (``"standard"`` or ``"coherent"``: each token handled on the rank
-        of its top-1 expert, so only its other choices cross ranks; same tokens),
+        of its top-1 expert, so only its other choices cross ranks; same tokens; or ``"exflow"``: hidden
+        states stay token-sharded over ep and follow their top-1 expert, see :mod:`tessera.parallel.coherent`),
         ``record_routing`` (keep top-k expert ids per MoE layer per token; see
         :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``, ``moe_dispatch``
         (``auto``: all_reduce combine for <= 16 tokens or when it moves fewer bytes, else all_to_all).
@@ -192,8 +194,12 @@ class LLMEngine:
         what = f"{arch.architecture} on plan {plan}"
         check_tp(arch.num_heads, arch.num_kv_heads, plan.degree("tp"), what)
         check_pp(arch.num_layers, plan.degree("pp"), what)
+        exflow = ep_mode == EXFLOW  # token-sharded forward (tessera.parallel.coherent) over a standard expert map
+        if exflow:
+            check_exflow(plan, arch, opts.record_routing)
         placement = build_placement(arch.num_experts, arch.moe_layer_ids, plan.degree("ep"), plan.degree("tp"), expert_map,
-                                    expert_replicas, ep_mode)
+                                    expert_replicas, "standard" if exflow else ep_mode)
+        placement = dataclasses.replace(placement, mode=EXFLOW) if exflow else placement
         key = f"{model_dir.name}-{next(_engine_ids)}"
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,

@@ -1,0 +1,316 @@
+"""Context-coherent expert parallel (ExFlow): hidden states stay token-sharded over the ep group.
+
+The standard MoE forward keeps every token's hidden state on every rank of the
+MoE group and, per MoE layer, moves (token, choice) rows to the expert owners
+and back, then all-gathers (or all-reduces) the result so every rank again
+holds every token. ExFlow (Yao et al., 2024) instead lets a token *live* on one
+rank and follow its experts:
+
+- Between layers rank ``r`` holds only its *resident* tokens (rows of ``h``);
+  at the start of a stage the batch is split by index.
+- Attention for a resident runs on its current rank (attention weights are
+  replicated over ep, so tp must be 1 inside the group). The *attention
+  context*: a query needs the K/V of every earlier token of its sequence,
+  wherever that token lives. After computing K/V for its residents, a rank
+  all-gathers the new K/V rows (with their cache slots) over the group and
+  writes all of them, so every rank's paged cache holds the whole context.
+  That costs ``kv_heads x (k_dim + v_dim)`` values per token and layer, less
+  than a hidden row on GQA models (Mixtral 2048 vs 4096, Qwen3-MoE 1024 vs
+  2048). The cheaper-looking alternatives are not: keeping a sequence's tokens
+  on one rank breaks the "follow your expert" rule, and fetching K/V on demand
+  needs a request round before every attention.
+- MoE: residents are routed where they live. One ``all_to_all_single``
+  (uneven splits) carries, per token, a *home* row to its *anchor* (the rank of
+  its top-1 expert: the residual ``h``, from which the anchor recomputes the
+  normed input and computes every choice whose expert it holds) and one row of
+  the normed input to each *other* rank holding one of its experts. The
+  token's new home is its anchor. Partial outputs of choices computed away
+  from the anchor return to it in a second exchange, which is skipped when no
+  such choice exists anywhere (always for top_k = 1, and often under an
+  affinity placement that puts a token's experts together).
+- At the end of the stage the residents are all-gathered back into the
+  original token order, so the LM head, the pipeline and the engine see what
+  the standard path produces.
+
+Per MoE layer this is one tiny all_gather of row counts, one K/V all-gather,
+one all_to_all, and the second all_to_all only when needed; every exchange
+packs its integer metadata and float payload into one byte tensor, so each is
+a single collective. Numerically it is the standard computation with the sums
+of a token's expert outputs taken in another order (fp32 logits agree to
+~1e-6). ``check_exflow`` refuses the plans it does not cover.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tessera.parallel.comm import all_gather_cat
+from tessera.parallel.expert import ExpertDispatcher
+from tessera.parallel.tensor import split_range
+from tessera.runtime.config import ConfigError
+
+EXFLOW = "exflow"
+
+
+def check_exflow(plan, arch, record_routing: bool = False) -> None:
+    """Refuse, naming the fix, what the token-sharded forward does not support."""
+    ep, tp = plan.degree("ep"), plan.degree("tp")
+    if tp != 1:
+        raise ConfigError(
+            f"expert_parallel_mode='exflow' shards tokens over the ep group with attention replicated, so it needs tp=1 "
+            f"(plan {plan} has tp={tp}); use a plan with ep={ep * tp} and tp=1, or expert_parallel_mode='standard'"
+        )
+    if ep < 2:
+        raise ConfigError(f"expert_parallel_mode='exflow' needs ep >= 2 (plan {plan}); with one ep rank use 'standard'")
+    if arch.num_experts < ep:
+        raise ConfigError(
+            f"expert_parallel_mode='exflow' needs at least one whole expert per ep rank ({arch.num_experts} experts, "
+            f"ep={ep}); use ep <= {arch.num_experts} or expert_parallel_mode='standard'"
+        )
+    if record_routing:
+        raise ConfigError(
+            "record_routing is not available with expert_parallel_mode='exflow' (routing happens where tokens live); "
+            "record traces with expert_parallel_mode='standard' (same routing, same tokens)"
+        )
+
+
+@dataclass
+class CoherentStats:
+    """What this rank handed to torch.distributed in the token-sharded forward."""
+
+    moe_rows: int = 0  # rows sent to other ranks by the MoE exchanges (dispatch + partial combine)
+    moe_bytes: int = 0
+    kv_bytes: int = 0  # K/V rows (with slots) this rank contributed to the context all-gathers
+    gather_bytes: int = 0  # the end-of-stage all-gather back to token order
+    second_exchanges: int = 0  # MoE layers that needed the partial-output exchange
+    moe_layer_calls: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+# -- byte packing: ints and floats of one row travel in one collective --------------------
+
+
+def _pack(*parts: torch.Tensor) -> torch.Tensor:
+    """[n, bytes] uint8 rows from tensors of n rows (any dtypes)."""
+    n = parts[0].shape[0]
+    return torch.cat([p.contiguous().reshape(n, p[0].numel() if n else _cols(p)).view(torch.uint8) for p in parts], dim=1)
+
+
+def _cols(t: torch.Tensor) -> int:
+    c = 1
+    for d in t.shape[1:]:
+        c *= d
+    return c
+
+
+def _unpack(rows: torch.Tensor, specs: Sequence[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """Inverse of ``_pack``: ``specs`` = (dtype, columns) per part."""
+    out, at = [], 0
+    for dtype, cols in specs:
+        width = cols * torch.empty((), dtype=dtype).element_size()
+        out.append(rows[:, at : at + width].clone(memory_format=torch.contiguous_format).view(dtype))
+        at += width
+    return out
+
+
+def _all_gather_rows(rows: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
+    """All-gather uneven [count_r, bytes] rows (every rank knows every count); concatenated in rank order."""
+    longest = max(counts)
+    if rows.shape[0] < longest:
+        rows = torch.cat([rows, rows.new_zeros((longest - rows.shape[0], rows.shape[1]))])
+    out = all_gather_cat(rows.contiguous(), group=group)
+    return torch.cat([out[i * longest : i * longest + n] for i, n in enumerate(counts)])
+
+
+def _all_to_all_rows(rows: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    out = rows.new_empty((sum(recv), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
+    return out
+
+
+# -- attention over a resident subset ------------------------------------------------------
+
+
+def resident_metadata(meta, index: torch.Tensor):
+    """The metadata of ``meta`` restricted to the packed tokens ``index`` (their sequences' full context)."""
+    Tq = meta.q_index.shape[1]
+    seq, row = meta.out_index[index] // Tq, meta.out_index[index] % Tq
+    seqs = torch.unique(seq)  # sorted
+    b = torch.searchsorted(seqs, seq)
+    q_index = torch.full((len(seqs), Tq), len(index), dtype=torch.int64, device=index.device)
+    q_index[b, row] = torch.arange(len(index), device=index.device)
+    return replace(
+        meta,
+        positions=meta.positions[index],
+        slot_mapping=meta.slot_mapping[index],
+        key_slots=meta.key_slots[seqs],
+        mask=meta.mask[seqs],  # a non-resident query row keeps its own (non-empty) mask; its output is dropped
+        q_index=q_index,
+        out_index=b * Tq + row,
+        last_index=index.new_zeros(0),
+    )
+
+
+class _ContextCache:
+    """Stands in for the stage's paged cache during one attention call: writes gather every rank's new K/V."""
+
+    def __init__(self, cache, group, counts: list[int], stats: CoherentStats) -> None:
+        self._cache, self._group, self._counts, self._stats = cache, group, counts, stats
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        kc, vc = self._cache.k[layer], self._cache.v[layer]
+        k, v = k.to(kc.dtype), v.to(vc.dtype)
+        rows = _pack(k, v, slots.to(torch.int64))
+        self._stats.kv_bytes += rows.numel() * (len(self._counts) - 1)
+        both = _all_gather_rows(rows, self._counts, self._group)
+        K, V, S = _unpack(both, [(kc.dtype, kc[0].numel()), (vc.dtype, vc[0].numel()), (torch.int64, 1)])
+        self._cache.write(layer, K.view(-1, *kc.shape[1:]), V.view(-1, *vc.shape[1:]), S.view(-1))
+
+
+def _attention(stage, layer: int, x: torch.Tensor, index: torch.Tensor, meta, cos, sin, counts, stats) -> torch.Tensor:
+    proxy = _ContextCache(stage.cache, stage.pv.moe_group, counts, stats)
+    if index.numel() == 0:  # nothing resident here: still take part in the context all-gather
+        kc, vc = stage.cache.k[layer], stage.cache.v[layer]
+        proxy.write(layer, kc.new_empty((0, *kc.shape[1:])), vc.new_empty((0, *vc.shape[1:])), index)
+        return x.new_zeros((0, x.shape[1]))
+    saved, stage.cache = stage.cache, proxy
+    try:
+        return stage.attention(layer, x, resident_metadata(meta, index), cos[index], sin[index])
+    finally:
+        stage.cache = saved
+
+
+# -- the MoE exchange ------------------------------------------------------------------------
+
+
+def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats: CoherentStats):
+    """Route residents, move them to their anchors, combine. Returns (new residents h, their indices, counts)."""
+    from tessera.models.moe_layers import mlp, rms_norm, route, run_experts
+
+    a, p, pv = stage.arch, stage.params[layer], stage.pv
+    P, me, group, dev = pv.moe_size, pv.moe_rank, pv.moe_group, h.device
+    H, k = h.shape[1], a.top_k
+    owners = stage.owner_tables[layer]
+    if owners.device != dev:
+        owners = stage.owner_tables[layer] = owners.to(dev)
+    x = rms_norm(h, p["mlp_norm"], a.rms_eps)
+    topw, topi = route(a, x, p["router"], p.get("router_bias"))
+    dest = ExpertDispatcher.destinations(index, topi, owners)[..., 0]  # [n, k] ep rank of each choice
+    n = h.shape[0]
+    anchor = dest[:, 0]
+    others = torch.zeros((n, P), dtype=torch.bool, device=dev)
+    others[torch.arange(n, device=dev).unsqueeze(1).expand(n, k), dest] = True
+    others[torch.arange(n, device=dev), anchor] = False
+    o_tok, o_rank = others.nonzero(as_tuple=True)  # one row per (token, other rank holding one of its experts)
+
+    # Round 1: counts (everyone learns everyone's: the next resident counts come with them), then one all_to_all.
+    home_c = torch.bincount(anchor, minlength=P)
+    other_c = torch.bincount(o_rank, minlength=P)
+    C = all_gather_cat(torch.stack([home_c, other_c]), group=group).view(P, 2, P).cpu()
+    send = (C[me, 0] + C[me, 1]).tolist()
+    recv = (C[:, 0, me] + C[:, 1, me]).tolist()
+    counts = C[:, 0].sum(0).tolist()  # residents per rank after this layer
+
+    to = torch.cat([anchor, o_rank])
+    tok = torch.cat([torch.arange(n, device=dev), o_tok])
+    payload = torch.cat([h, x[o_tok]])  # home rows carry the residual, the others the normed input
+    order = torch.argsort(to, stable=True)
+    tok, payload = tok[order], payload[order]
+    meta = torch.cat([index[tok].unsqueeze(1), anchor[tok].unsqueeze(1), topi[tok]], 1)
+    rows = _pack(meta, payload, topw[tok])
+    got = _all_to_all_rows(rows, send, recv, group)
+    sent_rows = sum(send) - send[me]
+    stats.moe_rows += sent_rows
+    stage.dispatcher.rows_sent += sent_rows  # what the benchmark compares with the standard dispatcher
+    stats.moe_bytes += sent_rows * rows.shape[1]
+    g_meta, vec, w = _unpack(got, [(torch.int64, 2 + k), (h.dtype, H), (topw.dtype, k)])
+    g_idx, g_anchor, g_ids = g_meta[:, 0], g_meta[:, 1], g_meta[:, 2:]
+    home = g_anchor == me
+    xin = vec.clone()
+    xin[home] = rms_norm(vec[home], p["mlp_norm"], a.rms_eps)
+
+    # Every choice whose expert is here, for home and visiting rows alike: one batched expert pass.
+    g_dest = ExpertDispatcher.destinations(g_idx, g_ids, owners)[..., 0]
+    r_i, r_j = (g_dest == me).nonzero(as_tuple=True)
+    partial = vec.new_zeros(vec.shape)
+    if r_i.numel():
+        out = run_experts(stage.experts, layer, xin[r_i], g_ids[r_i, r_j])
+        partial.index_add_(0, r_i, out * w[r_i, r_j].unsqueeze(1).to(out.dtype))
+
+    home_pos = home.nonzero().squeeze(1)
+    h_home, x_home, routed, idx_home = vec[home_pos], xin[home_pos], partial[home_pos], g_idx[home_pos]
+    if int(C[:, 1].sum()) > 0:
+        # Round 2: visiting rows' partial outputs go to their anchors. Both sides order them by
+        # (anchor or source rank, token index), so no counts or indices travel.
+        visit = (~home).nonzero().squeeze(1)
+        key = g_anchor[visit] * (N + 1) + g_idx[visit]
+        visit = visit[torch.argsort(key)]
+        send2 = torch.bincount(g_anchor[visit], minlength=P).tolist()
+        expect = torch.zeros((len(home_pos), P), dtype=torch.bool, device=dev)
+        hd = g_dest[home_pos]
+        expect[torch.arange(len(home_pos), device=dev).unsqueeze(1).expand_as(hd), hd] = True
+        expect[:, me] = False
+        e_row, e_rank = expect.nonzero(as_tuple=True)
+        e_order = torch.argsort(e_rank * (N + 1) + idx_home[e_row])
+        e_row, e_rank = e_row[e_order], e_rank[e_order]
+        recv2 = torch.bincount(e_rank, minlength=P).tolist()
+        back = _all_to_all_rows(partial[visit], send2, recv2, group)
+        routed = routed.index_add(0, e_row, back)
+        sent2 = sum(send2) - send2[me]
+        stats.moe_rows += sent2
+        stage.dispatcher.rows_sent += sent2
+        stats.moe_bytes += sent2 * H * vec.element_size()
+        stats.second_exchanges += 1
+    stats.moe_layer_calls += 1
+    if a.shared_intermediate:
+        shared = mlp(x_home, p["shared_gate_proj"], p["shared_up"], p["shared_down"], pv)
+        if a.shared_gate:
+            shared = torch.sigmoid(torch.nn.functional.linear(x_home, p["shared_expert_gate"])) * shared
+        routed = routed + shared
+    h_new = h_home + routed
+    order = torch.argsort(idx_home)
+    return h_new[order], idx_home[order], counts
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+def coherent_forward(stage, h: torch.Tensor, meta) -> torch.Tensor:
+    """``MoEStage.forward`` with token-sharded hidden states; returns the full [N, H] in token order."""
+    from tessera.models.moe_layers import mlp, rms_norm, rope_cos_sin
+
+    a, pv = stage.arch, stage.pv
+    P, me, group = pv.moe_size, pv.moe_rank, pv.moe_group
+    stats = getattr(stage, "coherent_stats", None)
+    if stats is None:
+        stats = stage.coherent_stats = CoherentStats()
+    N, H = h.shape
+    scaling = getattr(a, "rope_scaling", None)  # the same cos/sin as MoEStage.forward (YaRN when configured)
+    cos, sin = rope_cos_sin(meta.positions, a.rope_dim, a.rope_theta, *(() if scaling is None else (scaling,)))
+    counts = [b - s for s, b in (split_range(N, P, r) for r in range(P))]
+    lo, hi = split_range(N, P, me)
+    index = torch.arange(lo, hi, device=h.device)
+    h = h[lo:hi]
+    for layer in stage.layers:
+        p = stage.params[layer]
+        h = h + _attention(stage, layer, rms_norm(h, p["attn_norm"], a.rms_eps), index, meta, cos, sin, counts, stats)
+        if a.moe_layers[layer]:
+            h, index, counts = _moe(stage, layer, h, index, N, stats)
+        else:
+            h = h + mlp(rms_norm(h, p["mlp_norm"], a.rms_eps), p["dense_gate"], p["dense_up"], p["dense_down"], pv)
+    rows = _pack(h, index.unsqueeze(1))
+    stats.gather_bytes += rows.numel() * (P - 1)
+    both = _all_gather_rows(rows, counts, group)
+    vals, idx = _unpack(both, [(h.dtype, H), (torch.int64, 1)])
+    out = h.new_empty((N, H))
+    out[idx.view(-1)] = vals
+    return out
