@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tessera.memory.kv_cache import AttentionMetadata, PagedKVCache, paged_attention
 from tessera.models.arch import MoEArch
+from tessera.models.rope import RopeScaling, cos_sin
 from tessera.parallel.expert import ExpertDispatcher, ExpertPlacement
 from tessera.parallel.tensor import all_reduce_tp, vocab_embed, vocab_logits
 
@@ -56,10 +57,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
-    freqs = positions.float().unsqueeze(-1) * inv_freq  # [N, dim/2]
-    return freqs.cos(), freqs.sin()
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float,
+                 scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos_sin(positions, dim, theta, scaling)  # [N, dim/2] each; plain RoPE or YaRN (models.rope)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
@@ -136,6 +136,22 @@ def run_experts(weights: ExpertWeights, layer: int, rows: torch.Tensor, expert_i
     return result
 
 
+def fuse_qkv(p: dict[str, torch.Tensor]) -> None:
+    """One [q; k; v] weight (and bias) per layer: one matmul instead of three per decode step.
+
+    ``q``/``k``/``v`` stay in ``p`` as views of the fused tensor (no extra bytes),
+    for code that reads them by name.
+    """
+    biases = [n in p for n in ("q_bias", "k_bias", "v_bias")]
+    if "qkv" in p or not all(n in p for n in ("q", "k", "v")) or any(biases) != all(biases):
+        return
+    for suffix in ("", "_bias") if all(biases) else ("",):
+        names = [f"{n}{suffix}" for n in ("q", "k", "v")]
+        fused = p[f"qkv{suffix}"] = torch.cat([p[n] for n in names])
+        for n, part in zip(names, fused.split([p[n].shape[0] for n in names])):
+            p[n] = part
+
+
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pv: ParallelView) -> torch.Tensor:
     """SwiGLU MLP with gate/up column-split and down row-split over tp."""
     return all_reduce_tp(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), pv.tp_group, pv.tp_size)
@@ -159,6 +175,7 @@ class MoEStage:
     record_routing: bool = False
     dispatch_mode: str = "auto"
     routing: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    coherent_sharded: bool = False  # ExFlow: token-sharded forward over ep (tessera.parallel.coherent)
 
     def __post_init__(self) -> None:
         coherent = self.placement is not None and self.placement.mode == "coherent"
@@ -167,6 +184,9 @@ class MoEStage:
         self.owner_tables = (
             {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
         )
+        if self.arch.attention != "mla":
+            for params in self.params.values():
+                fuse_qkv(params)
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -196,15 +216,19 @@ class MoEStage:
             q = torch.cat([q_nope, q_pe], -1)
             k = torch.cat([k_nope, k_pe.expand(N, hl, a.rope_dim)], -1)
         else:
-            q = F.linear(x, p["q"], p.get("q_bias")).view(N, hl, a.qk_head_dim)
-            k = F.linear(x, p["k"], p.get("k_bias")).view(N, self.local_kv_heads, a.qk_head_dim)
-            v = F.linear(x, p["v"], p.get("v_bias")).view(N, self.local_kv_heads, a.v_head_dim)
+            kvh = self.local_kv_heads
+            if "qkv" in p:
+                q, k, v = F.linear(x, p["qkv"], p.get("qkv_bias")).split(
+                    [hl * a.qk_head_dim, kvh * a.qk_head_dim, kvh * a.v_head_dim], dim=-1)
+            else:
+                q, k, v = (F.linear(x, p[n], p.get(f"{n}_bias")) for n in ("q", "k", "v"))
+            q, k, v = q.view(N, hl, a.qk_head_dim), k.view(N, kvh, a.qk_head_dim), v.view(N, kvh, a.v_head_dim)
             if a.qk_norm:
                 q, k = rms_norm(q, p["q_norm"], a.rms_eps), rms_norm(k, p["k_norm"], a.rms_eps)
             q, k = apply_rope(q, cos, sin, a.rope_interleave), apply_rope(k, cos, sin, a.rope_interleave)
         self.cache.write(layer, k, v, meta.slot_mapping)
         keys, values = self.cache.gather(layer, meta.key_slots)
-        out = paged_attention(q, keys, values, meta, a.qk_head_dim ** -0.5).reshape(N, -1)
+        out = paged_attention(q, keys, values, meta, a.softmax_scale).reshape(N, -1)
         return all_reduce_tp(F.linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
 
     def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -229,8 +253,12 @@ class MoEStage:
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Run this stage's layers on packed hidden states [N, H]."""
+        if self.coherent_sharded:
+            from tessera.parallel.coherent import coherent_forward
+
+            return coherent_forward(self, h, meta)
         a = self.arch
-        cos, sin = rope_cos_sin(meta.positions, a.rope_dim, a.rope_theta)
+        cos, sin = rope_cos_sin(meta.positions, a.rope_dim, a.rope_theta, a.rope_scaling)
         for layer in self.layers:
             p = self.params[layer]
             h = h + self.attention(layer, rms_norm(h, p["attn_norm"], a.rms_eps), meta, cos, sin)
