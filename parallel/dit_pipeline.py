@@ -11,8 +11,8 @@ carry``, ``body(carry) -> carry``, ``head(carry) -> output`` handed to a
 ``stage`` callable (``models/dit_layers.whole_model`` when unstaged). This
 file says *how*, in torchtitan-style steps:
 
-1. :func:`apply_pipeline_stages` (on the meta model, before loading):
-   other stages' blocks become parameter-free ``OnOtherStage`` stand-ins and
+1. :func:`apply_pipeline_stages` (on the meta model, before loading): the
+   block sequence is cut into contiguous ranges of balanced bytes; other stages' blocks become parameter-free ``OnOtherStage`` stand-ins and
    the embeddings / head are dropped where not needed, so the state dict, and
    hence what the loader reads from safetensors, is this stage's only.
 2. :class:`StageSchedule` (the ``stage`` callable): the first stage embeds,
@@ -60,12 +60,56 @@ def check_pp(num_blocks: int, pp: int) -> None:
                           f"at least one block; use pp <= {num_blocks} (and put other ranks on tp, sp or cfg)")
 
 
-def stage_range(num_blocks: int, pp: int, stage: int) -> range:
-    """Balanced contiguous block range of ``stage`` (earlier stages take the remainder)."""
-    check_pp(num_blocks, pp)
-    base, extra = divmod(num_blocks, pp)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
+def stage_ranges(block_bytes: list[int], pp: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
+    """Contiguous, non-empty block ranges of the ``pp`` stages that minimise the largest stage's bytes.
+
+    Why bytes and not block counts: a stage's memory (and, for linears, its
+    compute) is its parameter bytes, and blocks differ (a Flux double-stream
+    block is about twice a single-stream one; the first stage also holds the
+    embeddings, the last the head). A small DP over cut points, deterministic,
+    so every rank computes the same cuts.
+    """
+    n = len(block_bytes)
+    check_pp(n, pp)
+    prefix = [0]
+    for b in block_bytes:
+        prefix.append(prefix[-1] + b)
+
+    def cost(stage: int, i: int, j: int) -> int:
+        return (prefix[j] - prefix[i] + (first_extra if stage == 0 else 0)
+                + (last_extra if stage == pp - 1 else 0))
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]  # best[s][j]: s stages over blocks [0, j)
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0
+    for s in range(1, pp + 1):
+        for j in range(s, n - (pp - s) + 1):
+            for i in range(s - 1, j):
+                value = max(best[s - 1][i], cost(s - 1, i, j))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    bounds, j = [n], n
+    for s in range(pp, 0, -1):
+        j = cut[s][j]
+        bounds.append(j)
+    bounds.reverse()
+    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+
+
+def _bytes(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _named_bytes(model: nn.Module, names) -> int:
+    total = 0
+    for name in names:
+        item = getattr(model, name, None)
+        total += _bytes(item) if isinstance(item, nn.Module) else (item.numel() * item.element_size()
+                                                                    if isinstance(item, torch.Tensor) else 0)
+    return total
 
 
 def _drop(model: nn.Module, dotted: str) -> None:
@@ -81,7 +125,8 @@ def apply_pipeline_stages(model: nn.Module, stage: int, pp: int) -> range:
     """Keep only ``stage``'s blocks (and embed/head where they belong) in ``model`` (meta); return its range."""
     spec = model.parallel_spec
     lists = block_lists(model)
-    mine = stage_range(sum(len(b) for b in lists), pp, stage)
+    sizes = [_bytes(block) for blocks in lists for block in blocks]
+    mine = stage_ranges(sizes, pp, _named_bytes(model, spec.embed), _named_bytes(model, spec.head))[stage]
     index = 0
     for blocks in lists:
         for i in range(len(blocks)):
