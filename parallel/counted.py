@@ -56,6 +56,22 @@ def gather_tokens(local: torch.Tensor, counts: Sequence[int], group: Any, counte
     longest and the pad is dropped after. Returns ``(work, finish)``;
     ``finish()`` (after ``work.wait()`` when async) gives ``[sum(counts), ...]``.
     """
+    work, out, longest = gather_padded(local, counts, group, counter, kind, async_op)
+
+    def finish() -> torch.Tensor:
+        if all(n == longest for n in counts):
+            return out  # nothing to drop: no copy
+        parts = [out[i * longest: i * longest + n] for i, n in enumerate(counts)]
+        return torch.cat(parts, dim=0)
+
+    return work, finish
+
+
+def gather_padded(local: torch.Tensor, counts: Sequence[int], group: Any, counter: CommCounter | None, kind: str,
+                  async_op: bool = False):
+    """The all-gather under :func:`gather_tokens`: returns ``(work, out, longest)`` where rank ``i``'s
+    ``counts[i]`` rows sit at ``out[i * longest:]`` (callers that rearrange anyway skip the compaction copy).
+    ``local`` may already have ``longest`` rows (its pad rows are never read)."""
     longest = max(counts)
     world = len(counts)
     if local.shape[0] < longest:
@@ -66,12 +82,7 @@ def gather_tokens(local: torch.Tensor, counts: Sequence[int], group: Any, counte
     work = all_gather_tensor(out, local, group=group, async_op=async_op)
     if counter is not None:
         counter.add(kind, local.nbytes, local.nbytes * (world - 1))
-
-    def finish() -> torch.Tensor:
-        parts = [out[i * longest: i * longest + n] for i, n in enumerate(counts)]
-        return torch.cat(parts, dim=0)
-
-    return work, finish
+    return work, out, longest
 
 
 def all_to_all_tokens(inp: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], group: Any,

@@ -33,8 +33,10 @@ from typing import Any, Sequence
 
 import torch
 
+import torch.nn.functional as F
+
 from tessera.models.dit_layers import sdpa
-from tessera.parallel.counted import CommCounter, exchange_p2p, gather_tokens
+from tessera.parallel.counted import CommCounter, exchange_p2p, gather_padded, gather_tokens
 
 PATCH_MODES = ("exact", "displaced", "partial")
 
@@ -66,7 +68,8 @@ class PatchParallelAttention:
     """
 
     def __init__(self, group: Any, group_rank: int, bands: Sequence[tuple[int, int]], grid_w: int,
-                 config: PatchConfig, total_steps: int, counter: CommCounter | None = None) -> None:
+                 config: PatchConfig, total_steps: int, counter: CommCounter | None = None,
+                 text_counts: Sequence[int] | None = None) -> None:
         self.group = group
         self.me = group_rank
         self.world = len(bands)
@@ -84,6 +87,9 @@ class PatchParallelAttention:
         self.pending: dict[int, tuple] = {}          # layer -> in-flight exchange
         self.step = 0
         self.sync = True
+        # exact mode only: the text stream of joint attention is sharded too (``extra_kv`` holds this rank's
+        # text tokens) and its K/V ride in the same all-gather; stale modes keep the text replicated
+        self.text_counts = list(text_counts) if text_counts is not None and config.mode == "exact" else None
 
     # -- step bookkeeping --------------------------------------------------------
 
@@ -99,6 +105,8 @@ class PatchParallelAttention:
     # -- the attention -----------------------------------------------------------
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, extra_kv=None) -> torch.Tensor:
+        if self.world > 1 and self.config.mode == "exact":
+            return self._exact(q, k, v, extra_kv)
         fresh = torch.stack([k, v], dim=2).transpose(0, 1)  # [N_local, B, 2, H, d]
         if self.world == 1:
             full, known = fresh, None
@@ -121,6 +129,39 @@ class PatchParallelAttention:
             keys = torch.cat([extra_kv[0], keys], dim=1)
             values = torch.cat([extra_kv[1], values], dim=1)
         return sdpa(q, keys, values)
+
+    def _exact(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_kv) -> torch.Tensor:
+        """All-gather fresh K/V, attend. One copy into the send buffer, one into the layout attention reads."""
+        b, _, heads, d = k.shape
+        n_txt = 0 if extra_kv is None else extra_kv[0].shape[1]
+        sharded = bool(n_txt) and self.text_counts is not None
+        if sharded and n_txt != self.text_counts[self.me]:
+            raise ValueError(f"rank {self.me} holds {n_txt} text tokens, text_counts says {self.text_counts[self.me]}")
+        counts = [t + i for t, i in zip(self.text_counts, self.counts)] if sharded else self.counts
+        longest = max(counts)
+        send = k.new_empty((longest, b, 2, heads, d))  # rows past this rank's count are padding, never read
+        at = 0
+        for pk, pv in ((extra_kv[0], extra_kv[1]), (k, v)) if sharded else ((k, v),):
+            n = pk.shape[1]
+            send[at:at + n, :, 0] = pk.transpose(0, 1)
+            send[at:at + n, :, 1] = pv.transpose(0, 1)
+            at += n
+        _, gathered, _ = gather_padded(send, counts, self.group, self.counter, "patch_kv_sync")
+        t_total = sum(self.text_counts) if sharded else n_txt
+        kv = k.new_empty((2, b, heads, t_total + self.total, d))  # keys in single-device order [text, image]
+        text_at = 0
+        for r in range(self.world):
+            row = r * longest
+            if sharded:
+                n = self.text_counts[r]
+                kv[:, :, :, text_at:text_at + n] = gathered[row:row + n].permute(2, 1, 3, 0, 4)
+                row, text_at = row + n, text_at + n
+            pos = t_total + self.offsets[r]
+            kv[:, :, :, pos:pos + self.counts[r]] = gathered[row:row + self.counts[r]].permute(2, 1, 3, 0, 4)
+        if n_txt and not sharded:  # replicated text K/V: already here in full
+            kv[0, :, :, :n_txt] = extra_kv[0].transpose(1, 2)
+            kv[1, :, :, :n_txt] = extra_kv[1].transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kv[0], kv[1]).transpose(1, 2)
 
     def _stale_view(self, layer: int, fresh: torch.Tensor):
         buf = self.buffers.get(layer)

@@ -32,6 +32,7 @@ from tessera.runtime.diffusion.request import DiffusionRequest
 log = logging.getLogger("tessera.diffusion")
 STORE_KEY = "tessera.diffusion"
 
+_JOINT_TEXT = ("flux", "sd3")  # families whose text is a token stream of joint attention (PixArt: cross-attention)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,6 +151,7 @@ class DiffusionRunner:
         else:
             self.text = uncond.cat(cond)  # diffusers' batch order [uncond, cond]
         self.embeds = (cond.tensors, uncond.tensors) if req.trace and self.worker.rank == 0 else None
+        self.text_counts = self._shard_text(req)
         # Same noise as diffusers' randn_tensor with a CPU generator, then this rank's rows.
         self.scheduler = self._fresh_scheduler()
         self.timesteps = self.adapter.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
@@ -167,15 +169,29 @@ class DiffusionRunner:
         template = self.dir.load_component("scheduler")
         return type(template).from_config(template.config)
 
+    def _shard_text(self, req: DiffusionRequest) -> list[int] | None:
+        """Ulysses and exact patches on joint-attention families: each sp rank keeps a contiguous share of
+        the text tokens, like the image (blocks are token-local outside attention, which exchanges them),
+        so no rank repeats the text stream's linears. Stale-K/V modes keep the text replicated."""
+        if self.sp == 1 or req.mode not in ("ulysses", "exact") or self.dir.family not in _JOINT_TEXT:
+            return None
+        text = self.text.tensors["text"]
+        if text.shape[1] < self.sp:
+            return None
+        bands = split_rows(text.shape[1], self.sp)
+        t0, t1 = bands[self.sp_rank]
+        self.text = Conditioning({**self.text.tensors, "text": text[:, t0:t1].contiguous()})
+        return [e - s for s, e in bands]
+
     def _attention(self, req: DiffusionRequest):
         counts = [(e - s) * self.shard.grid_w for s, e in self.bands]
         if self.sp == 1:
             return None
         if req.mode == "ulysses":
             check_ulysses_heads(self.model.num_heads // self.tp, self.sp)
-            return UlyssesAttention(self.sp_group, self.sp_rank, counts, self.counter)
+            return UlyssesAttention(self.sp_group, self.sp_rank, counts, self.counter, text_counts=self.text_counts)
         return PatchParallelAttention(self.sp_group, self.sp_rank, self.bands, self.shard.grid_w, req.patch_config(),
-                                      len(self.timesteps), self.counter)
+                                      len(self.timesteps), self.counter, text_counts=self.text_counts)
 
     def step(self) -> dict:
         req = self.req
