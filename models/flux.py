@@ -16,6 +16,8 @@ Parallel plan (what is parallel):
 - tensor parallel, single-stream blocks: column q/k/v (by heads) and ``proj_mlp``; ``proj_out`` reads
   ``[attention heads | MLP columns]``, so it is row-split in two pieces (``rowwise_pieces``, widths 1:4):
   a rank holds the input columns of its heads and of its MLP columns, in the order its own concat has.
+- tensor parallel, adaLN modulation (``norm1``, ``norm1_context``, single ``norm``): column-split, the
+  small modulation vectors all-gathered (``colwise_gather``), so no block weight is replicated.
 - pipeline stages cut the double and single block lists as one sequence; the first stage holds the
   time/text/image embedders, the last ``norm_out`` and ``proj_out``
 """
@@ -52,6 +54,8 @@ PARALLEL_SPEC = DiffusionParallelSpec(
     rowwise=tuple(f"transformer_blocks.*.{n}" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2",
                                                          "ff_context.net.2")),
     rowwise_pieces=(("single_transformer_blocks.*.proj_out", (1, 4)),),
+    colwise_gather=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear",
+                    "single_transformer_blocks.*.norm.linear"),
     stage_blocks=("transformer_blocks", "single_transformer_blocks"),
     embed=("time_text_embed", "context_embedder", "x_embedder"),
     head=("norm_out", "proj_out"),

@@ -44,6 +44,8 @@ from tessera.models.dit_layers import (
 class DiffusionParallelSpec:
     """What a family declares parallel: module-name patterns, read by ``parallel/``.
 
+    ``colwise_gather``: column-split linears whose whole output every rank
+    needs (adaLN modulation): each rank computes its rows, then all-gather.
     ``rowwise_pieces``: row-split linears whose input is a concatenation of
     separately column-split parts, as ``(pattern, relative widths)``; each
     part is split over ``tp`` on its own (Flux's single-block ``proj_out``
@@ -59,6 +61,7 @@ class DiffusionParallelSpec:
     stage_blocks: tuple[str, ...]
     heads_attr: str = "num_attention_heads"
     rowwise_pieces: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    colwise_gather: tuple[str, ...] = ()
     embed: tuple[str, ...] = ()
     head: tuple[str, ...] = ()
 

@@ -10,7 +10,8 @@ through the pluggable ``self_attn`` (text queries first, then image).
 
 Parallel plan (what is parallel):
 - patch/sequence parallel: ``transformer_blocks.*.attn``
-- tensor parallel: column q/k/v of both streams and the MLP inputs; row attention and MLP outputs
+- tensor parallel: column q/k/v of both streams and the MLP inputs; row attention and MLP outputs;
+  adaLN modulation linears column-split with an all-gather of their small output
 - pipeline stages may cut between ``transformer_blocks``; embeddings on the first stage, ``norm_out`` /
   ``proj_out`` on the last
 """
@@ -46,6 +47,7 @@ PARALLEL_SPEC = DiffusionParallelSpec(
         "ff.net.0.proj", "ff_context.net.0.proj")),
     rowwise=tuple(f"transformer_blocks.*.{n}" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2",
                                                          "ff_context.net.2")),
+    colwise_gather=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear"),
     stage_blocks=("transformer_blocks",),
     embed=("pos_embed", "time_text_embed", "context_embedder"),
     head=("norm_out", "proj_out"),

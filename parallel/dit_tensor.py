@@ -12,6 +12,10 @@ layers and never more than a single-device run.
   attention heads or MLP columns. Heads are inferred from widths downstream.
 - row-split linear: this rank's columns of ``weight``; partial outputs are
   summed with one all-reduce over ``tp`` and the bias is added once.
+- column-split linear, gathered (``parallel_spec.colwise_gather``): the
+  adaLN modulation linears (``d -> 6d`` per block in Flux/SD3, a third of a
+  Flux double block) feed every token, so each rank computes its rows of the
+  output and one small all-gather of ``[B, 6d/tp]`` rebuilds the vector.
 - row-split linear in pieces (``parallel_spec.rowwise_pieces``): the input is
   a concat of parts that were column-split separately (Flux's single-block
   ``proj_out`` reads ``[attention | MLP]``), so this rank's input columns are
@@ -28,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tessera.models.diffusers_loader import Pieces
+from tessera.parallel.comm import all_gather_cat
 from tessera.parallel.counted import CommCounter
 from tessera.runtime.config import ConfigError
 
@@ -58,6 +63,24 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class GatheredColumnLinear(nn.Module):
+    """``y = all_gather_cat(x @ W_local^T + b_local)`` over ``tp`` (last dim); ``nn.Linear``'s parameter names."""
+
+    def __init__(self, in_features: int, out_local: int, bias: bool, group: Any, counter: CommCounter | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_local, in_features))
+        self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
+        self.group = group
+        self.counter = counter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        out = all_gather_cat(y, self.group, dim=-1)
+        if self.counter is not None:
+            self.counter.add("tp_all_gather", y.nbytes, out.nbytes - y.nbytes)
+        return out
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -80,6 +103,7 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
             continue
         pattern = next((p for p in pieces_of if fnmatch.fnmatchcase(name, p)), None)
         kind = ("col" if _matches(name, spec.colwise) else "row" if _matches(name, spec.rowwise)
+                else "gather" if _matches(name, getattr(spec, "colwise_gather", ()))
                 else "pieces" if pattern is not None else None)
         if kind is None:
             continue
@@ -92,13 +116,15 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
                                   f"by tp={tp}; use a tp that divides the head count and MLP width")
             piece_widths[name] = widths
         else:
-            size = out_f if kind == "col" else in_f
+            size = in_f if kind == "row" else out_f
             if size % tp:
-                raise ConfigError(f"{name} has {size} {'output' if kind == 'col' else 'input'} features, not "
+                raise ConfigError(f"{name} has {size} {'input' if kind == 'row' else 'output'} features, not "
                                   f"divisible by tp={tp}; use a tp that divides the head count and MLP width")
         with torch.device("meta"):
             if kind == "col":
                 new = nn.Linear(in_f, out_f // tp, bias=module.bias is not None)
+            elif kind == "gather":
+                new = GatheredColumnLinear(in_f, out_f // tp, module.bias is not None, group, counter)
             else:
                 new = RowParallelLinear(in_f // tp, out_f, module.bias is not None, group, counter)
         _replace(model, name, new)
@@ -109,7 +135,7 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
         kind = plan.get(module_name)
         if kind is None:
             return None
-        if kind == "col":
+        if kind in ("col", "gather"):
             n = shape[0] // tp
             rows = slice(tp_rank * n, (tp_rank + 1) * n)
             return (rows, slice(None)) if param == "weight" else (rows,)

@@ -35,7 +35,7 @@ def param_bytes(module) -> int:
 
 
 def tp_split_bytes(model_dir: str) -> tuple[int, int]:
-    """(all parameter bytes, bytes of what tp splits: col-split weights+biases, row-split weights)."""
+    """(all parameter bytes, bytes of what tp splits: col-split weights+biases (gathered ones too), row-split weights)."""
     import fnmatch
 
     from torch import nn
@@ -49,7 +49,7 @@ def tp_split_bytes(model_dir: str) -> tuple[int, int]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in spec.colwise):
+        if any(fnmatch.fnmatchcase(name, p) for p in tuple(spec.colwise) + tuple(spec.colwise_gather)):
             split += param_bytes(mod)
         elif any(fnmatch.fnmatchcase(name, p) for p in row):
             split += mod.weight.numel() * mod.weight.element_size()

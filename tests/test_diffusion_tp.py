@@ -1,19 +1,21 @@
 """Tensor-parallel weight sharding over tp: exact against diffusers, and 1/tp of the sharded layers per rank.
 
 PixArt: tp=2 x sp=2. Flux: tp=2 and tp=2 x sp=2, including the single-stream
-blocks whose ``proj_out`` is row-split in two pieces (attention heads | MLP).
+blocks whose ``proj_out`` is row-split in two pieces (attention heads | MLP)
+and the adaLN modulation linears (column-split, output all-gathered). SD3: tp=2.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tessera.tests.diffusion_fixtures import engine_on, tiny_flux3, tiny_pixart, tp_split_bytes  # noqa: F401
+from tessera.tests.diffusion_fixtures import engine_on, tiny_flux3, tiny_pixart, tiny_sd3, tp_split_bytes  # noqa: F401
 from tessera.tests.diffusion_reference import (
     assert_latents_close,
     flux_reference_latents,
     flux_reference_pred,
     pixart_reference_pred,
+    sd3_reference_pred,
 )
 
 G = 4.0
@@ -45,12 +47,18 @@ def test_flux_tp_shards_single_blocks_and_matches_diffusers(make_controller, tin
 
     engine = engine_on(make_controller, degrees, tiny_flux3)
     full, split = tp_split_bytes(tiny_flux3)
-    single = load_transformer(DiffusersDir.open(tiny_flux3)).single_transformer_blocks
+    model = load_transformer(DiffusersDir.open(tiny_flux3))
+    single = model.single_transformer_blocks
+    blocks = sum(p.numel() * p.element_size() for p in
+                 list(model.transformer_blocks.parameters()) + list(single.parameters()))
     single_split = sum(p.numel() * p.element_size() for n, p in single.named_parameters()
                        if n.split(".", 1)[1] in ("attn.to_q.weight", "attn.to_q.bias", "attn.to_k.weight",
                                                  "attn.to_k.bias", "attn.to_v.weight", "attn.to_v.bias",
-                                                 "proj_mlp.weight", "proj_mlp.bias", "proj_out.weight"))
+                                                 "proj_mlp.weight", "proj_mlp.bias", "proj_out.weight",
+                                                 "norm.linear.weight", "norm.linear.bias"))
     assert single_split > 0.4 * split  # the single-stream blocks are sharded, not replicated
+    # no block linear is replicated: what tp leaves whole in the blocks is row biases and q/k norms only
+    assert blocks - split < 0.02 * blocks, (blocks, split)
     stats = engine.stats()
     ranks = len(stats["param_bytes_per_rank"])
     want = full - split + split // 2
@@ -66,5 +74,20 @@ def test_flux_tp_shards_single_blocks_and_matches_diffusers(make_controller, tin
     assert_latents_close(last["latents"], flux_reference_latents(tiny_flux3, "a green tree", FLUX_STEPS, FLUX_H,
                                                                  FLUX_W, seed=2))
     # one all-reduce per row-split linear call: double block 4, each single block 1 (both streams at once)
-    calls = last["comm_by_rank"][0]["by_kind"]["tp_all_reduce"]["calls"]
-    assert calls == FLUX_STEPS * (4 + 2), calls
+    kinds = last["comm_by_rank"][0]["by_kind"]
+    assert kinds["tp_all_reduce"]["calls"] == FLUX_STEPS * (4 + 2), kinds
+    # adaLN modulation is sharded too: one small all-gather per modulation linear (double 2, single 1)
+    assert kinds["tp_all_gather"]["calls"] == FLUX_STEPS * (2 + 2), kinds
+
+
+@pytest.mark.timeout(900)
+def test_sd3_tp2_shards_modulation_and_matches_diffusers(make_controller, tiny_sd3):
+    engine = engine_on(make_controller, {"tp": 2}, tiny_sd3)
+    full, split = tp_split_bytes(tiny_sd3)
+    assert engine.stats()["param_bytes_per_rank"] == [full - split + split // 2] * 2
+    engine.generate_images("a white boat", steps=2, height=32, width=32, guidance_scale=G, seed=4, output="latent",
+                           trace=True)
+    for step in engine.last["trace"]:
+        ref = sd3_reference_pred(tiny_sd3, step["latents"], step["t"], engine.last["embeds"], G)
+        assert (ref - step["pred"]).abs().max().item() <= 1e-4
+    assert engine.last["comm_by_rank"][0]["by_kind"]["tp_all_gather"]["calls"] == 2 * 2 * 2  # 2 steps, 2 blocks
