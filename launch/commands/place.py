@@ -27,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--intra-node-cost", type=float, default=1.0, help="cost of a hop between ranks of one node")
     parser.add_argument("--inter-node-cost", type=float, default=4.0, help="cost of a hop between nodes")
     parser.add_argument("--time-limit", type=float, default=30.0, help="ilp: HiGHS time limit in seconds")
-    parser.add_argument("--ilp-method", default="auto", choices=["auto", "direct", "bipartition"])
+    parser.add_argument("--ilp-method", default="auto", choices=["auto", "direct", "bipartition", "lns"],
+                        help="ilp: auto = direct program when small, then two-rank layer-window search (default)")
+    parser.add_argument("--ilp-backend", default="auto", choices=["auto", "highspy", "scipy"],
+                        help="ilp: highspy takes greedy as a MIP start; scipy's milp cannot (default: highspy if installed)")
     parser.add_argument("--keep-mass", type=float, default=1.0, help="ilp: keep the heaviest transition pairs holding this fraction of all transitions")
     parser.add_argument("--max-tokens", type=int, default=None, help="sample at most this many tokens of the trace")
     parser.add_argument("--replicas", type=int, default=0, metavar="SLOTS", help="redundant expert slots per rank per layer for hot experts")
@@ -52,7 +55,8 @@ def _run(args: argparse.Namespace) -> int:
     problem = PlacementProblem(stats, args.ranks, topology)
     options = {}
     if args.solver == "ilp":
-        options = {"time_limit_s": args.time_limit, "method": args.ilp_method, "keep_mass": args.keep_mass}
+        options = {"time_limit_s": args.time_limit, "method": args.ilp_method, "keep_mass": args.keep_mass,
+                   "backend": args.ilp_backend}
     placement = get_solver(args.solver, **options).solve(problem)
     baseline = get_solver("linear").solve(problem)
     if args.replicas:

@@ -79,3 +79,40 @@ def planted_affinity_trace(
         top_k=top_k,
     )
     return SyntheticTrace(RoutingTrace(header, ids), planted)
+
+
+def chain_affinity_trace(
+    num_layers: int = 16,
+    num_experts: int = 64,
+    top_k: int = 2,
+    num_tokens: int = 20000,
+    affinity: float = 0.9,
+    successors: int = 2,
+    seed: int = 0,
+) -> RoutingTrace:
+    """A trace with branching expert chains: no hidden groups, so no placement reaches zero.
+
+    Every expert ``p`` of layer l has ``successors`` random preferred experts
+    at layer l+1; with probability ``affinity`` a token's top-k at l+1 are
+    drawn from the successors of its top-1 expert at l, else uniformly. Chains
+    branch and merge across ranks as in recorded traces (ExFlow), which makes
+    the placement a graph-partitioning problem where one-layer-at-a-time
+    heuristics stop in local optima.
+    """
+    if top_k > successors and affinity > 0:
+        raise ValueError(f"top_k={top_k} exceeds successors={successors}")
+    rng = np.random.default_rng(seed)
+    nxt = np.stack([np.stack([rng.choice(num_experts, successors, replace=False) for _ in range(num_experts)])
+                    for _ in range(num_layers)])  # [L, E, successors]
+    ids = np.empty((num_tokens, num_layers, top_k), dtype=np.int64)
+    ids[:, 0, :] = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
+    rows = np.arange(num_tokens)[:, None]
+    for layer in range(1, num_layers):
+        cand = nxt[layer][ids[:, layer - 1, 0]]
+        follow = cand[rows, np.argsort(rng.random((num_tokens, successors)), axis=1)[:, :top_k]]
+        free = np.argsort(rng.random((num_tokens, num_experts)), axis=1)[:, :top_k]
+        inside = rng.random(num_tokens) < affinity
+        ids[:, layer, :] = np.where(inside[:, None], follow, free)
+    header = TraceHeader(model=f"chains(affinity={affinity},successors={successors},seed={seed})",
+                         num_layers=num_layers, num_experts=num_experts, top_k=top_k)
+    return RoutingTrace(header, ids)
