@@ -10,11 +10,16 @@ Writes ``benchmarks/results/affinity.json`` and prints tables:
 2. *synthetic*: planted-affinity traces from affinity 0 (none) to 0.9; the
    same scores plus the planted floor, and the reduction against linear
    (ExFlow reports up to 67% less cross-GPU routing on real models).
-3. *solver time* against problem size (experts x layers x ranks x tokens).
-4. *end to end*: decode tokens/s and measured all-to-all rows per token
-   with ep=4 under linear vs ilp placement, each with the engine's standard
-   and context-coherent EP, on the same workload (see the notes in the JSON
-   for what placement can and cannot change there).
+3. *solver time and quality* against problem size (experts x layers x ranks
+   x tokens), greedy vs ilp, up to 64 experts x 24 layers x 8 ranks, on
+   planted-group traces (floor reachable) and branching-chain traces.
+4. *end to end*: with ep=4 on the same workload, under linear and ilp
+   placement: the standard path (default dispatch, and all_to_all) vs the
+   token-sharded ExFlow path (``expert_parallel_mode="exflow"``): decode
+   tokens/s, rows and bytes handed to collectives per token.
+
+``--parts solver_time`` (or any comma list) reruns only those parts and keeps
+the others' figures in the JSON.
 
 All ratios are measured in one run on one machine; figures on a busy 2-core
 VM are noisy.
@@ -84,27 +89,50 @@ def bench_synthetic(quick: bool, ilp_time_s: float) -> list[dict]:
 
 
 def bench_solver_time(quick: bool, ilp_time_s: float) -> list[dict]:
-    sizes = [(8, 4, 4, 1000), (16, 8, 4, 2000), (32, 12, 8, 4000)]
+    """Greedy vs ilp: time and quality, from toy sizes to realistic ones (64 experts x 16-24 layers x 4-8 ranks).
+
+    ``planted``: hidden groups, as many as ranks (the floor is reachable: the
+    lower bound proves greedy optimal and ilp stops there). ``chains``:
+    branching expert chains (:func:`chain_affinity_trace`), where no
+    placement reaches zero and greedy stops in a local optimum.
+    """
+    from tessera.memory.affinity.ilp import cross_lower_bound
+    from tessera.memory.affinity.synthetic import chain_affinity_trace
+
+    sizes = [("planted", 8, 4, 4, 1000), ("planted", 16, 8, 4, 2000), ("chains", 32, 8, 8, 4000)]
     if not quick:
-        sizes += [(64, 24, 8, 8000), (128, 16, 16, 8000)]
+        sizes += [("planted", 64, 16, 4, 20000), ("planted", 64, 16, 8, 20000),
+                  ("chains", 64, 16, 4, 20000), ("chains", 64, 16, 8, 20000), ("chains", 64, 24, 8, 20000)]
     out = []
-    for E, L, R, T in sizes:
-        syn = planted_affinity_trace(L, E, R, 2, T, affinity=0.6, seed=3)
-        stats = AffinityStats.from_trace(syn.trace)
+    for kind, E, L, R, T in sizes:
+        if kind == "planted":
+            trace = planted_affinity_trace(L, E, R, 2, T, affinity=0.9, seed=3).trace
+        else:
+            trace = chain_affinity_trace(L, E, 2, T, affinity=0.9, successors=2, seed=3)
+        started = time.perf_counter()
+        stats = AffinityStats.from_trace(trace)
+        stats_s = time.perf_counter() - started
         problem = PlacementProblem(stats, R)
         linear_cost = problem.cost(get_solver("linear").solve(problem).rank_of)
+        bound = cross_lower_bound(problem) / stats.total_transitions
         for name in ("greedy", "ilp"):
-            _log(f"[solver time] {name} E={E} L={L} R={R} tokens={T}")
+            _log(f"[solver time] {name} {kind} E={E} L={L} R={R} tokens={T}")
             opts = {"time_limit_s": ilp_time_s} if name == "ilp" else {}
             start = time.perf_counter()
             placement = get_solver(name, **opts).solve(problem)
             elapsed = time.perf_counter() - start
             out.append({
-                "solver": name, "experts": E, "layers": L, "ranks": R, "tokens": T,
-                "seconds": elapsed,
+                "trace": kind, "solver": name, "experts": E, "layers": L, "ranks": R, "tokens": T,
+                "seconds": elapsed, "stats_s": stats_s,
+                "cross_rank_fraction": placement.info["cross_rank_fraction"],
+                "lower_bound_fraction": bound,
                 "cost_vs_linear": placement.info["cost"] / linear_cost if linear_cost else 1.0,
-                **({k: placement.info.get(k) for k in ("method", "status", "used", "pairs_kept")} if name == "ilp" else {}),
+                **({k: placement.info.get(k) for k in ("method", "status", "used", "backend", "pairs_kept")}
+                   if name == "ilp" else {}),
+                **({"lns_improvements": (placement.info.get("lns") or {}).get("improved", 0)} if name == "ilp" else {}),
             })
+        g, i = out[-2], out[-1]
+        i["ilp_vs_greedy_cross"] = i["cross_rank_fraction"] - g["cross_rank_fraction"]
     return out
 
 
@@ -120,7 +148,8 @@ def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
     from tessera.runtime.controller import Controller
     from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 
-    size = dict(experts=16, layers=6, top_k=2, hidden=64, vocab=128)
+    # GQA with K/V rows half a hidden row (as Mixtral: 8 kv heads x 128 x 2 = 2048 vs 4096): what ExFlow all-gathers
+    size = dict(experts=16, layers=6, top_k=2, hidden=128, heads=8, kv_heads=2, vocab=128)
     path = build_tiny_moe("mixtral", cache / "bench_affinity_mixtral", **size)
     prompts = _workload(8 if quick else 24, size["vocab"])
     # Seeded sampling keeps sequences diverse (greedy decoding of a tiny random model
@@ -140,44 +169,63 @@ def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
         result["trace"] = score_solvers(trace, 4, hidden=size["hidden"], dtype_bytes=4, ilp_time_s=ilp_time_s)
         stats = AffinityStats.from_trace(trace)
         ilp = get_solver("ilp", time_limit_s=ilp_time_s).solve(PlacementProblem(stats, 4))
-        configs = {
-            "linear (auto)": {},
-            "ilp (auto)": {"expert_map": ilp.expert_map()},
-            "linear (all_to_all)": {"moe_dispatch": "all_to_all"},
-            "ilp (all_to_all)": {"expert_map": ilp.expert_map(), "moe_dispatch": "all_to_all"},
-            "linear (coherent)": {"expert_parallel_mode": "coherent"},
-            "ilp (coherent)": {"expert_map": ilp.expert_map(), "expert_parallel_mode": "coherent"},
-        }
+        maps = {"linear": {}, "ilp": {"expert_map": ilp.expert_map()}}
+        modes = {"standard": {}, "standard a2a": {"moe_dispatch": "all_to_all"}, "exflow": {"expert_parallel_mode": "exflow"}}
+        configs = {f"{m} / {pl}": {**mopts, **popts} for m, mopts in modes.items() for pl, popts in maps.items()}
         runs: dict[str, list[float]] = {name: [] for name in configs}
-        rows: dict[str, int] = {}
+        moved: dict[str, dict] = {}
         identical = True
+        H, P, b = size["hidden"], 4, 4  # fp32 checkpoint
+        moe_layers = size["layers"]
+        kv_row = 2 * size.get("kv_heads", 2) * (H // size.get("heads", 4))
         for rep in range(2 if quick else 3):  # alternate to spread machine noise over all
             for name, options in configs.items():
                 _log(f"[engine] decode run {rep + 1}: {name}")
                 engine = LLMEngine.load(ctl, path, **options)
                 try:
                     tokens = [r.token_ids for r in engine.generate(prompts, sampling)]
-                    runs[name].append(engine.stats()["decode_tok_s"])
-                    routed = engine.stats()["prefill_tokens"] + engine.stats()["decode_tokens"]
-                    rows[name] = sum(ctl.collective_rpc(_rows_sent, args=(engine.key,)))
+                    st = engine.stats()
+                    runs[name].append(st["decode_tok_s"])
+                    routed = st["prefill_tokens"] + st["decode_tokens"]
+                    per_rank = ctl.collective_rpc(_moved, args=(engine.key,))
                 finally:
                     engine.close()
                 identical &= tokens == reference
+                rows = sum(r["rows_sent"] for r in per_rank)
+                if name.startswith("exflow"):
+                    ex = [r["exflow"] for r in per_rank]
+                    moe_b, kv_b, gather_b = (sum(e[k] for e in ex) for k in ("moe_bytes", "kv_bytes", "gather_bytes"))
+                    moved[name] = {"rows_per_token": rows / routed, "moe_bytes_per_token": moe_b / routed,
+                                   "kv_bytes_per_token": kv_b / routed, "gather_bytes_per_token": gather_b / routed,
+                                   "bytes_per_token": (moe_b + kv_b + gather_b) / routed,
+                                   "second_exchange_layers": sum(e["second_exchanges"] for e in ex) / P,
+                                   "moe_layer_calls": sum(e["moe_layer_calls"] for e in ex) / P}
+                elif "a2a" in name:
+                    # measured dispatch+return rows, plus the all-gather of the shares ((P-1) copies of every row per layer)
+                    moved[name] = {"rows_per_token": rows / routed,
+                                   "bytes_per_token": rows * H * b / routed + (P - 1) * H * b * moe_layers}
+                else:
+                    # auto at ep=4, top-2: one all_reduce of [tokens, H] per MoE layer (ring: 2(P-1)/P of it per rank)
+                    moved[name] = {"rows_per_token": 2 * (P - 1) * moe_layers,
+                                   "bytes_per_token": 2 * (P - 1) * H * b * moe_layers}
         result["decode_tok_s"] = {name: {"median": float(np.median(v)), "runs": v} for name, v in runs.items()}
-        result["decode_speedup_ilp_vs_linear"] = {
-            mode: result["decode_tok_s"][f"ilp ({mode})"]["median"] / result["decode_tok_s"][f"linear ({mode})"]["median"]
-            for mode in ("auto", "all_to_all", "coherent")
+        result["exflow_vs_standard_decode"] = {
+            pl: result["decode_tok_s"][f"exflow / {pl}"]["median"] / result["decode_tok_s"][f"standard / {pl}"]["median"]
+            for pl in maps
         }
-        result["a2a_rows_per_token_measured"] = {name: n / max(routed, 1) for name, n in rows.items()}
+        result["moved"] = moved
+        result["kv_row_values"] = kv_row
         result["tokens_identical"] = bool(identical)
     return result
 
 
-def _rows_sent(worker, key: str) -> int:
-    """(token, choice) rows this rank's MoE dispatchers sent across ranks, both directions (runs on a worker)."""
+def _moved(worker, key: str) -> dict:
+    """What this rank's MoE exchanges sent (runs on a worker): dispatcher rows, and ExFlow's byte counters."""
     from tessera.runtime.llm import model_runner as mr
 
-    return int(mr._models(worker)[key].stage.dispatcher.rows_sent)
+    stage = mr._models(worker)[key].stage
+    ex = getattr(stage, "coherent_stats", None)
+    return {"rows_sent": int(stage.dispatcher.rows_sent), "exflow": ex.snapshot() if ex is not None else None}
 
 
 def _table(title: str, header: list[str], rows: list[list]) -> str:
@@ -197,13 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes on 2 cores)")
     parser.add_argument("--skip-engine", action="store_true", help="no Ray workers: synthetic and solver-time parts only")
+    parser.add_argument("--parts", default="synthetic,solver_time,engine",
+                        help="comma list of parts to run (synthetic, solver_time, engine); the others keep their "
+                             "figures from the existing JSON")
     parser.add_argument("--ilp-time", type=float, default=20.0, help="ILP time limit per solve (s)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if args.skip_engine:
+        parts.discard("engine")
     cache = Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results: dict = {
+    out = Path(args.out)
+    results: dict = json.loads(out.read_text()) if out.is_file() and parts != {"synthetic", "solver_time", "engine"} else {}
+    results.update({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick,
         "ilp_time_limit_s": args.ilp_time,
@@ -211,40 +267,46 @@ def main(argv: list[str] | None = None) -> int:
             "cross_rank_fraction": "fraction of (expert at l, expert at l+1) pairs of a token on different ranks",
             "a2a_bytes_per_token_standard": "hidden-state bytes a token crosses ranks with per forward pass, two all-to-alls per MoE layer, attention on the token's home rank",
             "a2a_bytes_per_token_coherent": "same under context-coherent EP (token stays on the rank of its top-1 expert between layers, one all-to-all per layer)",
-            "decode_tok_s": "the engine replicates activations inside the ep group; standard EP splits tokens by index, so the map changes which rows stay local only by chance; coherent EP handles each token on its top-1 expert's rank, so that choice never moves and the map matters through the co-location of a token's other choices",
-            "engine_dispatch": "auto = the engine's default (at ep=4, top-2 it combines with one all_reduce of [tokens, hidden] per MoE layer: no all-to-all, placement-independent); all_to_all = tokens split by index, dispatch + return all-to-all; coherent = this issue's mode (token handled on its top-1 expert's rank, only its other choices cross ranks, shares all-gathered)",
-            "a2a_rows_per_token_measured": "(token, choice) rows the engine's dispatchers sent across ranks (dispatch + return, all ranks, all MoE layers) per routed token, counted in the engine",
+            "solver_time": "planted = hidden groups, as many as ranks (greedy reaches the floor; the capacity lower bound proves it, so ilp stops at once); chains = branching expert chains (no placement reaches 0; ilp's two-rank x layer-window search improves on greedy); lower_bound_fraction: no placement can do better",
+            "engine_configs": "standard = the engine's default dispatch (at ep=4, top-2: one all_reduce of [tokens, hidden] per MoE layer, activations replicated, placement-independent); standard a2a = tokens split by index, dispatch + return all-to-all, shares all-gathered; exflow = token-sharded context-coherent EP (parallel/coherent.py): tokens live on their top-1 expert's rank, one all_to_all per MoE layer plus a partial-output exchange only for choices away from the anchor, K/V rows all-gathered for the attention context",
+            "moved": "per routed token, all ranks, all MoE layers: rows_per_token = (token, choice) rows sent across ranks (standard: all_reduce row-equivalents, 2(P-1) per layer); bytes_per_token = bytes handed to collectives (exflow: measured MoE exchange + K/V context all-gather + end-of-stage gather; standard a2a: measured rows + the share all-gather; standard: ring all_reduce volume)",
         },
-    }
-    results["synthetic"] = bench_synthetic(args.quick, args.ilp_time)
-    results["solver_time"] = bench_solver_time(args.quick, args.ilp_time)
-    if not args.skip_engine:
+    })
+    if "synthetic" in parts:
+        results["synthetic"] = bench_synthetic(args.quick, args.ilp_time)
+    if "solver_time" in parts:
+        results["solver_time"] = bench_solver_time(args.quick, args.ilp_time)
+    if "engine" in parts:
         results["engine"] = bench_engine(args.quick, args.ilp_time, cache)
     results["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=float))
 
-    syn_rows = []
-    for r in results["synthetic"]:
-        for name, s in r["solvers"].items():
-            syn_rows.append([r["affinity"], name, s["cross_rank_fraction"], r["planted_floor_cross_rank_fraction"],
-                             s["cross_rank_reduction_vs_linear"], s["a2a_bytes_per_token_standard"],
-                             s["a2a_bytes_per_token_coherent"], s["coherent_bytes_reduction_vs_linear"], s["solve_s"]])
-    print(_table("synthetic traces (hidden 4096, bf16)",
-                 ["affinity", "solver", "cross", "floor", "cut_vs_lin", "B/tok std", "B/tok coh", "coh_cut", "solve_s"], syn_rows))
-    print(_table("solver time", ["solver", "E", "L", "R", "tokens", "seconds", "cost/linear", "ilp used"],
-                 [[r["solver"], r["experts"], r["layers"], r["ranks"], r["tokens"], r["seconds"], r["cost_vs_linear"],
-                   str(r.get("used", ""))[:24]] for r in results["solver_time"]]))
-    if "engine" in results:
-        e = results["engine"]
+    if results.get("synthetic"):
+        syn_rows = []
+        for r in results["synthetic"]:
+            for name, s in r["solvers"].items():
+                syn_rows.append([r["affinity"], name, s["cross_rank_fraction"], r["planted_floor_cross_rank_fraction"],
+                                 s["cross_rank_reduction_vs_linear"], s["a2a_bytes_per_token_standard"],
+                                 s["a2a_bytes_per_token_coherent"], s["coherent_bytes_reduction_vs_linear"], s["solve_s"]])
+        print(_table("synthetic traces (hidden 4096, bf16)",
+                     ["affinity", "solver", "cross", "floor", "cut_vs_lin", "B/tok std", "B/tok coh", "coh_cut", "solve_s"], syn_rows))
+    if results.get("solver_time"):
+        print(_table("solver time and quality (ilp vs greedy)",
+                     ["trace", "solver", "E", "L", "R", "tokens", "seconds", "cross", "bound", "cost/linear", "ilp used"],
+                     [[r.get("trace", "planted"), r["solver"], r["experts"], r["layers"], r["ranks"], r["tokens"], r["seconds"],
+                       r.get("cross_rank_fraction", float("nan")), r.get("lower_bound_fraction", float("nan")),
+                       r["cost_vs_linear"], str(r.get("used", ""))[:28]] for r in results["solver_time"]]))
+    e = results.get("engine")
+    if e and "moved" in e:
         print(_table(f"engine trace ({e['trace']['tokens']} tokens, affinity strength {e['trace']['affinity_strength']:.3f})",
                      ["solver", "cross", "cut_vs_lin", "B/tok std", "B/tok coh", "coh_cut"],
                      [[n, s["cross_rank_fraction"], s["cross_rank_reduction_vs_linear"], s["a2a_bytes_per_token_standard"],
                        s["a2a_bytes_per_token_coherent"], s["coherent_bytes_reduction_vs_linear"]] for n, s in e["trace"]["solvers"].items()]))
-        print(_table("engine ep=4, same workload", ["config", "decode tok/s (median)", "runs", "a2a rows/token (measured)"],
-                     [[n, v["median"], " ".join(f"{r:.1f}" for r in v["runs"]), e["a2a_rows_per_token_measured"][n]]
-                      for n, v in e["decode_tok_s"].items()]))
+        print(_table("engine ep=4, same workload: standard vs exflow under linear and ilp placement",
+                     ["config", "decode tok/s (median)", "runs", "rows/token", "bytes/token"],
+                     [[n, v["median"], " ".join(f"{r:.1f}" for r in v["runs"]), e["moved"][n]["rows_per_token"],
+                       e["moved"][n]["bytes_per_token"]] for n, v in e["decode_tok_s"].items()]))
         print(f"tokens identical across configs: {e['tokens_identical']}")
     print(f"\nwrote {out} in {results['wall_s']:.0f}s")
     return 0
