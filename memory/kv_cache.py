@@ -139,16 +139,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     N, h, d = q.shape
     B, L, kvh, _ = k.shape
     qp = torch.cat([q, q.new_zeros((1, h, d))])[meta.q_index]  # [B, Tq, h, d]
-    if kvh != h:
-        k = k.repeat_interleave(h // kvh, dim=2)
-        v = v.repeat_interleave(h // kvh, dim=2)
     if qp.shape[1] == 1:
         # Decode (one query per sequence): plain fp32 matmuls beat the CPU SDPA kernels'
         # per-call overhead by ~10x at these sizes (and fp32 softmax is what SDPA does anyway).
-        scores = torch.matmul(qp.transpose(1, 2).float(), k.permute(0, 2, 3, 1).float()) * scale  # [B, h, 1, L]
+        # The query heads sharing a kv head are one matmul row block, so the context
+        # is never expanded to every query head (GQA: h / kvh times fewer bytes).
+        g = h // kvh
+        qg = qp.view(B, kvh, g, d).float()
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float()) * scale  # [B, kvh, g, L]
         scores = scores.masked_fill(~meta.mask, float("-inf")).softmax(-1)
-        out = torch.matmul(scores, v.transpose(1, 2).float()).to(q.dtype)  # [B, h, 1, dv]
+        out = torch.matmul(scores, v.transpose(1, 2).float()).to(q.dtype).reshape(B, h, 1, -1)  # [B, h, 1, dv]
     else:
+        if kvh != h:
+            k = k.repeat_interleave(h // kvh, dim=2)
+            v = v.repeat_interleave(h // kvh, dim=2)
         out = torch.nn.functional.scaled_dot_product_attention(
             qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), attn_mask=meta.mask, scale=scale
         )  # [B, h, Tq, dv]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tessera.memory.kv_cache import AttentionMetadata, PagedKVCache, paged_attention
 from tessera.models.arch import MoEArch
+from tessera.models.packed_linear import linear, pack
 from tessera.models.rope import RopeScaling, cos_sin
 from tessera.parallel.expert import ExpertDispatcher, ExpertPlacement
 from tessera.parallel.tensor import all_reduce_tp, vocab_embed, vocab_logits
@@ -36,7 +37,7 @@ class ExpertWeights:
         self._weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def put(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        self._weights[(layer, expert)] = (gate_up.contiguous(), down.contiguous())
+        self._weights[(layer, expert)] = (pack(gate_up.contiguous()), pack(down.contiguous()))
 
     def local_experts(self, layer: int) -> list[int]:
         return sorted(e for (l, e) in self._weights if l == layer)
@@ -128,8 +129,8 @@ def run_experts(weights: ExpertWeights, layer: int, rows: torch.Tensor, expert_i
     offset = 0
     for (gate_up, down), count in zip(weights.get(layer, present.tolist()), counts.tolist()):
         chunk = sorted_rows[offset : offset + count]
-        gate, up = F.linear(chunk, gate_up).chunk(2, dim=-1)
-        out[offset : offset + count] = F.linear(F.silu(gate) * up, down)
+        gate, up = linear(chunk, gate_up).chunk(2, dim=-1)
+        out[offset : offset + count] = linear(F.silu(gate) * up, down)
         offset += count
     result = torch.empty_like(out)
     result[order] = out
@@ -152,9 +153,23 @@ def fuse_qkv(p: dict[str, torch.Tensor]) -> None:
             p[n] = part
 
 
+PACKED_LINEARS = ("qkv", "q", "o", "q_a", "q_b", "kv_a", "kv_b", "dense_gate", "dense_up", "dense_down",
+                  "shared_gate_proj", "shared_up", "shared_down")
+
+
+def pack_linears(p: dict[str, torch.Tensor]) -> None:
+    """Pre-pack this layer's 16-bit CPU linear weights (``models.packed_linear``); the plain ones are dropped."""
+    if "qkv" in p and pack(p["qkv"]) is not p["qkv"]:
+        for name in ("q", "k", "v"):  # views of the plain fused weight: would keep it alive
+            p.pop(name, None)
+    for name in PACKED_LINEARS:
+        if name in p:
+            p[name] = pack(p[name])
+
+
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pv: ParallelView) -> torch.Tensor:
     """SwiGLU MLP with gate/up column-split and down row-split over tp."""
-    return all_reduce_tp(F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), pv.tp_group, pv.tp_size)
+    return all_reduce_tp(linear(F.silu(linear(x, gate)) * linear(x, up), down), pv.tp_group, pv.tp_size)
 
 
 @dataclass
@@ -184,9 +199,12 @@ class MoEStage:
         self.owner_tables = (
             {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
         )
-        if self.arch.attention != "mla":
-            for params in self.params.values():
+        for params in self.params.values():
+            if self.arch.attention != "mla":
                 fuse_qkv(params)
+            pack_linears(params)
+        if "lm_head" in self.globals:
+            self.globals["lm_head"] = pack(self.globals["lm_head"])
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -203,13 +221,13 @@ class MoEStage:
         N, hl = x.shape[0], self.local_heads
         if a.attention == "mla":
             if a.q_lora_rank:
-                q = F.linear(rms_norm(F.linear(x, p["q_a"]), p["q_a_norm"], a.rms_eps), p["q_b"])
+                q = linear(rms_norm(linear(x, p["q_a"]), p["q_a_norm"], a.rms_eps), p["q_b"])
             else:
-                q = F.linear(x, p["q"])
+                q = linear(x, p["q"])
             q = q.view(N, hl, a.qk_head_dim)
             q_nope, q_pe = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
-            latent, k_pe = F.linear(x, p["kv_a"]).split([a.kv_lora_rank, a.rope_dim], dim=-1)
-            kv = F.linear(rms_norm(latent, p["kv_a_norm"], a.rms_eps), p["kv_b"]).view(N, hl, -1)
+            latent, k_pe = linear(x, p["kv_a"]).split([a.kv_lora_rank, a.rope_dim], dim=-1)
+            kv = linear(rms_norm(latent, p["kv_a_norm"], a.rms_eps), p["kv_b"]).view(N, hl, -1)
             k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
             q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
             k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), cos, sin, a.rope_interleave)
@@ -218,10 +236,10 @@ class MoEStage:
         else:
             kvh = self.local_kv_heads
             if "qkv" in p:
-                q, k, v = F.linear(x, p["qkv"], p.get("qkv_bias")).split(
+                q, k, v = linear(x, p["qkv"], p.get("qkv_bias")).split(
                     [hl * a.qk_head_dim, kvh * a.qk_head_dim, kvh * a.v_head_dim], dim=-1)
             else:
-                q, k, v = (F.linear(x, p[n], p.get(f"{n}_bias")) for n in ("q", "k", "v"))
+                q, k, v = (linear(x, p[n], p.get(f"{n}_bias")) for n in ("q", "k", "v"))
             q, k, v = q.view(N, hl, a.qk_head_dim), k.view(N, kvh, a.qk_head_dim), v.view(N, kvh, a.v_head_dim)
             if a.qk_norm:
                 q, k = rms_norm(q, p["q_norm"], a.rms_eps), rms_norm(k, p["k_norm"], a.rms_eps)
@@ -229,7 +247,7 @@ class MoEStage:
         self.cache.write(layer, k, v, meta.slot_mapping)
         keys, values = self.cache.gather(layer, meta.key_slots)
         out = paged_attention(q, keys, values, meta, a.softmax_scale).reshape(N, -1)
-        return all_reduce_tp(F.linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
+        return all_reduce_tp(linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
 
     def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         a, p = self.arch, self.params[layer]

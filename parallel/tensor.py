@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from tessera.models.packed_linear import linear
 from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_cat
 from tessera.runtime.config import ConfigError
@@ -112,7 +113,7 @@ def vocab_embed(ids: torch.Tensor, weight: torch.Tensor, start: int, group, size
 
 def vocab_logits(h: torch.Tensor, weight: torch.Tensor, vocab: int, group, size: int) -> torch.Tensor:
     """LM head with vocab-split rows: local logits, all-gathered and trimmed to the real vocabulary."""
-    local = h @ weight.t()
+    local = linear(h, weight)
     if size == 1:
         return local[:, :vocab]
     return all_gather_cat(local.contiguous(), group=group, dim=1)[:, :vocab]
