@@ -44,7 +44,8 @@ def _continuous_batching_matches_alone(engine):
 
 
 def test_continuous_batching_one_rank(local_controller, tiny_refs):  # noqa: F811
-    engine = _engine(local_controller, tiny_refs["qwen2_moe"])
+    # decode_steps=1: one token per step, so requests join while the first is still decoding
+    engine = _engine(local_controller, tiny_refs["qwen2_moe"], decode_steps=1)
     try:
         _continuous_batching_matches_alone(engine)
     finally:
@@ -52,11 +53,38 @@ def test_continuous_batching_one_rank(local_controller, tiny_refs):  # noqa: F81
 
 
 def test_continuous_batching_tp2_ep2(make_controller, tiny_refs):  # noqa: F811
-    engine = _engine(make_controller({"tp": 2, "ep": 2}), tiny_refs["deepseek_v3"], max_num_seqs=2)
+    engine = _engine(make_controller({"tp": 2, "ep": 2}), tiny_refs["deepseek_v3"], max_num_seqs=2, decode_steps=1)
     try:
         _continuous_batching_matches_alone(engine)  # max_num_seqs=2: the third request waits for a slot
     finally:
         engine.close()
+
+
+def _multi_step_matches_single_step(ctl, ref):
+    """Workers running several decode steps per call give the tokens of one call per token."""
+    results = {}
+    for steps in (1, 4, 8):
+        engine = _engine(ctl, ref, decode_steps=steps)
+        try:
+            if steps == 1:  # a stop token the greedy continuation of PROMPTS[0] meets at its third token
+                stop_at = engine.generate(PROMPTS[0], GREEDY)[0].token_ids[2]
+                params = [GREEDY, SAMPLED, SamplingParams(max_new_tokens=5, temperature=0.7, seed=3),
+                          SamplingParams(max_new_tokens=6, stop_token_ids=[stop_at])]
+            results[steps] = [(r.token_ids, r.finish_reason) for r in engine.generate(PROMPTS + [PROMPTS[0]], params)]
+            stats = engine.stats()
+            assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+        finally:
+            engine.close()
+    assert results[4] == results[1] and results[8] == results[1]
+    assert [len(t) for t, _ in results[1][:3]] == [6, 6, 5] and results[1][3][1] == "stop"
+
+
+def test_multi_step_decode_one_rank(local_controller, tiny_refs):  # noqa: F811
+    _multi_step_matches_single_step(local_controller, tiny_refs["mixtral"])
+
+
+def test_multi_step_decode_tp2_ep2(make_controller, tiny_refs):  # noqa: F811
+    _multi_step_matches_single_step(make_controller({"tp": 2, "ep": 2}), tiny_refs["qwen3_moe"])
 
 
 def test_sampling_is_seeded_and_bounded(local_controller, tiny_refs):  # noqa: F811

@@ -17,7 +17,7 @@ def test_worker_death_mid_generation_is_recovered_with_identical_tokens(ray_sess
     # Its own controller: this test kills a worker, so it must not use the session cache.
     ctl = Controller(Placement(ParallelPlan({"ep": 2})), timeouts=Timeouts(call_s=120, process_group_s=60)).start()
     try:
-        engine = LLMEngine.load(ctl, path)
+        engine = LLMEngine.load(ctl, path, decode_steps=1)  # one token per step: the kill lands mid-generation
         prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
         greedy = SamplingParams(max_new_tokens=8)
         sampled = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, seed=11)

@@ -92,11 +92,16 @@ class EngineOptions:
     stop_at_eos: bool = True
     step_timeout_s: float = 600.0
     moe_dispatch: str = "auto"  # "all_to_all" | "all_reduce" | "auto" (fewer bytes / collectives; parallel.expert)
+    # Decode steps the workers run per call while no request waits (pp=1): the
+    # driver's round trip (~2-3 ms, and CPU the workers need on a small machine)
+    # is paid once per ``decode_steps`` tokens. New requests join within that many
+    # steps. 1 = one call per token.
+    decode_steps: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
-        for name in ("max_model_len", "block_size", "max_num_seqs", "max_prefill_tokens"):
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_prefill_tokens", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.moe_dispatch not in DISPATCH_MODES:
@@ -295,16 +300,20 @@ class LLMEngine:
             )
             for s in batch
         )
+        steps = self._decode_steps(batch)
+        if steps > 1:
+            call = (mr.run_decode_steps, (self.key, mr.StepBatch(seqs), steps, tuple(s.request.stop_ids for s in batch)))
+        else:
+            call = (mr.run_step, (self.key, mr.StepBatch(seqs)))
         started = time.perf_counter()
         try:
-            results = self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(seqs)),
-                                                     timeout_s=self.options.step_timeout_s)
+            results = self.controller.collective_rpc(*call, timeout_s=self.options.step_timeout_s)
         except WorkerDiedError as err:
             self._recover(batch, err)
-            results = self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(seqs)),
-                                                     timeout_s=self.options.step_timeout_s)
+            results = self.controller.collective_rpc(*call, timeout_s=self.options.step_timeout_s)
         elapsed = time.perf_counter() - started
         tokens = results[self.result_rank]["tokens"]
+        per_seq = tokens if steps > 1 else [[t] for t in tokens]
         prefill = sum(len(s.token_ids) for s in batch if s.is_prefill)
         c = self._counters
         c["steps"] += 1
@@ -312,21 +321,38 @@ class LLMEngine:
             c["prefill_tokens"] += prefill
             c["prefill_s"] += elapsed
         else:
-            c["decode_tokens"] += len(batch)
+            c["decode_tokens"] += sum(len(t) for t in per_seq)
             c["decode_s"] += elapsed
         out = []
-        for s, token in zip(batch, tokens):
+        for s, new_tokens in zip(batch, per_seq):
             r = s.request
-            r.num_computed = s.start + len(s.token_ids)
-            r.output.append(token)
-            if token in r.stop_ids:
-                self.scheduler.finish(r, "stop")
-            elif len(r.output) >= r.sampling.max_new_tokens or len(r.prompt) + len(r.output) >= self.options.max_model_len:
-                self.scheduler.finish(r, "length")
-            if r.finished:
-                c["requests_finished"] += 1
-            out.append((r.request_id, token, r.finished))
+            for i, token in enumerate(new_tokens):
+                r.num_computed = s.start + len(s.token_ids) + i
+                r.output.append(token)
+                if token in r.stop_ids:
+                    self.scheduler.finish(r, "stop")
+                elif len(r.output) >= r.sampling.max_new_tokens or len(r.prompt) + len(r.output) >= self.options.max_model_len:
+                    self.scheduler.finish(r, "length")
+                if r.finished:
+                    c["requests_finished"] += 1
+                out.append((r.request_id, token, r.finished))
+                if r.finished:
+                    break
         return out
+
+    def _decode_steps(self, batch) -> int:
+        """How many decode steps the next call may run: >1 only when every sequence decodes,
+        nothing waits to join, there is one pipeline stage, and every sequence has that many tokens left."""
+        if self.options.decode_steps == 1 or self.scheduler.waiting or any(s.is_prefill for s in batch):
+            return 1
+        if self.controller.placement.plan.degree("pp") != 1:
+            return 1
+        left = min(
+            min(s.request.sampling.max_new_tokens - len(s.request.output),
+                self.options.max_model_len - len(s.request.prompt) - len(s.request.output))
+            for s in batch
+        )
+        return max(1, min(self.options.decode_steps, left))
 
     def _recover(self, batch, err: Exception) -> None:
         """A worker died: rebuild every rank, reload the shards, rebuild the KV of the batch.

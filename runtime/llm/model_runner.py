@@ -8,6 +8,7 @@ hold several models (tests load many tiny ones on one controller).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -92,7 +93,8 @@ class ModelRunner:
     def returns_result(self) -> bool:
         return self.last and self.groups.moe_rank == 0
 
-    def step(self, batch: StepBatch) -> dict[str, Any] | None:
+    def step(self, batch: StepBatch, every_rank_samples: bool = False) -> dict[str, Any] | None:
+        """One forward over the batch; the result rank samples (every last-stage rank when asked)."""
         started = time.perf_counter()
         st, g = self.stage, self.groups
         arch = st.arch
@@ -118,7 +120,7 @@ class ModelRunner:
                 last = logits[meta.last_index]
             else:
                 logits = last = st.head(h[meta.last_index])
-            if not self.returns_result:
+            if not (self.returns_result or every_rank_samples):
                 return
             if batch.return_logits == "all":
                 offsets = torch.cumsum(torch.tensor([0] + [len(s.token_ids) for s in chunk]), 0).tolist()
@@ -138,12 +140,42 @@ class ModelRunner:
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(len(s.token_ids) for s in batch.seqs)
         self.stats["compute_s"] += time.perf_counter() - started
+        if every_rank_samples:
+            return {"tokens": tokens}
         if not self.returns_result:
             return None
         out: dict[str, Any] = {"tokens": tokens}
         if batch.return_logits != "none":
             out["logits"] = [t.cpu().clone() for t in logits_out]
         return out
+
+    def decode_steps(self, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]) -> dict[str, Any] | None:
+        """Up to ``steps`` decode steps in one call, so the driver is not on the per-token path.
+
+        Needs one pipeline stage: every rank then holds the same all-gathered
+        logits and samples the same token (seeded per request and token index),
+        which is fed straight back as the next input. A sequence leaves the loop
+        after a stop token; the caller keeps ``steps`` within every sequence's
+        token budget and its reserved KV blocks.
+        """
+        if self.groups.pp != 1:
+            raise RuntimeError("multi-step decode needs pp=1 (the first stage cannot see the last stage's tokens)")
+        seqs = batch.seqs
+        out: list[list[int]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        for j in range(steps):
+            step_seqs = tuple(
+                StepSeq((out[i][-1] if j else seqs[i].token_ids[0],), seqs[i].start + j, seqs[i].block_table,
+                        dataclasses.replace(seqs[i].sample, index=seqs[i].sample.index + j))
+                for i in active
+            )
+            tokens = self.step(StepBatch(step_seqs), every_rank_samples=True)["tokens"]
+            for i, token in zip(active, tokens):
+                out[i].append(token)
+            active = [i for i in active if out[i][-1] not in stop_ids[i]]
+            if not active:
+                break
+        return {"tokens": out} if self.returns_result else None
 
     def routing_trace(self) -> dict[int, torch.Tensor] | None:
         if not self.stage.record_routing or self.groups.moe_rank != 0:
@@ -211,6 +243,13 @@ def run_step(worker, key: str, batch: StepBatch):
     if runner is None:
         raise KeyError(f"model {key!r} is not loaded on rank {worker.rank}; call LLMEngine.load first")
     return runner.step(batch)
+
+
+def run_decode_steps(worker, key: str, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]):
+    runner = _models(worker).get(key)
+    if runner is None:
+        raise KeyError(f"model {key!r} is not loaded on rank {worker.rank}; call LLMEngine.load first")
+    return runner.decode_steps(batch, steps, stop_ids)
 
 
 def routing_trace(worker, key: str):
