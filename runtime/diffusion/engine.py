@@ -1,8 +1,9 @@
 """The driver-side diffusion engine: load a diffusers directory onto the workers, make images.
 
-One ``collective_rpc`` per denoising step (every rank runs the step SPMD),
-so the driver shows a tqdm bar over steps and records per-step wall time;
-the per-layer exchanges happen between ranks, never through the driver.
+One ``collective_rpc`` per image when no progress bar is shown (the
+denoising loop runs on the workers, SPMD); with the bar, one per denoising
+step, so the driver shows a tqdm bar over steps and records per-step wall
+time. The per-layer exchanges happen between ranks, never through the driver.
 Plans are checked here, before any worker does work: the ``cfg`` degree must
 be 1 or 2, ``tp`` must divide the heads, ``pp`` may not exceed the number of
 transformer blocks, Ulysses needs heads divisible by ``sp x tp``, the image
@@ -93,25 +94,29 @@ class DiffusionEngine:
                             partial_fraction, negative_prompt, max_sequence_length, output, trace)
         ctl = self.controller
         started = time.perf_counter()
-        ctl.collective_rpc(_r.begin_request, args=(req,))
         step_s: list[float] = []
-        bar = None
-        if self.options.get("progress", True):
+        step_bytes = []
+        if not self.options.get("progress", True):
+            # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times are
+            # measured there (slowest rank per step)
+            results = ctl.collective_rpc(_r.run_request, args=(req,))
+            for i in range(req.steps):
+                step_s.append(max(r["steps"][i]["seconds"] for r in results))
+                step_bytes.append(sum(r["steps"][i]["sent_bytes"] for r in results))
+        else:
             from tqdm.auto import tqdm
 
+            ctl.collective_rpc(_r.begin_request, args=(req,))
             bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
-        step_bytes = []
-        for _ in range(req.steps):
-            t0 = time.perf_counter()
-            res = ctl.collective_rpc(_r.run_step)
-            step_s.append(time.perf_counter() - t0)
-            step_bytes.append(sum(r["sent_bytes"] for r in res))
-            if bar is not None:
+            for _ in range(req.steps):
+                t0 = time.perf_counter()
+                res = ctl.collective_rpc(_r.run_step)
+                step_s.append(time.perf_counter() - t0)
+                step_bytes.append(sum(r["sent_bytes"] for r in res))
                 bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
                 bar.update(1)
-        if bar is not None:
             bar.close()
-        results = ctl.collective_rpc(_r.end_request)
+            results = ctl.collective_rpc(_r.end_request)
         head = results[0]
         self.last = {
             "mode": req.mode, "steps": req.steps, "height": req.height, "width": req.width,

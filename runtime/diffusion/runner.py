@@ -1,9 +1,10 @@
 """The worker-side half of the diffusion engine: one denoising loop per rank (SPMD).
 
 The driver calls these module functions through ``collective_rpc``:
-``load_runner`` once, then per request ``begin_request``, ``run_step`` once
-per denoising step (one fan-out per step, so the driver owns the progress
-bar and per-step timing) and ``end_request``. Every rank keeps the latent
+``load_runner`` once, then per request either ``run_request`` (the whole
+denoising loop runs here: one fan-out per image) or, when the driver shows a
+live progress bar, ``begin_request``, ``run_step`` once per denoising step
+and ``end_request``. Every rank keeps the latent
 rows of its patch band; ranks exchange activations only inside attention
 (``parallel/patch.py``, ``parallel/ulysses.py``) and predictions over the
 ``cfg`` dim (``parallel/cfg.py``). Prompt encoding and VAE decoding happen on
@@ -303,3 +304,14 @@ def run_step(worker: Any) -> dict:
 
 def end_request(worker: Any) -> dict:
     return _runner(worker).end()
+
+
+def run_request(worker: Any, request: DiffusionRequest) -> dict:
+    """The whole request in one call: begin, every denoising step, end (the driver's one rpc per image).
+
+    Returns ``end``'s result plus ``steps``, the per-step results measured here on the worker.
+    """
+    runner = _runner(worker)
+    runner.begin(request)
+    steps = [runner.step() for _ in range(len(runner.timesteps))]
+    return {**runner.end(), "steps": steps}
