@@ -97,7 +97,8 @@ class DiffusersDir:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
 
-    def read_tensors(self, names: Iterable[str], slicer: Callable[[str, tuple[int, ...]], tuple | Pieces | None] | None = None,
+    def read_tensors(self, names: Iterable[str],
+                     slicer: Callable[[str, tuple[int, ...]], tuple | Pieces | None] | None = None,
                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Read ``names`` from their files; ``slicer(name, shape)`` may return a tuple of slices (or
         :class:`Pieces`) to read only part."""

@@ -12,8 +12,9 @@ carry``, ``body(carry) -> carry``, ``head(carry) -> output`` handed to a
 file says *how*, in torchtitan-style steps:
 
 1. :func:`apply_pipeline_stages` (on the meta model, before loading): the
-   block sequence is cut into contiguous ranges of balanced bytes; other stages' blocks become parameter-free ``OnOtherStage`` stand-ins and
-   the embeddings / head are dropped where not needed, so the state dict, and
+   block sequence is cut into contiguous ranges of balanced bytes; other
+   stages' blocks become parameter-free ``OnOtherStage`` stand-ins and the
+   embeddings / head are dropped where not needed, so the state dict, and
    hence what the loader reads from safetensors, is this stage's only.
 2. :class:`StageSchedule` (the ``stage`` callable): the first stage embeds,
    later ones ``recv`` the carry (hidden states plus the conditioning the

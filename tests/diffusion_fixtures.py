@@ -35,7 +35,7 @@ def param_bytes(module) -> int:
 
 
 def tp_split_bytes(model_dir: str) -> tuple[int, int]:
-    """(all parameter bytes, bytes of what tp splits: col-split weights+biases (gathered ones too), row-split weights)."""
+    """(all parameter bytes, bytes tp splits: column-split weights+biases (gathered too), row-split weights)."""
     import fnmatch
 
     from torch import nn

@@ -129,7 +129,8 @@ def test_bad_plans_fail_on_the_driver(tiny_pixart, tiny_flux3):
         DiffusionEngine.load(_NoWorkers({"pp": 3}), tiny_pixart)
     with pytest.raises(ConfigError, match=r"pp=4 .* of 3 blocks.*use pp <= 3"):
         DiffusionEngine.load(_NoWorkers({"pp": 4}), tiny_flux3)
-    with pytest.raises(ConfigError, match=r"tp=4 does not divide the model's 6 attention heads; use a tp in \[1, 2, 3, 6\]"):
+    with pytest.raises(ConfigError, match=r"tp=4 does not divide the model's 6 attention heads; "
+                                          r"use a tp in \[1, 2, 3, 6\]"):
         DiffusionEngine.load(_NoWorkers({"tp": 4}), tiny_flux3)
     with pytest.raises(ConfigError, match="use pp or offload"):
         from tessera.offload.config import OffloadConfig
@@ -152,7 +153,8 @@ def test_stages_cut_both_flux_lists_as_one_sequence_by_bytes():
     for stage in range(3):
         model = build_transformer("flux", cfg)
         ranges.append(apply_pipeline_stages(model, stage, 3))
-        here = [isinstance(b, OnOtherStage) for b in list(model.transformer_blocks) + list(model.single_transformer_blocks)]
+        blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+        here = [isinstance(b, OnOtherStage) for b in blocks]
         assert [i for i, absent in enumerate(here) if not absent] == list(ranges[-1])
         seen.append(set(model.state_dict()))
     assert set().union(*seen) == full and sum(len(s) for s in seen) == len(full)  # each tensor on one stage
