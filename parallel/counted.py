@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_tensor
 
 
@@ -79,7 +80,10 @@ def gather_padded(local: torch.Tensor, counts: Sequence[int], group: Any, counte
         local = torch.cat([local, pad], dim=0)
     local = local.contiguous()
     out = local.new_empty((world * longest, *local.shape[1:]))
-    work = all_gather_tensor(out, local, group=group, async_op=async_op)
+    if not async_op and shm_comm.all_gather_into(out, local, group):  # one node, CPU: shared memory
+        work = None
+    else:
+        work = all_gather_tensor(out, local, group=group, async_op=async_op)
     if counter is not None:
         counter.add(kind, local.nbytes, local.nbytes * (world - 1))
     return work, out, longest
@@ -89,8 +93,10 @@ def all_to_all_tokens(inp: torch.Tensor, in_splits: Sequence[int], out_splits: S
                       counter: CommCounter | None, kind: str, my_index: int) -> torch.Tensor:
     """``all_to_all_single`` along dim 0 with (possibly uneven) split sizes in rows."""
     inp = inp.contiguous()
-    out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
-    dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits), group=group)
+    out = shm_comm.all_to_all_rows(inp, in_splits, out_splits, group)  # one node, CPU: shared memory
+    if out is None:
+        out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
+        dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits), group=group)
     if counter is not None:
         row = inp[0].nbytes if inp.shape[0] else 0
         counter.add(kind, (sum(in_splits) - in_splits[my_index]) * row, (sum(out_splits) - out_splits[my_index]) * row)

@@ -24,6 +24,7 @@ visible before the counter store); other machines use gloo.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import platform
@@ -37,7 +38,6 @@ import torch
 import torch.distributed as dist
 
 SLOT_BYTES = 1 << 20  # per rank and buffer; larger tensors go through gloo
-HEADER = 4096  # token (32 bytes) + one 64-byte line per rank counter
 WAIT_TIMEOUT_S = float(os.environ.get("TESSERA_SHM_TIMEOUT_S", "600"))
 _SPINS_BEFORE_YIELD = 64
 
@@ -54,18 +54,29 @@ class ShmGroup:
     def __init__(self, segment: mmap.mmap, rank: int, world: int, slot_bytes: int) -> None:
         self.segment, self.rank, self.world, self.slot_bytes = segment, rank, world, slot_bytes
         self.counters = np.ndarray((world,), dtype=np.int64, buffer=segment, offset=64, strides=(64,))
-        data = torch.frombuffer(segment, dtype=torch.uint8, count=2 * world * slot_bytes, offset=HEADER)
+        # per buffer, each rank's all_to_all send counts (rows per destination)
+        # (last column: 1 if that rank's rows fit its slot)
+        self.splits = torch.frombuffer(segment, dtype=torch.int64, count=2 * world * (world + 1),
+                                       offset=64 + 64 * world).view(2, world, world + 1)
+        data = torch.frombuffer(segment, dtype=torch.uint8, count=2 * world * slot_bytes, offset=header_bytes(world))
         self.buffers = data.view(2, world, slot_bytes)
         self.step = int(self.counters[rank])
         self.calls = 0
 
-    def _meet(self, t: torch.Tensor) -> torch.Tensor:
-        """Publish ``t`` in this rank's slot and wait for every rank; returns the [world, bytes] buffer."""
+    def _meet(self, t: torch.Tensor, splits: list[int] | None = None) -> torch.Tensor:
+        """Publish ``t`` in this rank's slot and wait for every rank; returns the [world, bytes] buffer.
+
+        With ``splits`` (all_to_all) a ``t`` too large for the slot is not copied; the rank
+        says so in its split row and every rank then falls back together."""
         self.step += 1
         self.calls += 1
         buf = self.buffers[self.step % 2]
         nbytes = t.numel() * t.element_size()
-        buf[self.rank, :nbytes].copy_(t.reshape(-1).view(torch.uint8))
+        fits = nbytes <= self.slot_bytes
+        if fits:
+            buf[self.rank, :nbytes].copy_(t.reshape(-1).view(torch.uint8))
+        if splits is not None:
+            self.splits[self.step % 2, self.rank] = torch.tensor([*splits, int(fits)], dtype=torch.int64)
         self.counters[self.rank] = self.step
         spins, deadline = 0, None
         while self.counters.min() < self.step:
@@ -80,7 +91,7 @@ class ShmGroup:
                             f"shared-memory collective: rank(s) {late} of the group did not arrive within "
                             f"{WAIT_TIMEOUT_S:.0f}s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
                         )
-        return buf[:, :nbytes]
+        return buf[:, : min(nbytes, self.slot_bytes)]
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() <= self.slot_bytes
@@ -95,10 +106,41 @@ class ShmGroup:
         t.view(-1).copy_(total)
         return t
 
+    def all_gather_into(self, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``out`` (contiguous, ``world`` x ``t``'s rows) gets every rank's ``t`` in rank order."""
+        slots = self._meet(t).view(t.dtype)
+        out.view(self.world, -1).copy_(slots)
+        return out
+
+    def all_to_all_rows(self, inp: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor | None:
+        """``all_to_all_single`` along dim 0 with uneven row counts: rank r's rows for me start
+        after the rows it sends to lower ranks, which it publishes next to its data.
+        None when some rank's rows did not fit its slot (then every rank gets None: use gloo)."""
+        row = math.prod(inp.shape[1:])
+        self._meet(inp, list(in_splits))
+        table = self.splits[self.step % 2]
+        if not bool(table[:, -1].all()):
+            return None
+        slots = self.buffers[self.step % 2].view(inp.dtype)  # whole slots: other ranks may send more rows
+        out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
+        flat, at = out.view(-1), 0
+        for src in range(self.world):
+            start = int(table[src, : self.rank].sum()) * row
+            n = out_splits[src] * row
+            flat[at : at + n].copy_(slots[src, start : start + n])
+            at += n
+        return out
+
     def all_gather_cat(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``t`` (same shape everywhere) concatenated along ``dim``."""
         slots = self._meet(t).view(t.dtype)
         return torch.cat([slots[r].view(t.shape) for r in range(self.world)], dim=dim)
+
+
+def header_bytes(world: int) -> int:
+    """Token (64 bytes), one 64-byte counter line per rank, the split tables; rounded to a page."""
+    raw = 64 + 64 * world + 2 * world * world * 8
+    return -(-raw // 4096) * 4096
 
 
 def attach(group: Any, slot_bytes: int = SLOT_BYTES) -> ShmGroup | None:
@@ -116,7 +158,7 @@ def attach(group: Any, slot_bytes: int = SLOT_BYTES) -> ShmGroup | None:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world < 2:
         return None
-    size = HEADER + 2 * world * slot_bytes
+    size = header_bytes(world) + 2 * world * slot_bytes
     segment, info = None, [None]
     if rank == 0 and enabled_here():
         token = secrets.token_hex(16)
@@ -152,7 +194,7 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     try:
         if create:
-            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)  # reserve now: a full /dev/shm fails here, not with SIGBUS later
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
@@ -160,6 +202,23 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
 
 def for_group(group: Any) -> ShmGroup | None:
     return _GROUPS.get(id(group)) if group is not None else None
+
+
+def all_gather_into(out: torch.Tensor, t: torch.Tensor, group: Any) -> bool:
+    """Shared-memory all-gather when ``group`` has a segment and ``t`` fits; False: use gloo."""
+    shm = for_group(group)
+    if shm is None or not shm.fits(t) or not out.is_contiguous():
+        return False
+    shm.all_gather_into(out, t)
+    return True
+
+
+def all_to_all_rows(inp: torch.Tensor, in_splits, out_splits, group: Any) -> torch.Tensor | None:
+    """Shared-memory ``all_to_all_single`` along dim 0; None (on every rank) means: use gloo."""
+    shm = for_group(group)
+    if shm is None or inp.device.type != "cpu" or not inp.is_contiguous():
+        return None
+    return shm.all_to_all_rows(inp, list(in_splits), list(out_splits))
 
 
 def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:

@@ -34,6 +34,22 @@ def _compare_with_gloo(worker):
         gathered = all_gather_cat(part, group=group, dim=1)
         expected = torch.cat([torch.full((2, 3), float(r)) + torch.arange(3.0) for r in range(dist.get_world_size(group))], 1)
         results[(dim, "gather", "all_gather_cat")] = torch.equal(gathered, expected)
+        # all_to_all along rows with uneven splits (rank r sends r + j + 1 rows to rank j), against gloo.
+        n = dist.get_world_size(group)
+        in_splits = [rank + j + 1 for j in range(n)]
+        out_splits = [j + rank + 1 for j in range(n)]
+        inp = torch.randn(sum(in_splits), 2, 3, generator=gen)
+        ref = inp.new_empty((sum(out_splits), 2, 3))
+        dist.all_to_all_single(ref, inp, out_splits, in_splits, group=group)
+        got = shm_comm.all_to_all_rows(inp, in_splits, out_splits, group)
+        results[(dim, "a2a", "all_to_all_rows")] = got is not None and torch.equal(got, ref)
+        # one rank's rows larger than its slot: every rank is told to use gloo
+        rows = shm.slot_bytes // (4 * 6) + 1 if rank == 0 else 1
+        big_in = torch.zeros(rows * n, 2, 3)
+        results[(dim, "a2a", "fallback")] = shm_comm.all_to_all_rows(big_in, [rows] * n, [0] * n, group) is None
+        out = torch.empty(n * 4, 3)
+        ok = shm_comm.all_gather_into(out, torch.full((4, 3), float(rank)), group)
+        results[(dim, "gather", "all_gather_into")] = ok and torch.equal(out, torch.arange(n).float().repeat_interleave(4)[:, None].expand(-1, 3))
         # Many back-to-back steps exercise both buffers and the step counters.
         acc = torch.zeros(8)
         for i in range(200):

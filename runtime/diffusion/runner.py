@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tessera.models.diffusers_loader import DiffusersDir, load_transformer
 from tessera.models.dit_layers import TokenShard, local_self_attention, split_rows
 from tessera.parallel.cfg import COND, cfg_batched_combine, cfg_parallel_combine
+from tessera.parallel import shm_comm
 from tessera.parallel.counted import CommCounter, gather_tokens
 from tessera.parallel.patch import PatchParallelAttention
 from tessera.parallel.ulysses import UlyssesAttention, check_ulysses_heads
@@ -39,6 +40,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def _degree(worker: Any, dim: str) -> int:
     return int(getattr(worker, "plan_degrees", {}).get(dim, 1))
+
+
+SHM_SLOT_BYTES = 8 << 20  # per rank: a 1024-token Flux exchange fits; larger ones go through gloo
 
 
 def _group(worker: Any, dim: str):
@@ -60,6 +64,9 @@ class DiffusionRunner:
         self.tp = _degree(worker, "tp")
         self.sp_group = _group(worker, "sp")
         self.cfg_group = _group(worker, "cfg")
+        if self.device.type == "cpu":  # patch / Ulysses / CFG exchanges of ranks on one node meet in shared memory
+            for group in (self.sp_group, self.cfg_group):
+                shm_comm.attach(group, slot_bytes=SHM_SLOT_BYTES)
         coords = worker.coordinates() if worker.mesh is not None else {}
         self.sp_rank = coords.get("sp", 0)
         self.cfg_rank = coords.get("cfg", 0)
