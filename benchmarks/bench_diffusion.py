@@ -21,6 +21,19 @@ one machine with one thread per worker:
    left at Flux's default of 512 the tessera side did 5x the text work and
    looked slower than one diffusers process).
 
+What is timed, on each side:
+
+- per step (1. and 5.): tessera's engine runs the whole denoising loop on
+  the workers (one rpc per image) and times every step there: transformer
+  forward, the sp exchanges, the scheduler update; the slowest rank counts;
+  the first step (one-off allocations) is dropped, the median of the rest is
+  reported. The diffusers side is the median transformer forward on fixed
+  inputs after one warm-up forward (for CP: rank 0's). So tessera's step
+  carries a little more (the scheduler update), nothing less;
+- per image (4.): wall time of one call on the driver, after one warm-up
+  call, on both sides: prompt encoding, all steps, VAE decode and, for
+  tessera, the image's trip from rank 0 to the driver.
+
 The model is random (no weights ship on PyPI), so PSNR measures how far the
 approximation moves the trajectory, not perceived quality.
 """
@@ -54,8 +67,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float | None = None) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-def _median_step(stats: dict) -> float:
-    steps = stats["step_seconds"][1:] or stats["step_seconds"]  # the first step includes one-off work
+def _median_step(stats: dict, key: str = "step_seconds") -> float:
+    steps = stats[key][1:] or stats[key]  # the first step includes one-off work
     return statistics.median(steps)
 
 
@@ -78,6 +91,7 @@ def run_engine(plan: dict, model_dir: Path, jobs: list[dict], timeouts: Timeouts
             wall = time.perf_counter() - started
             last = engine.stats()["last"]
             out.append({"name": job["name"], "wall_s": wall, "median_step_s": _median_step(last),
+                        "median_step_cpu_s": _median_step(last, "step_cpu_seconds"),
                         "sent_bytes_per_step": last["sent_bytes_per_step"], "latents": engine.last["latents"],
                         "image": _image_tensor(images[0])})
     return out
@@ -121,15 +135,17 @@ def _flux_inputs(model_dir: Path, side: int):
                 img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3), return_dict=False)
 
 
-def _time_forwards(model, inputs, repeats: int) -> float:
-    times = []
+def _time_forwards(model, inputs, repeats: int) -> tuple[float, float]:
+    """Median wall and median process CPU seconds of one forward (after one warm-up forward)."""
+    times, cpu = [], []
     with torch.no_grad():
         model(**inputs)
         for _ in range(repeats):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             model(**inputs)
             times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            cpu.append(time.process_time() - cpu_started)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def _cp_worker(rank: int, world: int, model_dir: str, side: int, repeats: int, port: int, queue) -> None:
@@ -154,7 +170,8 @@ def _cp_worker(rank: int, world: int, model_dir: str, side: int, repeats: int, p
         dist.destroy_process_group()
 
 
-def diffusers_context_parallel(model_dir: Path, side: int, repeats: int) -> float:
+def diffusers_context_parallel(model_dir: Path, side: int, repeats: int) -> tuple[float, float]:
+    """Rank 0's median (wall, CPU) seconds per forward of diffusers' Ulysses context parallelism."""
     import socket
 
     import torch.multiprocessing as mp
@@ -199,20 +216,28 @@ def flux_comparison(args, timeouts: Timeouts) -> dict:
     before = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        out[f"diffusers_{threads}thread_s"] = _time_forwards(model, inputs, args.repeats)
+        out[f"diffusers_{threads}thread_s"], out[f"diffusers_{threads}thread_cpu_s"] = _time_forwards(
+            model, inputs, args.repeats)
     torch.set_num_threads(before)
     del model
-    out["diffusers_cp2_s"] = diffusers_context_parallel(model_dir, side, args.repeats)
+    out["diffusers_cp2_s"], out["diffusers_cp2_cpu_s"] = diffusers_context_parallel(model_dir, side, args.repeats)
     pixels = side * 2 * 2  # 2x2 packing, VAE factor 2
     with Controller(Placement(ParallelPlan({"sp": 2})), timeouts=timeouts) as ctl:
         engine = DiffusionEngine.load(ctl, model_dir, progress=False)
+        engine.generate_images(PROMPT, steps=2, height=pixels, width=pixels, guidance_scale=0.0, output="latent",
+                               max_sequence_length=FLUX_TEXT_TOKENS)  # warm-up, as diffusers' first forward
         for mode in ("ulysses", "exact"):
             engine.generate_images(PROMPT, steps=args.repeats + 1, height=pixels, width=pixels, guidance_scale=0.0,
                                    mode=mode, output="latent", max_sequence_length=FLUX_TEXT_TOKENS)
             out[f"tessera_sp2_{mode}_s"] = _median_step(engine.stats()["last"])
+            out[f"tessera_sp2_{mode}_cpu_s"] = _median_step(engine.stats()["last"], "step_cpu_seconds")
     base = out["diffusers_1thread_s"]
     for key in ("diffusers_2thread_s", "diffusers_cp2_s", "tessera_sp2_ulysses_s", "tessera_sp2_exact_s"):
         out[key[:-2] + "_speedup"] = base / out[key]
+    # CPU seconds of one process (the busiest rank) per forward: the work split, unaffected by other jobs
+    # waiting for the cores (a 2-thread process counts both threads, so it is left out)
+    for key in ("diffusers_cp2_cpu_s", "tessera_sp2_ulysses_cpu_s", "tessera_sp2_exact_cpu_s"):
+        out[key[:-2] + "_split"] = out["diffusers_1thread_cpu_s"] / out[key]
     return out
 
 
@@ -231,8 +256,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
+    import os
+
     import ray
 
+    load_before = os.getloadavg()
     cache = default_cache_dir()
     model_dir = build_tiny_diffusion("pixart", cache / f"bench-pixart-L{args.layers}-H{args.heads}x{args.head_dim}",
                                      layers=args.layers, heads=args.heads, head_dim=args.head_dim)
@@ -244,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tessera-bench-"),
                  log_to_driver=False)
     print(f"== diffusion bench: PixArt-shaped DiT, {args.layers} layers, {args.heads}x{args.head_dim} heads, "
-          f"{args.size}px ({tokens} image tokens), {args.steps} steps, 1 thread per worker")
+          f"{args.size}px ({tokens} image tokens), {args.steps} steps, 1 thread per worker; "
+          f"load average {load_before[0]:.1f} (2 cores: above ~2.5 other jobs share them)")
     try:
         single = run_engine({"sp": 1}, model_dir, [{"name": "exact", "kw": {**base, "mode": "exact"}}] * args.repeats,
                             timeouts)
@@ -261,14 +290,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if own_ray:
             ray.shutdown()
     one_step = statistics.median(r["median_step_s"] for r in single)
+    one_cpu = statistics.median(r["median_step_cpu_s"] for r in single)
 
     def pick(name):
         return [r for r in sp2 if r["name"] == name]
 
     exact_step = statistics.median(r["median_step_s"] for r in pick("exact"))
     disp_step = statistics.median(r["median_step_s"] for r in pick("displaced-w1"))
+    exact_cpu = statistics.median(r["median_step_cpu_s"] for r in pick("exact"))
     speedup = {"one_worker_step_s": one_step, "sp2_exact_step_s": exact_step, "sp2_displaced_step_s": disp_step,
-               "sp2_exact_speedup": one_step / exact_step, "sp2_displaced_speedup": one_step / disp_step, "ideal": 2.0}
+               "sp2_exact_speedup": one_step / exact_step, "sp2_displaced_speedup": one_step / disp_step, "ideal": 2.0,
+               # CPU seconds of the busiest rank per step: how evenly the work splits, whatever else runs
+               "one_worker_step_cpu_s": one_cpu, "sp2_exact_step_cpu_s": exact_cpu,
+               "sp2_exact_cpu_split": one_cpu / exact_cpu}
     ref = pick("exact")[0]
     assert psnr(single[0]["latents"], ref["latents"]) > 60, "sp=2 exact must equal one worker"
     bytes_per_step = {}
@@ -294,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  one worker {one_step * 1e3:.0f} ms/step; sp=2 exact {exact_step * 1e3:.0f} ms/step "
           f"({speedup['sp2_exact_speedup']:.2f}x), displaced {disp_step * 1e3:.0f} ms/step "
           f"({speedup['sp2_displaced_speedup']:.2f}x); ideal 2.00x")
+    print(f"  CPU s per step of the busiest rank: one worker {one_cpu * 1e3:.0f} ms, sp=2 exact {exact_cpu * 1e3:.0f} ms "
+          f"({speedup['sp2_exact_cpu_split']:.2f}x)")
     print(f"  {'mode':<14} {'KiB/step (all ranks, steady state)':>36}")
     for name, b in bytes_per_step.items():
         print(f"  {name:<14} {b['steady_state'] / 1024:>36.1f}")
@@ -310,8 +346,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({flux['diffusers_cp2_speedup']:.2f}x), tessera sp=2 Ulysses {flux['tessera_sp2_ulysses_s']:.2f} "
               f"({flux['tessera_sp2_ulysses_speedup']:.2f}x), exact patches {flux['tessera_sp2_exact_s']:.2f} "
               f"({flux['tessera_sp2_exact_speedup']:.2f}x)")
+        print(f"  Flux CPU s per forward of the busiest process (1-thread diffusers / it): diffusers 1 thread "
+              f"{flux['diffusers_1thread_cpu_s']:.2f}, diffusers CP {flux['diffusers_cp2_cpu_s']:.2f} "
+              f"({flux['diffusers_cp2_cpu_split']:.2f}x), tessera Ulysses {flux['tessera_sp2_ulysses_cpu_s']:.2f} "
+              f"({flux['tessera_sp2_ulysses_cpu_split']:.2f}x), exact {flux['tessera_sp2_exact_cpu_s']:.2f} "
+              f"({flux['tessera_sp2_exact_cpu_split']:.2f}x)")
     result = {
-        "machine": "2-core CPU VM, gloo, 1 thread per worker (shared with other jobs: noisy)",
+        "machine": "2-core CPU VM, gloo, 1 thread per worker",
+        "load_avg_1_5_15": {"start": load_before, "end": os.getloadavg()},  # > ~2.5: other jobs shared the cores
         "model": {"family": "pixart", "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                   "image_px": args.size, "image_tokens": tokens, "steps": args.steps},
         "speedup": speedup, "bytes_per_step": bytes_per_step, "quality_vs_exact": quality,

@@ -95,7 +95,7 @@ class DiffusionEngine:
         ctl = self.controller
         started = time.perf_counter()
         step_s: list[float] = []
-        step_bytes = []
+        step_bytes, step_cpu = [], []  # step_cpu: CPU seconds of the busiest rank per step
         if not self.options.get("progress", True):
             # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times are
             # measured there (slowest rank per step)
@@ -103,6 +103,7 @@ class DiffusionEngine:
             for i in range(req.steps):
                 step_s.append(max(r["steps"][i]["seconds"] for r in results))
                 step_bytes.append(sum(r["steps"][i]["sent_bytes"] for r in results))
+                step_cpu.append(max(r["steps"][i]["cpu_seconds"] for r in results))
         else:
             from tqdm.auto import tqdm
 
@@ -113,6 +114,7 @@ class DiffusionEngine:
                 res = ctl.collective_rpc(_r.run_step)
                 step_s.append(time.perf_counter() - t0)
                 step_bytes.append(sum(r["sent_bytes"] for r in res))
+                step_cpu.append(max(r["cpu_seconds"] for r in res))
                 bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
                 bar.update(1)
             bar.close()
@@ -120,7 +122,7 @@ class DiffusionEngine:
         head = results[0]
         self.last = {
             "mode": req.mode, "steps": req.steps, "height": req.height, "width": req.width,
-            "seconds": time.perf_counter() - started, "step_seconds": step_s,
+            "seconds": time.perf_counter() - started, "step_seconds": step_s, "step_cpu_seconds": step_cpu,
             "sent_bytes_per_step": step_bytes,
             "sent_bytes_total": sum(r["comm"]["sent_bytes"] for r in results),
             "comm_by_rank": [r["comm"] for r in results],

@@ -207,7 +207,7 @@ class DiffusionRunner:
             raise RuntimeError("run_step called with no request in flight or after the last step; call begin_request")
         i = self.step_index
         t = self.timesteps[i]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         before = self.counter.snapshot()["sent_bytes"]
         if self.attn is not None:
             self.attn.start_step(i)
@@ -236,7 +236,8 @@ class DiffusionRunner:
         self.latents = self.scheduler.step(pred, t, x, return_dict=False)[0]
         self.step_index += 1
         self.step_bytes.append(self.counter.snapshot()["sent_bytes"] - before)
-        return {"step": i, "seconds": time.perf_counter() - started, "sent_bytes": self.step_bytes[-1]}
+        return {"step": i, "seconds": time.perf_counter() - started, "sent_bytes": self.step_bytes[-1],
+                "cpu_seconds": time.process_time() - cpu_started}  # this process's CPU: robust to other jobs
 
     def end(self) -> dict:
         req = self.req
