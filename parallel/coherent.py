@@ -38,6 +38,14 @@ packs its integer metadata and float payload into one byte tensor, so each is
 a single collective. Numerically it is the standard computation with the sums
 of a token's expert outputs taken in another order (fp32 logits agree to
 ~1e-6). ``check_exflow`` refuses the plans it does not cover.
+
+Coupling to ``models.moe_layers``: attention runs through the stage's own
+``MoEStage.attention`` (one implementation of the model math) with resident-only
+metadata and a stand-in cache whose ``write`` does the K/V all-gather; this
+relies on ``attention`` writing its new K/V through ``self.cache.write(layer,
+k, v, meta.slot_mapping)`` and reading through ``self.cache.gather``. The MoE
+part reuses ``route``, ``run_experts`` and ``mlp``. ``tests/test_affinity_exflow.py``
+checks the result against transformers and the standard path.
 """
 
 from __future__ import annotations
