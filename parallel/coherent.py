@@ -35,10 +35,7 @@ rank and follow its experts:
 Per MoE layer this is one tiny all_gather of row counts, one K/V all-gather,
 one all_to_all, and the second all_to_all only when needed; every exchange
 packs its integer metadata and float payload into one byte tensor, so each is
-a single collective. Steps of at most ``LOW_LATENCY_TOKENS`` tokens (decode)
-trade bytes for latency, as the standard dispatcher's ``auto`` does: the rows
-travel by one all-gather (every rank sees every row, so no counts exchange),
-and the partial outputs by a second all-gather. Numerically it is the standard computation with the sums
+a single collective. Numerically it is the standard computation with the sums
 of a token's expert outputs taken in another order (fp32 logits agree to
 ~1e-6). ``check_exflow`` refuses the plans it does not cover.
 
@@ -65,9 +62,6 @@ from tessera.parallel.tensor import split_range
 from tessera.runtime.config import ConfigError
 
 EXFLOW = "exflow"
-# Steps with at most this many tokens (decode) exchange MoE rows by all-gather instead of counts +
-# all_to_all: more bytes (every rank sees every row), fewer and cheaper collectives (what decode waits on).
-LOW_LATENCY_TOKENS = 16
 
 
 def check_exflow(plan, arch, record_routing: bool = False) -> None:
@@ -102,7 +96,6 @@ class CoherentStats:
     gather_bytes: int = 0  # the end-of-stage all-gather back to token order
     second_exchanges: int = 0  # MoE layers that needed the partial-output exchange
     moe_layer_calls: int = 0
-    low_latency_calls: int = 0  # of those, exchanged by all-gather (steps of <= LOW_LATENCY_TOKENS tokens)
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -207,7 +200,7 @@ def _attention(stage, layer: int, x: torch.Tensor, index: torch.Tensor, meta, co
 # -- the MoE exchange ------------------------------------------------------------------------
 
 
-def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, counts: list[int], stats: CoherentStats):
+def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats: CoherentStats):
     """Route residents, move them to their anchors, combine. Returns (new residents h, their indices, counts)."""
     from tessera.models.moe_layers import mlp, rms_norm, route, run_experts
 
@@ -227,58 +220,28 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, counts
     others[torch.arange(n, device=dev), anchor] = False
     o_tok, o_rank = others.nonzero(as_tuple=True)  # one row per (token, other rank holding one of its experts)
 
+    # Round 1: counts (everyone learns everyone's: the next resident counts come with them), then one all_to_all.
+    home_c = torch.bincount(anchor, minlength=P)
+    other_c = torch.bincount(o_rank, minlength=P)
+    C = all_gather_cat(torch.stack([home_c, other_c]), group=group).view(P, 2, P).cpu()
+    send = (C[me, 0] + C[me, 1]).tolist()
+    recv = (C[:, 0, me] + C[:, 1, me]).tolist()
+    counts = C[:, 0].sum(0).tolist()  # residents per rank after this layer
+
     to = torch.cat([anchor, o_rank])
     tok = torch.cat([torch.arange(n, device=dev), o_tok])
     payload = torch.cat([h, x[o_tok]])  # home rows carry the residual, the others the normed input
     order = torch.argsort(to, stable=True)
-    to, tok, payload = to[order], tok[order], payload[order]
+    tok, payload = tok[order], payload[order]
     meta = torch.cat([index[tok].unsqueeze(1), anchor[tok].unsqueeze(1), topi[tok]], 1)
-    low_latency = N <= LOW_LATENCY_TOKENS
-    if low_latency:
-        # Decode: a handful of rows. One all-gather of every rank's rows (padded to a bound all ranks
-        # know: k rows per resident) replaces the counts exchange and the all_to_all; each rank keeps
-        # the rows addressed to it, in the order the all_to_all would deliver them, and reads the
-        # next resident counts and the partial-output layout off the shared metadata.
-        cap = max(counts) * k
-        m = len(to)
-        full_meta = meta.new_full((cap, 3 + k), -1)
-        full_meta[:m] = torch.cat([to.unsqueeze(1), meta], 1)
-        full_pay = payload.new_zeros((cap, H))
-        full_pay[:m] = payload
-        full_w = topw.new_zeros((cap, k))
-        full_w[:m] = topw[tok]
-        rows = _pack(full_meta, full_pay, full_w)
-        every = all_gather_cat(rows, group=group)
-        e_meta, e_vec, e_w = _unpack(every, [(torch.int64, 3 + k), (h.dtype, H), (topw.dtype, k)])
-        e_to, e_anchor = e_meta[:, 0], e_meta[:, 2]
-        valid = e_to >= 0
-        e_home = valid & (e_to == e_anchor)
-        e_visit = valid & (e_to != e_anchor)
-        counts = torch.bincount(e_anchor[e_home], minlength=P).tolist()
-        # visiting rows per (expert rank, anchor): the partial-output exchange's layout
-        M = torch.bincount(e_to[e_visit] * P + e_anchor[e_visit], minlength=P * P).view(P, P).cpu()
-        mine = (e_to == me).nonzero().squeeze(1)
-        got_meta, vec, w = e_meta[mine, 1:], e_vec[mine], e_w[mine]
-        sent_rows = int((to != me).sum())
-        stats.low_latency_calls += 1
-        stats.moe_bytes += rows.numel() * (P - 1)
-    else:
-        # Counts first (everyone learns everyone's: the next resident counts come with them), then one all_to_all.
-        home_c = torch.bincount(anchor, minlength=P)
-        other_c = torch.bincount(o_rank, minlength=P)
-        C = all_gather_cat(torch.stack([home_c, other_c]), group=group).view(P, 2, P).cpu()
-        send = (C[me, 0] + C[me, 1]).tolist()
-        recv = (C[:, 0, me] + C[:, 1, me]).tolist()
-        counts = C[:, 0].sum(0).tolist()  # residents per rank after this layer
-        rows = _pack(meta, payload, topw[tok])
-        got = _all_to_all_rows(rows, send, recv, group)
-        sent_rows = sum(send) - send[me]
-        stats.moe_bytes += sent_rows * rows.shape[1]
-        got_meta, vec, w = _unpack(got, [(torch.int64, 2 + k), (h.dtype, H), (topw.dtype, k)])
-        M = None
+    rows = _pack(meta, payload, topw[tok])
+    got = _all_to_all_rows(rows, send, recv, group)
+    sent_rows = sum(send) - send[me]
     stats.moe_rows += sent_rows
     stage.dispatcher.rows_sent += sent_rows  # what the benchmark compares with the standard dispatcher
-    g_idx, g_anchor, g_ids = got_meta[:, 0], got_meta[:, 1], got_meta[:, 2:]
+    stats.moe_bytes += sent_rows * rows.shape[1]
+    g_meta, vec, w = _unpack(got, [(torch.int64, 2 + k), (h.dtype, H), (topw.dtype, k)])
+    g_idx, g_anchor, g_ids = g_meta[:, 0], g_meta[:, 1], g_meta[:, 2:]
     home = g_anchor == me
     xin = vec.clone()
     xin[home] = rms_norm(vec[home], p["mlp_norm"], a.rms_eps)
@@ -293,7 +256,7 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, counts
 
     home_pos = home.nonzero().squeeze(1)
     h_home, x_home, routed, idx_home = vec[home_pos], xin[home_pos], partial[home_pos], g_idx[home_pos]
-    if (int(M.sum()) if low_latency else int(C[:, 1].sum())) > 0:
+    if int(C[:, 1].sum()) > 0:
         # Round 2: visiting rows' partial outputs go to their anchors. Both sides order them by
         # (anchor or source rank, token index), so no counts or indices travel.
         visit = (~home).nonzero().squeeze(1)
@@ -308,22 +271,12 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, counts
         e_order = torch.argsort(e_rank * (N + 1) + idx_home[e_row])
         e_row, e_rank = e_row[e_order], e_rank[e_order]
         recv2 = torch.bincount(e_rank, minlength=P).tolist()
-        sent2 = sum(send2) - send2[me]
-        if low_latency:
-            # every rank's visiting partials, padded to the largest count; take each source's block for me
-            cap2 = int(M.sum(1).max())
-            mine_part = partial[visit]
-            padded = torch.cat([mine_part, mine_part.new_zeros((cap2 - len(visit), H))])
-            every2 = all_gather_cat(padded.contiguous(), group=group)
-            off, length = M[:, :me].sum(1).tolist(), M[:, me].tolist()
-            back = torch.cat([every2[d * cap2 + off[d] : d * cap2 + off[d] + length[d]] for d in range(P)])
-            stats.moe_bytes += padded.numel() * padded.element_size() * (P - 1)
-        else:
-            back = _all_to_all_rows(partial[visit], send2, recv2, group)
-            stats.moe_bytes += sent2 * H * vec.element_size()
+        back = _all_to_all_rows(partial[visit], send2, recv2, group)
         routed = routed.index_add(0, e_row, back)
+        sent2 = sum(send2) - send2[me]
         stats.moe_rows += sent2
         stage.dispatcher.rows_sent += sent2
+        stats.moe_bytes += sent2 * H * vec.element_size()
         stats.second_exchanges += 1
     stats.moe_layer_calls += 1
     if a.shared_intermediate:
@@ -359,7 +312,7 @@ def coherent_forward(stage, h: torch.Tensor, meta) -> torch.Tensor:
         p = stage.params[layer]
         h = h + _attention(stage, layer, rms_norm(h, p["attn_norm"], a.rms_eps), index, meta, cos, sin, counts, stats)
         if a.moe_layers[layer]:
-            h, index, counts = _moe(stage, layer, h, index, N, counts, stats)
+            h, index, counts = _moe(stage, layer, h, index, N, stats)
         else:
             h = h + mlp(rms_norm(h, p["mlp_norm"], a.rms_eps), p["dense_gate"], p["dense_up"], p["dense_down"], pv)
     rows = _pack(h, index.unsqueeze(1))

@@ -75,8 +75,6 @@ def test_exflow_matches_standard_and_transformers(make_controller, session_tmp, 
     exflow = [s["exflow"] for s in stats]
     assert all(e is not None and e["moe_layer_calls"] > 0 for e in exflow)
     assert sum(e["kv_bytes"] for e in exflow) > 0  # the attention context travelled
-    # prefill of the batch (27 tokens) took the all_to_all exchange, decode steps the all-gather one
-    assert 0 < sum(e["low_latency_calls"] for e in exflow) < sum(e["moe_layer_calls"] for e in exflow)
     if top_k == 1:
         assert all(e["second_exchanges"] == 0 for e in exflow), "top-1 routing needs no partial-output exchange"
 
