@@ -39,6 +39,7 @@ class ModelSpec:
     num_kv_heads: int
     num_experts: int = 0
     kv_bytes_per_token: int = 0
+    kv_split_over_tp: bool = True  # False: every tp rank caches all of it (MLA latents)
 
     @property
     def total_gib(self) -> float:
@@ -117,11 +118,13 @@ def _lm_spec(root: Path) -> ModelSpec:
     files = _weight_files(root)
     arch = family_for(archs[0]).parse_config(cfg)  # the engine's own reading of the config
     experts, dense, largest = _group_bytes(_tensor_sizes(files))
-    # What the engine caches per token and layer: K and V of every cached head
-    # (multi-head latent attention caches the expanded per-head K/V, not the latent).
-    cached_heads = arch.num_heads if arch.attention == "mla" else arch.num_kv_heads
+    # What the engine caches per token and layer: K and V of every kv head, or for
+    # multi-head latent attention one latent plus the shared roped key (replicated over tp).
     dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(arch.dtype, 4)
-    per_token = arch.num_layers * cached_heads * (arch.qk_head_dim + arch.v_head_dim) * dtype_bytes
+    if arch.attention == "mla":
+        per_token = arch.num_layers * (arch.kv_lora_rank + arch.rope_dim) * dtype_bytes
+    else:
+        per_token = arch.num_layers * arch.num_kv_heads * (arch.qk_head_dim + arch.v_head_dim) * dtype_bytes
     return ModelSpec(
         path=str(root),
         kind="moe_lm",
@@ -135,6 +138,7 @@ def _lm_spec(root: Path) -> ModelSpec:
         num_kv_heads=arch.num_kv_heads,
         num_experts=arch.num_experts,
         kv_bytes_per_token=per_token,
+        kv_split_over_tp=arch.attention != "mla",
     )
 
 

@@ -149,12 +149,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
         scores = torch.matmul(qg, k.permute(0, 2, 3, 1).float()) * scale  # [B, kvh, g, L]
         scores = scores.masked_fill(~meta.mask, float("-inf")).softmax(-1)
         out = torch.matmul(scores, v.transpose(1, 2).float()).to(q.dtype).reshape(B, h, 1, -1)  # [B, h, 1, dv]
-    else:
-        if kvh != h:
-            k = k.repeat_interleave(h // kvh, dim=2)
-            v = v.repeat_interleave(h // kvh, dim=2)
+    else:  # prefill: SDPA shares each kv head among its query heads itself (no expanded copy)
         out = torch.nn.functional.scaled_dot_product_attention(
-            qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), attn_mask=meta.mask, scale=scale
+            qp.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), attn_mask=meta.mask,
+            scale=scale, enable_gqa=kvh != h,
         )  # [B, h, Tq, dv]
     out = out.transpose(1, 2).reshape(B * qp.shape[1], h, -1)
     return out[meta.out_index]

@@ -63,7 +63,7 @@ def per_rank_bytes(spec: ModelSpec, plan: ParallelPlan, kv_tokens: int = DEFAULT
         ep = plan.degree("ep")
         dense = spec.dense_bytes / (tp * pp)
         experts = spec.expert_bytes / (ep * tp * pp)
-        kv = spec.kv_bytes_per_token * kv_tokens / (tp * pp)
+        kv = spec.kv_bytes_per_token * kv_tokens / ((tp if spec.kv_split_over_tp else 1) * pp)
         return int(dense + experts + kv)
     return int(spec.dense_bytes / (tp * pp))
 

@@ -153,7 +153,7 @@ def fuse_qkv(p: dict[str, torch.Tensor]) -> None:
             p[n] = part
 
 
-PACKED_LINEARS = ("qkv", "q", "o", "q_a", "q_b", "kv_a", "kv_b", "dense_gate", "dense_up", "dense_down",
+PACKED_LINEARS = ("qkv", "q", "o", "q_a", "q_b", "kv_a", "dense_gate", "dense_up", "dense_down",
                   "shared_gate_proj", "shared_up", "shared_down")
 
 
@@ -199,9 +199,13 @@ class MoEStage:
         self.owner_tables = (
             {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
         )
-        for params in self.params.values():
+        self.mla_absorb = {}
+        for layer, params in self.params.items():
             if self.arch.attention != "mla":
                 fuse_qkv(params)
+            else:  # kv_b [heads * (qk_nope + v), r] as the key and value up-projections (views)
+                kv_b = params["kv_b"].view(self.local_heads, self.arch.qk_nope_head_dim + self.arch.v_head_dim, -1)
+                self.mla_absorb[layer] = kv_b.split([self.arch.qk_nope_head_dim, self.arch.v_head_dim], dim=1)
             pack_linears(params)
         if "lm_head" in self.globals:
             self.globals["lm_head"] = pack(self.globals["lm_head"])
@@ -226,27 +230,47 @@ class MoEStage:
                 q = linear(x, p["q"])
             q = q.view(N, hl, a.qk_head_dim)
             q_nope, q_pe = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
-            latent, k_pe = linear(x, p["kv_a"]).split([a.kv_lora_rank, a.rope_dim], dim=-1)
-            kv = linear(rms_norm(latent, p["kv_a_norm"], a.rms_eps), p["kv_b"]).view(N, hl, -1)
-            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-            q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
-            k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), cos, sin, a.rope_interleave)
-            q = torch.cat([q_nope, q_pe], -1)
-            k = torch.cat([k_nope, k_pe.expand(N, hl, a.rope_dim)], -1)
+            return self.latent_attention(layer, x, q_nope, q_pe, meta, cos, sin)
+        kvh = self.local_kv_heads
+        if "qkv" in p:
+            q, k, v = linear(x, p["qkv"], p.get("qkv_bias")).split(
+                [hl * a.qk_head_dim, kvh * a.qk_head_dim, kvh * a.v_head_dim], dim=-1)
         else:
-            kvh = self.local_kv_heads
-            if "qkv" in p:
-                q, k, v = linear(x, p["qkv"], p.get("qkv_bias")).split(
-                    [hl * a.qk_head_dim, kvh * a.qk_head_dim, kvh * a.v_head_dim], dim=-1)
-            else:
-                q, k, v = (linear(x, p[n], p.get(f"{n}_bias")) for n in ("q", "k", "v"))
-            q, k, v = q.view(N, hl, a.qk_head_dim), k.view(N, kvh, a.qk_head_dim), v.view(N, kvh, a.v_head_dim)
-            if a.qk_norm:
-                q, k = rms_norm(q, p["q_norm"], a.rms_eps), rms_norm(k, p["k_norm"], a.rms_eps)
-            q, k = apply_rope(q, cos, sin, a.rope_interleave), apply_rope(k, cos, sin, a.rope_interleave)
+            q, k, v = (linear(x, p[n], p.get(f"{n}_bias")) for n in ("q", "k", "v"))
+        q, k, v = q.view(N, hl, a.qk_head_dim), k.view(N, kvh, a.qk_head_dim), v.view(N, kvh, a.v_head_dim)
+        if a.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], a.rms_eps), rms_norm(k, p["k_norm"], a.rms_eps)
+        q, k = apply_rope(q, cos, sin, a.rope_interleave), apply_rope(k, cos, sin, a.rope_interleave)
         self.cache.write(layer, k, v, meta.slot_mapping)
         keys, values = self.cache.gather(layer, meta.key_slots)
         out = paged_attention(q, keys, values, meta, a.softmax_scale).reshape(N, -1)
+        return all_reduce_tp(linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
+
+    def latent_attention(self, layer: int, x, q_nope, q_pe, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
+        """Multi-head latent attention over a cache of latents, as DeepSeek-V2 describes and vLLM serves it.
+
+        The cache holds per token only the normalised latent ``c`` and the roped
+        shared key ``k_pe`` (``kv_lora_rank + rope_dim`` values, one "head") instead
+        of every head's K and V. ``kv_b``'s key half is absorbed into the query
+        (``q_nope . W_uk c = (W_uk^T q_nope) . c``) and its value half applied after
+        attention (``W_uv (softmax . c)``): the same function, a cache
+        ``heads * (qk_nope + v) / (kv_lora_rank + rope)`` times smaller (57x for
+        DeepSeek-V3). Latents are replicated over tp (each rank's heads use all of them).
+        """
+        a, p = self.arch, self.params[layer]
+        N, r = x.shape[0], a.kv_lora_rank
+        latent, k_pe = linear(x, p["kv_a"]).split([r, a.rope_dim], dim=-1)
+        c = rms_norm(latent, p["kv_a_norm"], a.rms_eps)
+        k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), cos, sin, a.rope_interleave)
+        q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
+        w_uk, w_uv = self.mla_absorb[layer]  # [heads, qk_nope, r], [heads, v, r]
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w_uk.float()).to(x.dtype)
+        q = torch.cat([q_lat, q_pe], -1)  # [N, heads, r + rope]
+        k = torch.cat([c.unsqueeze(1), k_pe], -1)  # [N, 1, r + rope]
+        self.cache.write(layer, k, k[..., :0], meta.slot_mapping)
+        keys, _ = self.cache.gather(layer, meta.key_slots)
+        out = paged_attention(q, keys, keys[..., :r], meta, a.softmax_scale)  # [N, heads, r]
+        out = torch.einsum("nhr,hvr->nhv", out.float(), w_uv.float()).to(x.dtype).reshape(N, -1)
         return all_reduce_tp(linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
 
     def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -213,11 +213,11 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
                                expert_weights=sink, dispatch_mode=spec.moe_dispatch, device=worker.device)
     if sink is not None:
         stage.experts = sink.finish(stage)
-    if arch.attention == "mla":
-        heads, kdim = stage.local_heads, arch.qk_head_dim
+    if arch.attention == "mla":  # one latent + shared roped key per token (see MoEStage.latent_attention)
+        heads, kdim, vdim = 1, arch.kv_lora_rank + arch.rope_dim, 0
     else:
-        heads, kdim = stage.local_kv_heads, arch.qk_head_dim
-    stage.cache = PagedKVCache(stage.layers, spec.num_blocks, spec.block_size, heads, kdim, arch.v_head_dim, dtype, worker.device)
+        heads, kdim, vdim = stage.local_kv_heads, arch.qk_head_dim, arch.v_head_dim
+    stage.cache = PagedKVCache(stage.layers, spec.num_blocks, spec.block_size, heads, kdim, vdim, dtype, worker.device)
     stage.record_routing = spec.record_routing and groups.moe_rank == 0
     stage.coherent_sharded = spec.placement is not None and spec.placement.mode == "exflow"  # parallel.coherent
     runner = ModelRunner(spec, stage, groups, first, last, time.perf_counter() - started, nbytes)
