@@ -122,6 +122,9 @@ def _unpack(rows: torch.Tensor, specs: Sequence[tuple[torch.dtype, int]]) -> lis
     out, at = [], 0
     for dtype, cols in specs:
         width = cols * torch.empty((), dtype=dtype).element_size()
+        if width == 0:  # e.g. MLA's latent cache has no separate values
+            out.append(rows.new_empty((rows.shape[0], 0), dtype=dtype))
+            continue
         out.append(rows[:, at : at + width].clone(memory_format=torch.contiguous_format).view(dtype))
         at += width
     return out
@@ -181,7 +184,8 @@ class _ContextCache:
         self._stats.kv_bytes += rows.numel() * (len(self._counts) - 1)
         both = _all_gather_rows(rows, self._counts, self._group)
         K, V, S = _unpack(both, [(kc.dtype, kc[0].numel()), (vc.dtype, vc[0].numel()), (torch.int64, 1)])
-        self._cache.write(layer, K.view(-1, *kc.shape[1:]), V.view(-1, *vc.shape[1:]), S.view(-1))
+        n = S.shape[0]  # V may have no columns (an MLA latent cache keeps keys only)
+        self._cache.write(layer, K.reshape(n, *kc.shape[1:]), V.reshape(n, *vc.shape[1:]), S.view(-1))
 
 
 def _attention(stage, layer: int, x: torch.Tensor, index: torch.Tensor, meta, cos, sin, counts, stats) -> torch.Tensor:

@@ -98,6 +98,8 @@ class ShmGroup:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the group (``t`` contiguous, on the CPU, at most one slot)."""
+        if t.numel() == 0:  # same shape on every rank: nothing to meet over
+            return t
         slots = self._meet(t).view(t.dtype).view(self.world, -1)
         acc = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
         total = slots[0].to(acc)
@@ -108,6 +110,8 @@ class ShmGroup:
 
     def all_gather_into(self, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``out`` (contiguous, ``world`` x ``t``'s rows) gets every rank's ``t`` in rank order."""
+        if t.numel() == 0:
+            return out
         slots = self._meet(t).view(t.dtype)
         out.view(self.world, -1).copy_(slots)
         return out
@@ -133,6 +137,8 @@ class ShmGroup:
 
     def all_gather_cat(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``t`` (same shape everywhere) concatenated along ``dim``."""
+        if t.numel() == 0:
+            return torch.cat([t] * self.world, dim=dim)
         slots = self._meet(t).view(t.dtype)
         return torch.cat([slots[r].view(t.shape) for r in range(self.world)], dim=dim)
 
