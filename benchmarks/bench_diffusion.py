@@ -200,6 +200,21 @@ def diffusers_context_parallel(model_dir: Path, side: int, repeats: int) -> tupl
             proc.join(timeout=60)
 
 
+def _exchanges_through_gloo(worker) -> None:
+    """On a worker: later diffusion exchanges of its groups go through gloo, not shared memory."""
+    import os
+
+    from tessera.parallel import shm_comm
+
+    os.environ["TESSERA_SHM_COMM"] = "0"
+    groups = getattr(shm_comm, "_GROUPS", {})
+    for dim in ("sp", "cfg"):
+        try:
+            groups.pop(id(worker.group(dim)), None)
+        except Exception:  # noqa: BLE001 - a plan without that dim
+            pass
+
+
 def flux_comparison(args, timeouts: Timeouts) -> dict:
     """Per-forward time at ``side x side`` tokens: tessera sp=2 (Ulysses, exact) vs diffusers 1/2 threads and CP."""
     from diffusers import FluxTransformer2DModel
@@ -226,17 +241,24 @@ def flux_comparison(args, timeouts: Timeouts) -> dict:
         engine = DiffusionEngine.load(ctl, model_dir, progress=False)
         engine.generate_images(PROMPT, steps=2, height=pixels, width=pixels, guidance_scale=0.0, output="latent",
                                max_sequence_length=FLUX_TEXT_TOKENS)  # warm-up, as diffusers' first forward
-        for mode in ("ulysses", "exact"):
-            engine.generate_images(PROMPT, steps=args.repeats + 1, height=pixels, width=pixels, guidance_scale=0.0,
-                                   mode=mode, output="latent", max_sequence_length=FLUX_TEXT_TOKENS)
-            out[f"tessera_sp2_{mode}_s"] = _median_step(engine.stats()["last"])
-            out[f"tessera_sp2_{mode}_cpu_s"] = _median_step(engine.stats()["last"], "step_cpu_seconds")
+        for transport in ("", "_gloo"):  # default (shared memory on one node where available), then gloo only
+            if transport:
+                ctl.collective_rpc(_exchanges_through_gloo)
+            for mode in ("ulysses", "exact"):
+                engine.generate_images(PROMPT, steps=args.repeats + 1, height=pixels, width=pixels,
+                                       guidance_scale=0.0, mode=mode, output="latent",
+                                       max_sequence_length=FLUX_TEXT_TOKENS)
+                out[f"tessera_sp2_{mode}{transport}_s"] = _median_step(engine.stats()["last"])
+                out[f"tessera_sp2_{mode}{transport}_cpu_s"] = _median_step(engine.stats()["last"], "step_cpu_seconds")
     base = out["diffusers_1thread_s"]
-    for key in ("diffusers_2thread_s", "diffusers_cp2_s", "tessera_sp2_ulysses_s", "tessera_sp2_exact_s"):
+    for key in ("diffusers_2thread_s", "diffusers_cp2_s", "tessera_sp2_ulysses_s", "tessera_sp2_exact_s",
+                "tessera_sp2_ulysses_gloo_s", "tessera_sp2_exact_gloo_s"):
         out[key[:-2] + "_speedup"] = base / out[key]
     # CPU seconds of one process (the busiest rank) per forward: the work split, unaffected by other jobs
-    # waiting for the cores (a 2-thread process counts both threads, so it is left out)
-    for key in ("diffusers_cp2_cpu_s", "tessera_sp2_ulysses_cpu_s", "tessera_sp2_exact_cpu_s"):
+    # waiting for the cores (a 2-thread process counts both threads, so it is left out). Through gloo a
+    # rank that waits for its peer sleeps; through shared memory it spins, so there the wait counts too.
+    for key in ("diffusers_cp2_cpu_s", "tessera_sp2_ulysses_cpu_s", "tessera_sp2_exact_cpu_s",
+                "tessera_sp2_ulysses_gloo_cpu_s", "tessera_sp2_exact_gloo_cpu_s"):
         out[key[:-2] + "_split"] = out["diffusers_1thread_cpu_s"] / out[key]
     return out
 
@@ -351,6 +373,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({flux['diffusers_cp2_cpu_split']:.2f}x), tessera Ulysses {flux['tessera_sp2_ulysses_cpu_s']:.2f} "
               f"({flux['tessera_sp2_ulysses_cpu_split']:.2f}x), exact {flux['tessera_sp2_exact_cpu_s']:.2f} "
               f"({flux['tessera_sp2_exact_cpu_split']:.2f}x)")
+        print(f"  Flux tessera with exchanges through gloo only (no shared memory): Ulysses "
+              f"{flux['tessera_sp2_ulysses_gloo_s']:.2f} s ({flux['tessera_sp2_ulysses_gloo_speedup']:.2f}x; CPU "
+              f"{flux['tessera_sp2_ulysses_gloo_cpu_s']:.2f}), exact {flux['tessera_sp2_exact_gloo_s']:.2f} s "
+              f"({flux['tessera_sp2_exact_gloo_speedup']:.2f}x; CPU {flux['tessera_sp2_exact_gloo_cpu_s']:.2f})")
     result = {
         "machine": "2-core CPU VM, gloo, 1 thread per worker",
         "load_avg_1_5_15": {"start": load_before, "end": os.getloadavg()},  # > ~2.5: other jobs shared the cores
