@@ -65,7 +65,7 @@ class DiffusionRunner:
         self.sp_group = _group(worker, "sp")
         self.cfg_group = _group(worker, "cfg")
         if self.device.type == "cpu":  # patch / Ulysses / CFG exchanges of ranks on one node meet in shared memory
-            for group in (self.sp_group, self.cfg_group):
+            for group in (self.sp_group, self.cfg_group, _group(worker, "tp")):
                 shm_comm.attach(group, slot_bytes=SHM_SLOT_BYTES)
         coords = worker.coordinates() if worker.mesh is not None else {}
         self.sp_rank = coords.get("sp", 0)
