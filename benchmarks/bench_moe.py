@@ -103,10 +103,26 @@ def decode_bytes_per_token(arch, bytes_per_param: int = 2) -> int:
 # -- transformers baselines (run in their own processes) ------------------------------------
 
 
+class _Stamps:
+    """A logits processor that only records when generate reaches it (once per forward)."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.t.append(time.perf_counter())
+        return scores
+
+
 def hf_worker(args) -> None:
-    """One transformers process (alone, or one rank under torchrun); rank 0 prints the figures."""
+    """One transformers process (alone, or one rank under torchrun); rank 0 prints the figures.
+
+    Decode rate: tokens after the first over the time between the forward that
+    produced the first token and the last one (timestamps from a logits
+    processor), so prefill never enters it.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     torch.set_num_threads(args.threads)
     kwargs = {"dtype": torch.bfloat16}
@@ -126,13 +142,10 @@ def hf_worker(args) -> None:
             prefill = min(prefill, time.perf_counter() - s)
         decode = 0.0
         for _ in range(REPEATS):  # best of REPEATS: other jobs on the machine only ever slow a run down
-            s = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen)
-            one = time.perf_counter() - s
-            s = time.perf_counter()
-            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **gen)
-            many = time.perf_counter() - s
-            decode = max(decode, (args.new_tokens - 1) / max(many - one, 1e-9))
+            stamps = _Stamps()  # one timestamp per forward: the first after prefill, then one per decode step
+            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           logits_processor=LogitsProcessorList([stamps]), **gen)
+            decode = max(decode, (len(stamps.t) - 1) / (stamps.t[-1] - stamps.t[0]))
     if int(os.environ.get("RANK", "0")) == 0:
         print(MARK + json.dumps({"prefill_tok_s": args.prompt_len / prefill, "decode_tok_s": decode}), flush=True)
 
