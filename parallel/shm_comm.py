@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 SLOT_BYTES = 1 << 20  # per rank and buffer; larger tensors go through gloo
 WAIT_TIMEOUT_S = float(os.environ.get("TESSERA_SHM_TIMEOUT_S", "600"))
-_SPINS_BEFORE_YIELD = 64
+SPIN_S, YIELD_S, SLEEP_S = 50e-6, 1e-3, 50e-6  # waiting: busy, then yielding, then napping (see ShmGroup._wait)
 
 _GROUPS: dict[int, "ShmGroup"] = {}
 
@@ -78,20 +78,31 @@ class ShmGroup:
         if splits is not None:
             self.splits[self.step % 2, self.rank] = torch.tensor([*splits, int(fits)], dtype=torch.int64)
         self.counters[self.rank] = self.step
-        spins, deadline = 0, None
-        while self.counters.min() < self.step:
-            spins += 1
-            if spins > _SPINS_BEFORE_YIELD:
-                os.sched_yield()  # the peer may share our core: let it run
-                if spins % 4096 == 0:
-                    deadline = deadline or time.monotonic() + WAIT_TIMEOUT_S
-                    if time.monotonic() > deadline:
-                        late = [r for r in range(self.world) if self.counters[r] < self.step]
-                        raise RuntimeError(
-                            f"shared-memory collective: rank(s) {late} of the group did not arrive within "
-                            f"{WAIT_TIMEOUT_S:.0f}s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
-                        )
+        if self.counters.min() < self.step:
+            self._wait()
         return buf[:, : min(nbytes, self.slot_bytes)]
+
+    def _wait(self) -> None:
+        """Until every rank has published ``self.step``: spin ~50 us (a peer running in parallel is
+        that close), then yield the core, and after ~1 ms sleep in 50 us naps, so a peer that
+        shares our core (more ranks than cores) is not starved by our waiting."""
+        start = time.perf_counter()
+        spin_until, yield_until = start + SPIN_S, start + YIELD_S
+        deadline = start + WAIT_TIMEOUT_S
+        while self.counters.min() < self.step:
+            now = time.perf_counter()
+            if now < spin_until:
+                continue
+            if now < yield_until:
+                os.sched_yield()
+            elif now < deadline:
+                time.sleep(SLEEP_S)
+            else:
+                late = [r for r in range(self.world) if self.counters[r] < self.step]
+                raise RuntimeError(
+                    f"shared-memory collective: rank(s) {late} of the group did not arrive within "
+                    f"{WAIT_TIMEOUT_S:.0f}s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
+                )
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and t.is_contiguous() and t.numel() * t.element_size() <= self.slot_bytes
