@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file (default benchmarks/results/moe.json; moe_<size>.json for other sizes)")
     p.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
@@ -275,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "bandwidth_gbs": bw,
            "transformers_one_process": {f"{t}_threads": v for t, v in hf_one.items()}, "plans": rows,
            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
-    log(f"wrote {RESULTS}")
+    path = args.out or (RESULTS if args.size == "medium" else RESULTS.with_name(f"moe_{args.size}.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    log(f"wrote {path}")
     return 0
 
 
