@@ -101,7 +101,7 @@ class ShmGroup:
                 late = [r for r in range(self.world) if self.counters[r] < self.step]
                 raise RuntimeError(
                     f"shared-memory collective: rank(s) {late} of the group did not arrive within "
-                    f"{WAIT_TIMEOUT_S:.0f}s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
+                    f"{WAIT_TIMEOUT_S:g} s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
                 )
 
     def fits(self, t: torch.Tensor) -> bool:

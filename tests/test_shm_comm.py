@@ -64,3 +64,31 @@ def test_shm_collectives_match_gloo(make_controller):
     for rank, res in enumerate(ctl.collective_rpc(_compare_with_gloo)):
         bad = [k for k, ok in res.items() if not ok]
         assert not bad, f"rank {rank}: {bad}"
+
+
+def _late_peer(worker):
+    """Rank 1 never joins: rank 0's wait ends with an error naming it (a private group, so the
+    shared ones keep their step counters in step)."""
+    from tessera.parallel import shm_comm
+
+    group = dist.new_group([0, 1])  # collective over the world: every rank of the mesh calls it
+    if worker.rank > 1:
+        return None
+    shm = shm_comm.attach(group)
+    old, shm_comm.WAIT_TIMEOUT_S = shm_comm.WAIT_TIMEOUT_S, 0.5
+    try:
+        if worker.rank == 1:
+            return "skipped"
+        try:
+            shm_comm.all_reduce(torch.ones(4), group)
+        except RuntimeError as err:
+            return str(err)
+        return "no error"
+    finally:
+        shm_comm.WAIT_TIMEOUT_S = old
+
+
+def test_a_missing_peer_times_out_with_its_rank_named(make_controller):
+    ctl = make_controller(MESH)
+    message = ctl.collective_rpc(_late_peer)[0]
+    assert "rank(s) [1]" in message and "did not arrive" in message and "TESSERA_SHM_COMM=0" in message
