@@ -156,7 +156,7 @@ class ShmGroup:
 
 def header_bytes(world: int) -> int:
     """Token (64 bytes), one 64-byte counter line per rank, the split tables; rounded to a page."""
-    raw = 64 + 64 * world + 2 * world * world * 8
+    raw = 64 + 64 * world + 2 * world * (world + 1) * 8
     return -(-raw // 4096) * 4096
 
 
