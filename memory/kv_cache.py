@@ -74,7 +74,7 @@ class AttentionMetadata:
 
 
 def build_metadata(seqs: Sequence[SeqSlice], block_size: int) -> AttentionMetadata:
-    positions, slots, q_rows, out_idx, last = [], [], [], [], []
+    positions, slots, out_idx, last = [], [], [], []
     B = len(seqs)
     Tq = max(s.num_new for s in seqs)
     L = max(s.start + s.num_new for s in seqs)

@@ -200,6 +200,30 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: LayerNorm without affine weights (eps 1e-6, as the DiT families use), then ``modulate``."""
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale)
+
+
+class AdaNorm(nn.Module):
+    """``linear(silu(temb))`` chunked into ``n`` modulation vectors (adaLN-Zero of MMDiT / Flux blocks)."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, n * dim)
+        self.n = n
+
+    def forward(self, temb: torch.Tensor):
+        return self.linear(F.silu(temb))[:, None].chunk(self.n, dim=-1)
+
+
+def joint_stream_update(x, attn_out, to_out, ff, gate, shift2, scale2, gate2):
+    """One stream of an MMDiT / Flux double block after joint attention: gated attention output,
+    then the gated MLP on the re-modulated stream."""
+    x = x + gate * to_out(attn_out)
+    return x + gate2 * ff(norm_modulate(x, shift2, scale2))
+
+
 def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B, (H/p)(W/p), C p p]`` with Flux's channel order (c, ph, pw)."""
     b, c, h, w = latent.shape

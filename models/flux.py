@@ -32,13 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.models.dit_layers import (
+    AdaNorm,
     Attention,
     GeluMLP,
     TimestepMLP,
     TokenShard,
     local_blocks,
+    joint_stream_update,
     local_self_attention,
-    modulate,
+    norm_modulate,
     patchify,
     timestep_embedding,
     whole_model,
@@ -111,18 +113,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)
 
 
-class _AdaNorm(nn.Module):
-    """``linear(silu(temb))`` chunked into ``n`` modulation vectors (adaLN-Zero)."""
-
-    def __init__(self, dim: int, n: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, n * dim)
-        self.n = n
-
-    def forward(self, temb: torch.Tensor):
-        return self.linear(F.silu(temb))[:, None].chunk(self.n, dim=-1)
-
-
 class _JointAttention(Attention):
     def __init__(self, dim: int, heads: int, head_dim: int, context: bool) -> None:
         super().__init__(dim, heads, head_dim, qk_norm=True, out=context)
@@ -149,25 +139,22 @@ class FluxDoubleBlock(nn.Module):
     def __init__(self, cfg: FluxConfig) -> None:
         super().__init__()
         d = cfg.inner_dim
-        self.norm1, self.norm1_context = _AdaNorm(d, 6), _AdaNorm(d, 6)
+        self.norm1, self.norm1_context = AdaNorm(d, 6), AdaNorm(d, 6)
         self.attn = _JointAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, context=True)
         self.ff, self.ff_context = GeluMLP(d, 4 * d), GeluMLP(d, 4 * d)
 
     def forward(self, img, txt, temb, rope_txt, rope_img, self_attn, layer):
-        d = img.shape[-1]
         sh, sc, g, sh2, sc2, g2 = self.norm1(temb)
         csh, csc, cg, csh2, csc2, cg2 = self.norm1_context(temb)
-        h = modulate(F.layer_norm(img, (d,), eps=1e-6), sh, sc)
-        c = modulate(F.layer_norm(txt, (d,), eps=1e-6), csh, csc)
+        h = norm_modulate(img, sh, sc)
+        c = norm_modulate(txt, csh, csc)
         a = self.attn
         q, k, v = a.qkv(h)
         cq, ck, cv = a.heads(a.add_q_proj(c)), a.heads(a.add_k_proj(c)), a.heads(a.add_v_proj(c))
         cq, ck = a.norm_added_q(cq), a.norm_added_k(ck)
         out_txt, out_img = _joint(self_attn, layer, cq, ck, cv, q, k, v, rope_txt, rope_img)
-        img = img + g * a.to_out[0](out_img)
-        img = img + g2 * self.ff(modulate(F.layer_norm(img, (d,), eps=1e-6), sh2, sc2))
-        txt = txt + cg * a.to_add_out(out_txt)
-        txt = txt + cg2 * self.ff_context(modulate(F.layer_norm(txt, (d,), eps=1e-6), csh2, csc2))
+        img = joint_stream_update(img, out_img, a.to_out[0], self.ff, g, sh2, sc2, g2)
+        txt = joint_stream_update(txt, out_txt, a.to_add_out, self.ff_context, cg, csh2, csc2, cg2)
         return img, txt
 
 
@@ -177,16 +164,15 @@ class FluxSingleBlock(nn.Module):
     def __init__(self, cfg: FluxConfig) -> None:
         super().__init__()
         d = cfg.inner_dim
-        self.norm = _AdaNorm(d, 3)
+        self.norm = AdaNorm(d, 3)
         self.proj_mlp = nn.Linear(d, 4 * d)
         self.proj_out = nn.Linear(5 * d, d)
         self.attn = _JointAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, context=False)
 
     def forward(self, img, txt, temb, rope_txt, rope_img, self_attn, layer):
-        d = img.shape[-1]
         sh, sc, g = self.norm(temb)
-        h_img = modulate(F.layer_norm(img, (d,), eps=1e-6), sh, sc)
-        h_txt = modulate(F.layer_norm(txt, (d,), eps=1e-6), sh, sc)
+        h_img = norm_modulate(img, sh, sc)
+        h_txt = norm_modulate(txt, sh, sc)
         q, k, v = self.attn.qkv(h_img)
         cq, ck, cv = self.attn.qkv(h_txt)
         out_txt, out_img = _joint(self_attn, layer, cq, ck, cv, q, k, v, rope_txt, rope_img)
@@ -265,7 +251,7 @@ class FluxTransformer(nn.Module):
         def head(carry):
             img, temb = carry["img"], carry["temb"]
             scale, shift = self.norm_out.linear(F.silu(temb))[:, None].chunk(2, dim=-1)
-            out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
+            out = self.proj_out(norm_modulate(img, shift, scale))
             return out.view(b, shard.rows, shard.grid_w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
         return stage(embed, body, head)

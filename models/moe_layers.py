@@ -138,19 +138,13 @@ def run_experts(weights: ExpertWeights, layer: int, rows: torch.Tensor, expert_i
 
 
 def fuse_qkv(p: dict[str, torch.Tensor]) -> None:
-    """One [q; k; v] weight (and bias) per layer: one matmul instead of three per decode step.
-
-    ``q``/``k``/``v`` stay in ``p`` as views of the fused tensor (no extra bytes),
-    for code that reads them by name.
-    """
+    """One [q; k; v] weight (and bias) per layer, replacing the three: one matmul instead of three per step."""
     biases = [n in p for n in ("q_bias", "k_bias", "v_bias")]
     if "qkv" in p or not all(n in p for n in ("q", "k", "v")) or any(biases) != all(biases):
         return
     for suffix in ("", "_bias") if all(biases) else ("",):
         names = [f"{n}{suffix}" for n in ("q", "k", "v")]
-        fused = p[f"qkv{suffix}"] = torch.cat([p[n] for n in names])
-        for n, part in zip(names, fused.split([p[n].shape[0] for n in names])):
-            p[n] = part
+        p[f"qkv{suffix}"] = torch.cat([p.pop(n) for n in names])
 
 
 PACKED_LINEARS = ("qkv", "q", "o", "q_a", "q_b", "kv_a", "dense_gate", "dense_up", "dense_down",
@@ -159,9 +153,6 @@ PACKED_LINEARS = ("qkv", "q", "o", "q_a", "q_b", "kv_a", "dense_gate", "dense_up
 
 def pack_linears(p: dict[str, torch.Tensor]) -> None:
     """Pre-pack this layer's 16-bit CPU linear weights (``models.packed_linear``); the plain ones are dropped."""
-    if "qkv" in p and pack(p["qkv"]) is not p["qkv"]:
-        for name in ("q", "k", "v"):  # views of the plain fused weight: would keep it alive
-            p.pop(name, None)
     for name in PACKED_LINEARS:
         if name in p:
             p[name] = pack(p[name])
@@ -254,8 +245,8 @@ class MoEStage:
         of every head's K and V. ``kv_b``'s key half is absorbed into the query
         (``q_nope . W_uk c = (W_uk^T q_nope) . c``) and its value half applied after
         attention (``W_uv (softmax . c)``): the same function, a cache
-        ``heads * (qk_nope + v) / (kv_lora_rank + rope)`` times smaller (57x for
-        DeepSeek-V3). Latents are replicated over tp (each rank's heads use all of them).
+        ``heads * (qk_head_dim + v) / (kv_lora_rank + rope)`` times smaller than per-head
+        K and V (71x for DeepSeek-V3: 128 * (192 + 128) values against 576). Latents are replicated over tp (each rank's heads use all of them).
         """
         a, p = self.arch, self.params[layer]
         N, r = x.shape[0], a.kv_lora_rank
@@ -264,13 +255,13 @@ class MoEStage:
         k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), cos, sin, a.rope_interleave)
         q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
         w_uk, w_uv = self.mla_absorb[layer]  # [heads, qk_nope, r], [heads, v, r]
-        q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w_uk.float()).to(x.dtype)
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)
         q = torch.cat([q_lat, q_pe], -1)  # [N, heads, r + rope]
         k = torch.cat([c.unsqueeze(1), k_pe], -1)  # [N, 1, r + rope]
         self.cache.write(layer, k, k[..., :0], meta.slot_mapping)
         keys, _ = self.cache.gather(layer, meta.key_slots)
         out = paged_attention(q, keys, keys[..., :r], meta, a.softmax_scale)  # [N, heads, r]
-        out = torch.einsum("nhr,hvr->nhv", out.float(), w_uv.float()).to(x.dtype).reshape(N, -1)
+        out = torch.einsum("nhr,hvr->nhv", out, w_uv).reshape(N, -1)
         return all_reduce_tp(linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
 
     def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:

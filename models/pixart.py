@@ -33,6 +33,7 @@ from tessera.models.dit_layers import (
     local_blocks,
     local_self_attention,
     modulate,
+    norm_modulate,
     sincos_pos_embed_2d,
     timestep_embedding,
     unpatchify,
@@ -251,7 +252,7 @@ class PixArtTransformer(nn.Module):
 
         def head(c):
             shift, scale = (self.scale_shift_table[None] + c["t_emb"][:, None]).chunk(2, dim=1)
-            x = modulate(F.layer_norm(c["x"], (c["x"].shape[-1],), eps=1e-6), shift, scale)
+            x = norm_modulate(c["x"], shift, scale)
             return unpatchify(self.proj_out(x), shard.rows, shard.grid_w, p, cfg.out_ch)
 
         return stage(embed, body, head)

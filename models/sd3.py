@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.models.dit_layers import (
+    AdaNorm,
     Attention,
     GeluMLP,
     TimestepMLP,
     TokenShard,
     local_blocks,
+    joint_stream_update,
     local_self_attention,
-    modulate,
+    norm_modulate,
     sincos_pos_embed_2d,
     timestep_embedding,
     unpatchify,
@@ -88,16 +90,6 @@ class SD3Config:
         return self.num_attention_heads * self.attention_head_dim
 
 
-class _AdaNorm(nn.Module):
-    def __init__(self, dim: int, n: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, n * dim)
-        self.n = n
-
-    def forward(self, temb):
-        return self.linear(F.silu(temb))[:, None].chunk(self.n, dim=-1)
-
-
 class SD3Block(nn.Module):
     """MMDiT block; the last one is ``context_pre_only`` (text stream is not updated)."""
 
@@ -106,8 +98,8 @@ class SD3Block(nn.Module):
         d, heads, hd = cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim
         qk = cfg.qk_norm == "rms_norm"
         self.last = last
-        self.norm1 = _AdaNorm(d, 6)
-        self.norm1_context = _AdaNorm(d, 2 if last else 6)
+        self.norm1 = AdaNorm(d, 6)
+        self.norm1_context = AdaNorm(d, 2 if last else 6)
         self.attn = Attention(d, heads, hd, qk_norm=qk)
         self.attn.add_q_proj = nn.Linear(d, heads * hd)
         self.attn.add_k_proj = nn.Linear(d, heads * hd)
@@ -121,16 +113,15 @@ class SD3Block(nn.Module):
         self.ff = GeluMLP(d, 4 * d)
 
     def forward(self, img, txt, temb, self_attn, layer):
-        d = img.shape[-1]
         a = self.attn
         sh, sc, g, sh2, sc2, g2 = self.norm1(temb)
-        h = modulate(F.layer_norm(img, (d,), eps=1e-6), sh, sc)
+        h = norm_modulate(img, sh, sc)
         if self.last:
             c_scale, c_shift = self.norm1_context(temb)
-            c = modulate(F.layer_norm(txt, (d,), eps=1e-6), c_shift, c_scale)
+            c = norm_modulate(txt, c_shift, c_scale)
         else:
             csh, csc, cg, csh2, csc2, cg2 = self.norm1_context(temb)
-            c = modulate(F.layer_norm(txt, (d,), eps=1e-6), csh, csc)
+            c = norm_modulate(txt, csh, csc)
         q, k, v = a.qkv(h)
         cq, ck, cv = a.heads(a.add_q_proj(c)), a.heads(a.add_k_proj(c)), a.heads(a.add_v_proj(c))
         if getattr(a, "norm_added_q", None) is not None:
@@ -138,13 +129,10 @@ class SD3Block(nn.Module):
         out = self_attn(torch.cat([cq, q], dim=1), k, v, layer=layer, extra_kv=(ck, cv))
         n_txt = cq.shape[1]
         out_txt, out_img = out[:, :n_txt].flatten(2), out[:, n_txt:].flatten(2)
-        img = img + g * a.to_out[0](out_img)
-        img = img + g2 * self.ff(modulate(F.layer_norm(img, (d,), eps=1e-6), sh2, sc2))
+        img = joint_stream_update(img, out_img, a.to_out[0], self.ff, g, sh2, sc2, g2)
         if self.last:
             return img, txt
-        txt = txt + cg * a.to_add_out(out_txt)
-        txt = txt + cg2 * self.ff_context(modulate(F.layer_norm(txt, (d,), eps=1e-6), csh2, csc2))
-        return img, txt
+        return img, joint_stream_update(txt, out_txt, a.to_add_out, self.ff_context, cg, csh2, csc2, cg2)
 
 
 class _PatchEmbed(nn.Module):
@@ -215,7 +203,7 @@ class SD3Transformer(nn.Module):
         def head(c):
             img = c["img"]
             scale, shift = self.norm_out.linear(F.silu(c["temb"]))[:, None].chunk(2, dim=-1)
-            out = self.proj_out(modulate(F.layer_norm(img, (img.shape[-1],), eps=1e-6), shift, scale))
+            out = self.proj_out(norm_modulate(img, shift, scale))
             return unpatchify(out, shard.rows, shard.grid_w, p, self.config.out_channels)
 
         return stage(embed, body, head)

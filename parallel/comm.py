@@ -27,8 +27,8 @@ def all_gather_cat(tensor: torch.Tensor, group: Any = None, dim: int = 0) -> tor
     if size == 1:
         return tensor
     shm = shm_comm.for_group(group)
-    if shm is not None and shm.fits(tensor.contiguous()):
-        return shm.all_gather_cat(tensor.contiguous(), dim)
+    if shm is not None and shm.fits(local := tensor.contiguous()):
+        return shm.all_gather_cat(local, dim)
     moved = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((size * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
     all_gather_tensor(out, moved, group=group)

@@ -45,7 +45,7 @@ def test_layer_weights_are_fused_then_packed():
     fuse_qkv(p)
     pack_linears(p)
     assert p["qkv"].is_mkldnn and p["o"].is_mkldnn and not p["attn_norm"].is_mkldnn
-    assert "q" not in p  # the plain fused weight is not kept alive by views
+    assert "q" not in p  # the separate weights are replaced, not kept next to the fused one
     assert torch.equal(packed_linear.linear(x, p["qkv"]), want)
     experts = ExpertWeights()
     experts.put(0, 3, torch.randn(8, 16).bfloat16(), torch.randn(16, 4).bfloat16())

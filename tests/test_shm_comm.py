@@ -74,7 +74,7 @@ def _late_peer(worker):
     group = dist.new_group([0, 1])  # collective over the world: every rank of the mesh calls it
     if worker.rank > 1:
         return None
-    shm = shm_comm.attach(group)
+    shm_comm.attach(group)  # collective over the pair
     old, shm_comm.WAIT_TIMEOUT_S = shm_comm.WAIT_TIMEOUT_S, 0.5
     try:
         if worker.rank == 1:
