@@ -10,6 +10,6 @@ SLURM), ``tessera.models`` (one file per model family).
 __version__ = "0.1.0"
 
 from tessera import launch  # noqa: E402  (callable: tessera.launch(model=..., plan=...))
-from tessera.runtime.config import JobSpec, ParallelPlan  # noqa: E402
+from tessera.config import JobSpec, ParallelPlan  # noqa: E402
 
 __all__ = ["JobSpec", "ParallelPlan", "__version__", "launch"]

@@ -144,7 +144,7 @@ def _workload(num_prompts: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
     from tessera.memory.placement import Placement
     from tessera.models.tiny_moe import build_tiny_moe
-    from tessera.runtime.config import ParallelPlan
+    from tessera.config import ParallelPlan
     from tessera.runtime.controller import Controller
     from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 

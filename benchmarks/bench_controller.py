@@ -16,7 +16,7 @@ import time
 
 from tessera.benchmarks._common import print_table, summarize, write_result
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ParallelPlan
+from tessera.config import ParallelPlan
 from tessera.runtime.controller import Controller
 from tessera.runtime.worker import Worker
 

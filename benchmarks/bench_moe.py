@@ -170,7 +170,7 @@ def run_hf(model: Path, procs: int, tp: int, ep: int, threads: int, prompt_len: 
 
 def run_tessera(model: Path, degrees: dict, prompt_len: int, new_tokens: int) -> dict:
     from tessera.memory.placement import Placement
-    from tessera.runtime.config import ParallelPlan
+    from tessera.config import ParallelPlan
     from tessera.runtime.controller import Controller
     from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from tessera.runtime.config import ParallelPlan
+    from tessera.config import ParallelPlan
 
     model = checkpoint(args.size)
     log(f"checkpoint {model} ({sum(f.stat().st_size for f in model.glob('*.safetensors')) / 1e9:.2f} GB)")

@@ -110,7 +110,7 @@ class _InProcessController:
 
     def __init__(self) -> None:
         from tessera.memory.placement import Placement
-        from tessera.runtime.config import ParallelPlan
+        from tessera.config import ParallelPlan
         from tessera.runtime.worker import Worker
 
         self.worker = Worker(0, 1, "cpu", log_level="WARNING", num_threads=os.cpu_count() or 1)
@@ -123,7 +123,7 @@ class _InProcessController:
 def run_tessera(ckpt: Path, budget: int, tier_dir: Path, tokens: int, prepare: bool, offload: bool = True) -> dict[str, Any]:
     import torch
 
-    from tessera.offload.config import OffloadConfig
+    from tessera.options import OffloadConfig
     from tessera.offload.moe import offload_stats
     from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 

@@ -1,6 +1,6 @@
 """Launch surfaces: the Python API, the CLI, ``ray job`` entry points and SLURM rendering.
 
-Everything the user types becomes one :class:`~tessera.runtime.config.JobSpec`
+Everything the user types becomes one :class:`~tessera.config.JobSpec`
 (inside a :class:`~tessera.launch.jobfile.JobFile`) here; nothing else parses
 arguments.
 

@@ -2,95 +2,34 @@
 
 A handle owns one :class:`~tessera.runtime.controller.Controller` (its
 placement groups and worker actors) and, when a model is given, one engine
-(``LLMEngine`` or ``DiffusionEngine``, through the driver-side contract in
-docs/DEVELOPING.md). Several handles of one process share one Ray
-connection: the launcher counts its users and shuts an embedded Ray down
-only when the last handle is gone, so one handle's shutdown never pulls Ray
-out from under another.
+(``LLMEngine`` or ``DiffusionEngine``). Several handles of one process share
+one Ray connection (:class:`~tessera.runtime.ray_env.RayConnection`), so one
+handle's shutdown never pulls Ray out from under another.
 
 Everything that can be checked before workers start is checked first: the
-job (``JobFile``), the model (exists, or is a buildable ``tiny-*`` name), the
-engine module (importable), the cluster address (a GCS address, not the
-dashboard's ``http://`` one).
+job (``JobFile``: plan, typed engine and offload options), the model
+(exists, or is a buildable ``tiny-*`` name), the placement (the planner), the
+cluster address (a GCS address, not the dashboard's ``http://`` one).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import tempfile
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from tessera.config import JobSpec, Timeouts
+from tessera.errors import ConfigError, WaitTimeout
+from tessera.launch.jobfile import JobFile, check_sampling
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ConfigError, JobSpec, Timeouts
+from tessera.options import DiffusionOptions, LLMOptions, OffloadConfig, SamplingParams
 from tessera.runtime.controller import Controller, RankInfo
-from tessera.runtime.errors import WaitTimeout
-
-from tessera.launch.jobfile import JobFile
+from tessera.runtime.ray_env import RayConnection
 
 log = logging.getLogger("tessera.launch")
-
-LLM_ENGINE = "tessera.runtime.llm.engine"
-DIFFUSION_ENGINE = "tessera.runtime.diffusion.engine"
-PLANNER = "tessera.memory.planner"
-
-
-class EngineUnavailable(ConfigError):
-    """The engine this job needs is not part of this installation."""
-
-
-# -- one Ray connection per process, shared by every handle ------------------------
-
-
-class _RayConnection:
-    """Reference-counted ``ray.init``: the first handle connects, the last one disconnects.
-
-    If Ray was initialised by someone else (the user, a test fixture, the
-    ``ray job`` driver), handles use it and never shut it down.
-    """
-
-    _lock = threading.Lock()
-    _users = 0
-    _owned = False
-    _temp_dir: str | None = None
-
-    @classmethod
-    def acquire(cls, address: str | None, runtime_env: Mapping[str, Any] | None, num_cpus: int) -> None:
-        import ray
-
-        with cls._lock:
-            if not ray.is_initialized():
-                kwargs: dict[str, Any] = {"namespace": "tessera", "log_to_driver": True}
-                if runtime_env:
-                    kwargs["runtime_env"] = dict(runtime_env)
-                if address is None:
-                    cls._temp_dir = tempfile.mkdtemp(prefix="tessera-ray-")
-                    kwargs.update(num_cpus=num_cpus, include_dashboard=False, _temp_dir=cls._temp_dir)
-                else:
-                    kwargs["address"] = address
-                ray.init(**kwargs)
-                cls._owned = True
-            cls._users += 1
-
-    @classmethod
-    def release(cls) -> None:
-        import ray
-
-        with cls._lock:
-            cls._users = max(0, cls._users - 1)
-            if cls._users == 0 and cls._owned:
-                ray.shutdown()
-                cls._owned = False
-
-    @classmethod
-    def users(cls) -> int:
-        return cls._users
-
 
 def resolve_address(cluster: str | None) -> str | None:
     """``None``: embedded Ray, unless ``RAY_ADDRESS`` names a cluster (as inside
@@ -148,64 +87,41 @@ def model_kind(model: str) -> str:
     return "llm"
 
 
-def _import_engine(kind: str) -> Any:
-    module_name = LLM_ENGINE if kind == "llm" else DIFFUSION_ENGINE
-    cls_name = "LLMEngine" if kind == "llm" else "DiffusionEngine"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            raise EngineUnavailable(
-                f"{cls_name} ({module_name}) is not in this installation, so {kind} models cannot run yet; "
-                f"use task mesh, or install a tessera version with the {kind} engine"
-            ) from None
-        raise
-    return getattr(module, cls_name)
+def _engine_class(kind: str) -> Any:
+    if kind == "llm":
+        from tessera.runtime.llm.engine import LLMEngine
+
+        return LLMEngine
+    from tessera.runtime.diffusion.engine import DiffusionEngine
+
+    return DiffusionEngine
 
 
 def materialise_model(model: str) -> str:
     """A checkpoint directory for ``model``; ``tiny-*:<family>`` is built once and cached
     under ``$TESSERA_CACHE`` (default ``~/.cache/tessera``)."""
-    for prefix, module_name, builder in (
-        ("tiny-moe:", "tessera.models.tiny_moe", "build_tiny_moe"),
-        ("tiny-diffusion:", "tessera.models.tiny_diffusion", "build_tiny_diffusion"),
-    ):
-        if model.startswith(prefix):
-            family = model[len(prefix):]
-            try:
-                build = getattr(importlib.import_module(module_name), builder)
-            except ModuleNotFoundError:
-                raise EngineUnavailable(
-                    f"{module_name} is not in this installation, so {model!r} cannot be built; "
-                    f"give a checkpoint directory instead"
-                ) from None
-            cache = Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
-            target = cache / prefix.rstrip(":") / family
-            # Language models get a toy tokenizer so results carry text.
-            built = build(family, target, tokenizer=True) if prefix == "tiny-moe:" else build(family, target)
-            return str(built or target)
+    cache = Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera"))
+    if model.startswith("tiny-moe:"):
+        from tessera.models.tiny_moe import build_tiny_moe
+
+        family = model.removeprefix("tiny-moe:")
+        # Language models get a toy tokenizer so results carry text.
+        return str(build_tiny_moe(family, cache / "tiny-moe" / family, tokenizer=True))
+    if model.startswith("tiny-diffusion:"):
+        from tessera.models.tiny_diffusion import build_tiny_diffusion
+
+        family = model.removeprefix("tiny-diffusion:")
+        target = cache / "tiny-diffusion" / family
+        return str(build_tiny_diffusion(family, target) or target)
     return model
 
 
-def plan_placement(job: JobSpec, plan_auto: bool) -> Placement:
-    """Ask ``tessera.memory.planner.plan_job`` when present (always for ``auto``);
-    otherwise an explicit plan becomes a Placement as is."""
-    try:
-        planner = importlib.import_module(PLANNER)
-    except ModuleNotFoundError as err:
-        if err.name and PLANNER.startswith(err.name):
-            planner = None
-        else:
-            raise
-    if planner is None:
-        if plan_auto:
-            raise ConfigError(
-                "plan 'auto' needs tessera.memory.planner, which is not in this installation; "
-                "give explicit degrees such as plan='tp=2,ep=2'"
-            )
-        return Placement.from_job(job)
-    if plan_auto or job.model:
-        return planner.plan_job(job)
+def plan_placement(job: JobSpec) -> Placement:
+    """The planner's Placement for ``job`` (degrees chosen for ``plan: auto``, else checked)."""
+    if job.plan_auto or job.model:
+        from tessera.memory.planner import plan_job  # reads safetensors headers (imports torch)
+
+        return plan_job(job)
     return Placement.from_job(job)
 
 
@@ -334,7 +250,7 @@ class Handle:
             try:
                 self.controller.shutdown()
             finally:
-                _RayConnection.release()
+                RayConnection.release()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -354,12 +270,9 @@ class Handle:
     def _sampling(self, sampling: Any, overrides: Mapping[str, Any]) -> Any:
         if sampling is not None and not overrides:
             return sampling
-        from tessera.launch.jobfile import check_sampling
-
-        params = importlib.import_module(LLM_ENGINE).SamplingParams
         base = dict(sampling.__dict__) if sampling is not None else {}
         base.update(check_sampling(overrides))
-        return params(**base)
+        return SamplingParams(**base)
 
 
 def launch(
@@ -368,11 +281,11 @@ def launch(
     cluster: str | None = None,
     *,
     device: str = "cpu",
-    offload: Mapping[str, Any] | None = None,
+    offload: Mapping[str, Any] | OffloadConfig | None = None,
     cpus_per_rank: float = 1.0,
     timeouts: Timeouts | None = None,
     log_level: str = "INFO",
-    engine_options: Mapping[str, Any] | None = None,
+    engine_options: Mapping[str, Any] | LLMOptions | DiffusionOptions | None = None,
     runtime_env: Mapping[str, Any] | None = None,
     min_nodes: int = 1,
     num_cpus: int | None = None,
@@ -383,8 +296,13 @@ def launch(
     or ``None`` (workers and mesh only). ``plan``: degrees (``{"tp": 2}``,
     ``"tp=2,ep=2"``, a ParallelPlan) or ``"auto"`` (tessera.memory.planner).
     ``cluster``: ``None`` (embedded Ray, or ``$RAY_ADDRESS`` when set),
-    ``"auto"`` or a GCS address. ``num_cpus``: logical CPUs of an embedded
-    Ray (default: enough for the plan, at least 8, so several handles fit).
+    ``"auto"`` or a GCS address. ``offload``: an :class:`~tessera.options.OffloadConfig`
+    or a dict of its fields (``{"device_budget_bytes": "768MiB", "nvme_dir": ...}``).
+    ``engine_options``: :class:`~tessera.options.LLMOptions` /
+    :class:`~tessera.options.DiffusionOptions` or a dict of their fields.
+    Both are validated here, before Ray starts. ``num_cpus``: logical CPUs of
+    an embedded Ray (default: enough for the plan, at least 8, so several
+    handles fit).
     """
     data: dict[str, Any] = {
         "task": {None: "mesh", "llm": "generate", "diffusion": "images"}[model_kind(model) if model else None],
@@ -399,9 +317,9 @@ def launch(
     if cluster is not None:
         data["cluster"] = cluster
     if offload is not None:
-        data["offload"] = dict(offload)
+        data["offload"] = offload
     if engine_options is not None:
-        data["engine"] = dict(engine_options)
+        data["engine"] = engine_options
     jobfile = JobFile.from_dict(data)
     if timeouts is not None:
         jobfile = jobfile.with_overrides(timeouts=timeouts)
@@ -414,22 +332,17 @@ def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, n
     address = resolve_address(job.cluster)
     # The mesh check needs no engine: a model given with task mesh is not loaded.
     kind = model_kind(job.model) if job.model and jobfile.task != "mesh" else None
-    engine_cls = _import_engine(kind) if kind else None
-    if jobfile.task == "mesh" and job.model and not jobfile.plan_auto:
-        from dataclasses import replace
-
+    if jobfile.task == "mesh" and job.model and not job.plan_auto:
         job = replace(job, model=None)  # not loaded, so not planned for either
     t0 = time.perf_counter()
     model_dir = materialise_model(job.model) if job.model and kind else job.model
     if model_dir != job.model:
-        from dataclasses import replace
-
         job = replace(job, model=model_dir)
     t1 = time.perf_counter()
-    placement = plan_placement(job, jobfile.plan_auto)
+    placement = plan_placement(job)
     t2 = time.perf_counter()
     needed = int(placement.world_size * placement.cpus_per_rank + 0.999)
-    _RayConnection.acquire(address, runtime_env, num_cpus or max(os.cpu_count() or 1, needed, 8))
+    RayConnection.acquire(address, runtime_env, num_cpus or needed)
     t_connected = time.perf_counter()
     controller = None
     try:
@@ -440,16 +353,13 @@ def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, n
         controller.start()
         t4 = time.perf_counter()
         engine = None
-        if engine_cls is not None:
-            options = dict(job.options.get("engine", {}))
-            if "offload" in job.options:
-                options["offload"] = dict(job.options["offload"])
-            engine = engine_cls.load(controller, model_dir, **options)
+        if kind is not None:
+            engine = _engine_class(kind).load(controller, model_dir, job.engine, offload=job.offload)
         t5 = time.perf_counter()
     except BaseException:
         if controller is not None:
             controller.shutdown()
-        _RayConnection.release()
+        RayConnection.release()
         raise
     timings = LaunchTimings(
         ray_connect_s=t_connected - t2, wait_nodes_s=t3 - t_connected, model_s=t1 - t0, plan_s=t2 - t1, workers_s=t4 - t3, engine_load_s=t5 - t4

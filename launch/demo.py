@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ParallelPlan, Timeouts
+from tessera.config import ParallelPlan, Timeouts
 from tessera.runtime.controller import Controller
 from tessera.runtime.diagnostics import check_mesh
 

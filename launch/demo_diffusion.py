@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tessera.memory.placement import Placement
 from tessera.models.tiny_diffusion import build_tiny_diffusion, default_cache_dir
-from tessera.runtime.config import ParallelPlan, Timeouts
+from tessera.config import ParallelPlan, Timeouts
 from tessera.runtime.controller import Controller
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ParallelPlan, Timeouts
+from tessera.config import ParallelPlan, Timeouts
 from tessera.runtime.controller import Controller
 
 DEMO_MODEL = {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "experts": 8, "top_k": 2, "vocab": 512,

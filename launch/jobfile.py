@@ -4,7 +4,7 @@ Every launch surface (``tessera run``, ``tessera submit``, ``ray job submit``,
 SLURM batch scripts, the Python API) reads jobs through here, so a job that
 cannot work is refused once, at the edge, before any worker starts.
 
-A :class:`JobFile` holds the runtime's :class:`~tessera.runtime.config.JobSpec`
+A :class:`JobFile` holds the runtime's :class:`~tessera.config.JobSpec`
 (plan, model, device, cluster, resources, timeouts, engine options) plus what
 the job does with the workers (its ``task``) and where the result goes.
 
@@ -21,11 +21,13 @@ Example ``job.yaml``::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from tessera.runtime.config import ConfigError, JobSpec, ParallelPlan, Timeouts
+from tessera.config import JobSpec, ParallelPlan, Timeouts
+from tessera.errors import ConfigError
+from tessera.options import DiffusionOptions, LLMOptions, OffloadConfig, from_mapping
 
 TASKS: dict[str, str] = {
     "generate": "generate text with a Mixture-of-Experts language model (LLMEngine)",
@@ -57,8 +59,8 @@ JOB_KEYS: dict[str, str] = {
     "cpus_per_rank": "logical CPUs per rank (default 1)",
     "timeouts": "placement_group_s, worker_start_s, process_group_s, call_s",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "offload": "offload options passed to the engine (tiers, budgets)",
-    "engine": "other keyword options passed to the engine's load()",
+    "offload": "offload tiers and budgets, e.g. {device_budget_bytes: 768MiB, nvme_dir: /mnt/nvme} (OffloadConfig)",
+    "engine": "engine options: LLMOptions (generate) or DiffusionOptions (images)",
     "prompts": "list of prompts (generate, images)",
     "sampling": "max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids",
     "stream": "print tokens of the first prompt as they are produced (generate)",
@@ -107,15 +109,13 @@ class ImageOptions:
 class JobFile:
     """A validated job: the runtime's JobSpec plus the task and where its result goes.
 
-    ``plan_auto`` is True when the plan is left to ``tessera.memory.planner``;
-    then ``job.plan`` is a placeholder (a single rank) and ``job.options``
-    carries ``plan_request="auto"`` for the planner.
+    ``job.plan_auto`` is True when the plan is left to ``tessera.memory.planner``;
+    then ``job.plan`` is a placeholder (a single rank).
     """
 
     job: JobSpec
     task: str = "mesh"
     name: str = "tessera-job"
-    plan_auto: bool = False
     prompts: tuple[str, ...] = ()
     sampling: Mapping[str, Any] = field(default_factory=dict)
     stream: bool = False
@@ -140,12 +140,21 @@ class JobFile:
                     f"{'tiny-moe:mixtral' if self.task == 'generate' else 'tiny-diffusion:pixart'}"
                 )
         object.__setattr__(self, "sampling", check_sampling(self.sampling))
+        expected = {"generate": LLMOptions, "images": DiffusionOptions}.get(self.task)
+        if self.job.engine is not None and not isinstance(self.job.engine, expected or ()):
+            want = expected.__name__ if expected else "none (the mesh task loads no engine)"
+            raise ConfigError(f"engine options {type(self.job.engine).__name__} do not fit task {self.task!r}; "
+                              f"it takes {want}")
         if isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int) or self.min_nodes < 1:
             raise ConfigError(f"min_nodes is {self.min_nodes!r}; it must be an integer >= 1")
         if not (isinstance(self.wait_nodes_s, (int, float)) and self.wait_nodes_s > 0):
             raise ConfigError(f"wait_nodes_s is {self.wait_nodes_s!r}; it must be a number of seconds > 0")
         if not isinstance(self.mesh_payload_bytes, int) or self.mesh_payload_bytes < 4:
             raise ConfigError(f"mesh.payload_bytes is {self.mesh_payload_bytes!r}; it must be an integer >= 4")
+
+    @property
+    def plan_auto(self) -> bool:
+        return self.job.plan_auto
 
     def check_runnable(self) -> None:
         """Refuse a job that a batch run (``tessera run``, Ray job, SLURM) could not finish.
@@ -194,36 +203,34 @@ class JobFile:
         if plan_value is None:
             raise ConfigError("the job has no plan; give degrees like plan: {tp: 2, ep: 2}, or plan: auto")
         plan = ParallelPlan({}) if plan_auto else _parse_plan(plan_value)
-        options: dict[str, Any] = {}
-        if data.get("offload") is not None:
-            if not isinstance(data["offload"], Mapping):
-                raise ConfigError("offload must be a mapping of offload options, e.g. offload: {host_gib: 8}")
-            options["offload"] = dict(data["offload"])
+        task = str(data.get("task", "generate" if data.get("model") else "mesh"))
+        offload = from_mapping(OffloadConfig, data["offload"], "offload") if data.get("offload") is not None else None
+        engine = None
         if data.get("engine") is not None:
-            if not isinstance(data["engine"], Mapping):
-                raise ConfigError("engine must be a mapping of keyword options for the engine's load()")
-            options["engine"] = dict(data["engine"])
-        if plan_auto:
-            options["plan_request"] = "auto"
-        timeouts = data.get("timeouts") or {}
-        if not isinstance(timeouts, Mapping):
-            raise ConfigError("timeouts must be a mapping, e.g. timeouts: {worker_start_s: 120}")
-        known_timeouts = {f.name for f in fields(Timeouts)}
-        bad = [k for k in timeouts if k not in known_timeouts]
-        if bad:
-            raise ConfigError(f"unknown timeout {bad[0]!r}; use {', '.join(sorted(known_timeouts))}")
+            options_type = {"generate": LLMOptions, "images": DiffusionOptions}.get(task)
+            if options_type is None:
+                raise ConfigError(f"task {task!r} loads no engine, so it takes no engine options; drop the engine key")
+            engine = from_mapping(options_type, data["engine"], "engine")
         cluster = data.get("cluster")
         if isinstance(cluster, str) and cluster.strip().lower() in ("", "local", "none", "null"):
             cluster = None
+        timeouts = data.get("timeouts") or {}
+        if isinstance(timeouts, Mapping):
+            known_timeouts = {f.name for f in fields(Timeouts)}
+            bad = [k for k in timeouts if k not in known_timeouts]
+            if bad:
+                raise ConfigError(f"unknown timeout {bad[0]!r}; use {', '.join(sorted(known_timeouts))}")
         job = JobSpec(
             plan=plan,
             model=resolve_model_path(data.get("model"), base_dir),
             device=str(data.get("device", "cpu")),
             cluster=cluster,
-            cpus_per_rank=float(data.get("cpus_per_rank", 1.0)),
-            timeouts=Timeouts(**{k: float(v) for k, v in timeouts.items()}),
+            cpus_per_rank=_number(data.get("cpus_per_rank", 1.0), "cpus_per_rank"),
+            timeouts=from_mapping(Timeouts, timeouts, "timeouts"),
             log_level=str(data.get("log_level", "INFO")),
-            options=options,
+            plan_auto=plan_auto,
+            engine=engine,
+            offload=offload,
         )
         images = data.get("images") or {}
         if not isinstance(images, Mapping):
@@ -239,16 +246,15 @@ class JobFile:
             prompts = (prompts,)
         return cls(
             job=job,
-            task=str(data.get("task", "generate" if job.model else "mesh")),
+            task=task,
             name=str(data.get("name", "tessera-job")),
-            plan_auto=plan_auto,
             prompts=tuple(prompts),
             sampling=dict(data.get("sampling") or {}),
             stream=bool(data.get("stream", False)),
             images=ImageOptions(**dict(images)),
             mesh_payload_bytes=int(mesh.get("payload_bytes", 1 << 16)),
             min_nodes=data.get("min_nodes", 1),
-            wait_nodes_s=float(data.get("wait_nodes_s", 180.0)),
+            wait_nodes_s=_number(data.get("wait_nodes_s", 180.0), "wait_nodes_s"),
             output=data.get("output"),
         )
 
@@ -257,22 +263,16 @@ class JobFile:
         changes = {k: v for k, v in changes.items() if v is not None}
         job_keys = {f.name for f in fields(JobSpec)}
         job_changes = {k: changes.pop(k) for k in list(changes) if k in job_keys and k != "plan"}
-        plan_auto = self.plan_auto
         job = self.job
         if "plan" in changes:
             value = changes.pop("plan")
             plan_auto = isinstance(value, str) and value.strip().lower() == "auto"
-            options = dict(job.options)
-            if plan_auto:
-                options["plan_request"] = "auto"
-            else:
-                options.pop("plan_request", None)
-            job = replace(job, plan=ParallelPlan({}) if plan_auto else _parse_plan(value), options=options)
+            job = replace(job, plan=ParallelPlan({}) if plan_auto else _parse_plan(value), plan_auto=plan_auto)
         if "cluster" in job_changes and str(job_changes["cluster"]).lower() in ("local", "none", "null", ""):
             job_changes["cluster"] = None
         if job_changes:
             job = replace(job, **job_changes)
-        return replace(self, job=job, plan_auto=plan_auto, **changes)
+        return replace(self, job=job, **changes)
 
     # -- views ---------------------------------------------------------------
 
@@ -295,8 +295,9 @@ class JobFile:
         if job.cluster:
             out["cluster"] = job.cluster
         for key in ("offload", "engine"):
-            if key in job.options:
-                out[key] = dict(job.options[key])
+            value = getattr(job, key)
+            if value is not None:
+                out[key] = _changed_fields(value)
         if self.prompts:
             out["prompts"] = list(self.prompts)
         if self.sampling:
@@ -315,6 +316,22 @@ class JobFile:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _changed_fields(options: Any) -> dict[str, Any]:
+    """The fields of an options object that differ from their defaults (what a job file needs to say)."""
+    out = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.default is MISSING or value != f.default:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} is {value!r}; it must be a number")
+    return float(value)
 
 
 def _parse_plan(value: Any) -> ParallelPlan:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from tessera.launch.jobfile import JobFile
-from tessera.runtime.config import ConfigError
-from tessera.runtime.errors import TesseraError, WaitTimeout
+from tessera.config import ConfigError
+from tessera.errors import TesseraError, WaitTimeout
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 

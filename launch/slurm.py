@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tessera.launch.jobfile import JobFile
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "clusters" / "slurm"
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")

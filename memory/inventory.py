@@ -2,7 +2,7 @@
 
 The planner needs this before any worker starts. It comes from the running
 Ray cluster when this process is connected to one, otherwise from the local
-machine; ``JobSpec.options`` may override the device count (``world_size``)
+machine; ``JobSpec.planning`` may override the device count (``world_size``)
 and memory (``device_memory_gib``) for planning ahead of time.
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
-
-from tessera.runtime.config import ConfigError
+from tessera.errors import ConfigError
+from tessera.options import PlanningHints
 
 
 @dataclass(frozen=True)
@@ -52,13 +51,10 @@ def _host_available_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def detect_inventory(device: str, options: Mapping[str, Any] | None = None) -> ClusterInventory:
+def detect_inventory(device: str, hints: PlanningHints | None = None) -> ClusterInventory:
     """The cluster as the planner sees it (see the module docstring for the sources)."""
-    options = options or {}
-    world = options.get("world_size")
-    memory_gib = options.get("device_memory_gib")
-    if world is not None and (not isinstance(world, int) or world < 1):
-        raise ConfigError(f"world_size {world!r} must be a positive integer")
+    hints = hints or PlanningHints()
+    world, memory_gib = hints.world_size, hints.device_memory_gib
     override = int(float(memory_gib) * 2**30) if memory_gib is not None else None
     try:
         import ray

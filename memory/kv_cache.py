@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 
 class BlockAllocator:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from tessera.runtime.config import JobSpec, ParallelPlan, check_plan_and_resources
+from tessera.config import JobSpec, ParallelPlan, check_plan_and_resources
 
 
 @dataclass(frozen=True)

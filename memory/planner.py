@@ -20,12 +20,12 @@ rest (MoE), or CFG x patch parallel (diffusion) as xDiT does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 from tessera.memory.footprint import ModelSpec, read_model_spec
 from tessera.memory.inventory import ClusterInventory, detect_inventory
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ConfigError, JobSpec, ParallelPlan
+from tessera.config import JobSpec, ParallelPlan
+from tessera.errors import ConfigError
 
 USABLE_FRACTION = 0.9  # of device memory; the rest is the framework's and the allocator's
 DEFAULT_KV_TOKENS = 8192  # KV-cache reserve when the job does not say (tokens across all sequences)
@@ -145,20 +145,19 @@ def _gib(n: float) -> str:
 def plan_job(job: JobSpec, inventory: ClusterInventory | None = None) -> Placement:
     """Turn a job into a Placement, or refuse it with the reason, before workers start.
 
-    ``job.options["plan_request"] == "auto"`` asks for degrees to be chosen;
-    otherwise ``job.plan`` is checked. ``job.options`` may carry ``offload``
-    (any truthy mapping: weights beyond the device budget go to offload tiers),
-    ``kv_tokens``, ``world_size`` and ``device_memory_gib`` (see inventory).
+    ``job.plan_auto`` asks for degrees to be chosen; otherwise ``job.plan`` is
+    checked. With ``job.offload`` weights beyond the device budget go to the
+    offload tiers; ``job.planning`` may stand in for the cluster
+    (``world_size``, ``device_memory_gib``) and sizes the KV reserve.
     """
-    options: Mapping[str, Any] = job.options
-    auto = str(options.get("plan_request", "")).lower() == "auto"
+    auto = job.plan_auto
     spec = read_model_spec(job.model) if job.model else None
-    offload = bool(options.get("offload"))
-    kv_tokens = int(options.get("kv_tokens", DEFAULT_KV_TOKENS))
+    offload = job.offload is not None
+    kv_tokens = job.planning.kv_tokens
     if auto:
         if spec is None:
             raise ConfigError("plan auto needs a model to size; give model: <checkpoint dir>, or explicit degrees")
-        inv = inventory or detect_inventory(job.device, options)
+        inv = inventory or detect_inventory(job.device, job.planning)
         report = choose_plan(spec, inv, offload=offload, kv_tokens=kv_tokens)
         check_plan_shape(spec, report.plan)
     elif spec is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tessera.models.rope import RopeScaling, parse_rope, softmax_scale
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 
 @dataclass(frozen=True)

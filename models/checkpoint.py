@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tessera.models.arch import MoEArch, dtype_of, eos_of
 from tessera.models.rope import parse_rope
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 MOE_BLOCK = "model.layers.{layer}.mlp"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 _FAMILIES = ("mixtral", "qwen_moe", "deepseek")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 ROPE_TYPES = ("default", "yarn")  # what this module can compute
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from tessera.offload.buffers import aligned_empty
-from tessera.offload.config import ALIGNMENT, OffloadConfig
+from tessera.options import ALIGNMENT, OffloadConfig
 from tessera.offload.errors import OffloadError
 
 log = logging.getLogger("tessera.offload.aio")

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from tessera.offload.config import ALIGNMENT
+from tessera.options import ALIGNMENT
 from tessera.offload.tiers import TierBudget
 
 

@@ -1,18 +1,16 @@
 """Errors of the offload tiers.
 
 Each names the problem and the fix, because they surface at load time on a
-worker far from the user's command line.
+worker far from the user's command line. The base class and the config
+error live in the leaf ``tessera.errors`` (options are validated on the driver).
 """
 
 from __future__ import annotations
 
+from tessera.errors import OffloadConfigError, OffloadError
 
-class OffloadError(RuntimeError):
-    """Base class of every offload error."""
-
-
-class OffloadConfigError(OffloadError, ValueError):
-    """An OffloadConfig field is invalid."""
+__all__ = ["OffloadError", "OffloadConfigError", "TierDirError", "DiskSpaceError", "BudgetError", "BudgetExceeded",
+           "TierFileError", "CorruptTierFileError"]
 
 
 class TierDirError(OffloadError):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.prefetch import LayerStreamer
 from tessera.offload.store import GroupSpec, TieredStore, group_spec
 

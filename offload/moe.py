@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.errors import OffloadConfigError
 from tessera.offload.expert_cache import ExpertCache, expert_group_name
 from tessera.offload.store import GroupSpec, TieredStore, fingerprint_of

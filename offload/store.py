@@ -35,7 +35,7 @@ import torch
 
 from tessera.offload.aio import Reader, make_reader
 from tessera.offload.buffers import BufferPool
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.errors import BudgetError, CorruptTierFileError, OffloadError
 from tessera.offload.tier_file import (
     TierFile,

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 import torch
 
 from tessera.offload.buffers import align_up
-from tessera.offload.config import ALIGNMENT
+from tessera.options import ALIGNMENT
 from tessera.offload.errors import CorruptTierFileError, DiskSpaceError, TierDirError, TierFileError
 
 FORMAT = "tessera-tier/1"

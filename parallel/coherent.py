@@ -59,7 +59,7 @@ import torch.distributed as dist
 from tessera.parallel.comm import all_gather_cat
 from tessera.parallel.expert import ExpertDispatcher
 from tessera.parallel.tensor import split_range
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 EXFLOW = "exflow"
 

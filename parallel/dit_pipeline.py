@@ -42,7 +42,7 @@ from torch import nn
 
 from tessera.models.dit_layers import OnOtherStage
 from tessera.parallel.counted import CommCounter
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:

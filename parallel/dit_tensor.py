@@ -34,7 +34,7 @@ from tessera.models.diffusers_loader import Pieces
 from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_cat
 from tessera.parallel.counted import CommCounter
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 
 def check_tp(heads: int, tp: int) -> None:

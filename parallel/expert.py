@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_cat
 from tessera.parallel.tensor import split_range
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 
 EP_MODES = ("standard", "coherent")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from tessera.runtime.config import ConfigError, ParallelPlan
+from tessera.config import ConfigError, ParallelPlan
 
 LLM_DIMS = ("pp", "ep", "tp")
 _STORE_KEY = "tessera.llm.groups"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tessera.parallel.tensor import split_range
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import torch
 from tessera.models.packed_linear import linear
 from tessera.parallel import shm_comm
 from tessera.parallel.comm import all_gather_cat
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 SHARD_KINDS = ("replicate", "colwise", "colwise_kv", "rowwise", "vocab", "expert_colwise", "expert_rowwise")
 

@@ -1,5 +1,5 @@
 """Controller, worker actors, process groups and mesh, engines, health."""
 
-from tessera.runtime.config import ConfigError, JobSpec, ParallelPlan, Timeouts
+from tessera.config import ConfigError, JobSpec, ParallelPlan, Timeouts
 
 __all__ = ["ConfigError", "JobSpec", "ParallelPlan", "Timeouts"]

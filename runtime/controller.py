@@ -6,7 +6,7 @@ node, tensor-parallel groups packed onto one node), initialises
 ``torch.distributed`` and the named ``DeviceMesh`` on them, and then fans
 calls out to every rank with one verb, :meth:`Controller.collective_rpc`.
 
-Every wait is bounded (see :class:`~tessera.runtime.config.Timeouts`) and
+Every wait is bounded (see :class:`~tessera.config.Timeouts`) and
 ends with a message that says what was waited for. The controller is never on
 the per-layer path: one engine step is one fan-out.
 """
@@ -14,17 +14,16 @@ the per-layer path: one engine step is one fan-out.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from tessera.memory.placement import Placement
-from tessera.runtime.config import Timeouts
-from tessera.runtime.errors import PlacementError, RankError, WaitTimeout, WorkerDiedError
+from tessera.config import Timeouts
+from tessera.errors import PlacementError, RankError, WaitTimeout, WorkerDiedError
 from tessera.runtime.logs import default_log_level
-from tessera.runtime.ray_env import embedded_ray_kwargs
+from tessera.runtime.ray_env import RayConnection
 from tessera.runtime.worker import Worker
 
 log = logging.getLogger("tessera.controller")
@@ -47,10 +46,10 @@ class Controller:
     """Owns the placement groups, the worker actors and the process group of one job.
 
     Use as a context manager, or call :meth:`start` and :meth:`shutdown`.
-    ``address`` is ``None`` for an embedded local Ray (started here and
-    stopped at shutdown), ``"auto"`` or ``"ray://..."``/``"HOST:PORT"`` for a
-    running cluster. When Ray is already initialised in this process the
-    controller uses that instance and leaves it running.
+    ``address`` is ``None`` for an embedded local Ray, ``"auto"`` or
+    ``"ray://..."``/``"HOST:PORT"`` for a running cluster; the connection is
+    :class:`~tessera.runtime.ray_env.RayConnection`'s (shared by every
+    controller of the process, released at shutdown).
     """
 
     def __init__(
@@ -60,20 +59,19 @@ class Controller:
         timeouts: Timeouts | None = None,
         log_level: str | None = None,
         runtime_env: dict[str, Any] | None = None,
-        ray_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.placement = placement
         self.address = address
         self.timeouts = timeouts or Timeouts()
         self.log_level = (log_level or default_log_level()).upper()
         self.runtime_env = runtime_env
-        self.ray_init_kwargs = dict(ray_init_kwargs or {})
         self.name = f"tessera-{uuid.uuid4().hex[:8]}"
         self.workers: list[Any] = []  # actor handles, index = rank
         self.ranks: list[RankInfo] = []
         self.startup_timings: dict[str, float] = {}
         self._placement_groups: list[Any] = []
-        self._owns_ray = False
+        self._connected = False
+        self._actor_runtime_env: dict[str, Any] | None = None
         self._started = False
         self._closed = False
 
@@ -120,23 +118,18 @@ class Controller:
         return self
 
     def _connect_ray(self) -> None:
+        if self._connected:
+            return
+        # Embedded: enough logical CPUs for every rank even on a small machine
+        # (oversubscribed on purpose; Ray pins 1 thread per actor).
         import ray
 
-        if ray.is_initialized():
-            return
-        kwargs: dict[str, Any] = {"log_to_driver": True, "namespace": "tessera"}
-        if self.runtime_env:
-            kwargs["runtime_env"] = self.runtime_env
-        if self.address is None:
-            # Embedded: enough logical CPUs for every rank even on a small
-            # machine (oversubscribed on purpose; Ray pins 1 thread per actor).
-            needed = self.world_size * self.placement.cpus_per_rank
-            kwargs.update(embedded_ray_kwargs(max(os.cpu_count() or 1, int(needed + 0.999))))
-        else:
-            kwargs["address"] = self.address
-        kwargs.update(self.ray_init_kwargs)
-        ray.init(**kwargs)
-        self._owns_ray = True
+        needed = int(self.world_size * self.placement.cpus_per_rank + 0.999)
+        fresh = not ray.is_initialized()
+        RayConnection.acquire(self.address, self.runtime_env, needed)
+        # A Ray started here got runtime_env as the job's; one started by others needs it per actor.
+        self._actor_runtime_env = None if fresh else self.runtime_env
+        self._connected = True
 
     def _reserve_bundles(self) -> list[tuple[Any, int, str]]:
         """Create the placement groups; return (pg, bundle index, node id) in rank order."""
@@ -179,7 +172,7 @@ class Controller:
 
     def _check_feasible(self, bundle: dict[str, float], shapes: list) -> None:
         """Fail at once when an embedded (fixed-size) Ray can never hold the request."""
-        if not self._owns_ray or self.address is not None:
+        if not RayConnection.embedded():
             return  # a real cluster may autoscale: wait for the timeout instead
         import ray
 
@@ -226,8 +219,8 @@ class Controller:
                 ),
                 max_restarts=0,
             )
-            if self.runtime_env and not self._owns_ray:
-                options["runtime_env"] = self.runtime_env
+            if self._actor_runtime_env:
+                options["runtime_env"] = self._actor_runtime_env
             self.workers.append(
                 actor_cls.options(**options).remote(
                     rank,
@@ -325,12 +318,13 @@ class Controller:
             import ray
         except ImportError:  # pragma: no cover
             return
-        if not ray.is_initialized():
-            return
-        self._release_workers()
-        if self._owns_ray:
-            ray.shutdown()
-            self._owns_ray = False
+        try:
+            if ray.is_initialized():
+                self._release_workers()
+        finally:
+            if self._connected:
+                self._connected = False
+                RayConnection.release()
 
     # -- calls -------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ def make_controller(controller_cache) -> Callable[..., object]:
     down to make room. Do not kill or break workers of a cached controller.
     """
     from tessera.memory.placement import Placement
-    from tessera.runtime.config import ParallelPlan, Timeouts
+    from tessera.config import ParallelPlan, Timeouts
     from tessera.runtime.controller import Controller
 
     def factory(degrees: dict[str, int], device: str = "cpu") -> Controller:

@@ -13,7 +13,7 @@ import torch
 
 from tessera.memory.placement import Placement
 from tessera.models.tiny_moe import build_tiny_moe
-from tessera.runtime.config import ParallelPlan
+from tessera.config import ParallelPlan
 
 PROMPTS = ([5, 7, 9, 11, 13, 17, 19], [3, 1, 4, 1, 5])
 NEW_TOKENS = 6

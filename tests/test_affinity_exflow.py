@@ -17,7 +17,7 @@ import torch
 from tessera.memory.affinity.placement import linear_rank_of
 from tessera.models.tiny_moe import build_tiny_moe
 from tessera.parallel.coherent import check_exflow
-from tessera.runtime.config import ConfigError, ParallelPlan
+from tessera.config import ConfigError, ParallelPlan
 from tessera.tests.llm_testing import NEW_TOKENS, PROMPTS, _reference
 
 BATCH = [*PROMPTS, [1, 60, 61, 62], [1, 11, 12, 13, 14, 15, 16, 17, 18], [1, 99]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ConfigError, JobSpec, ParallelPlan, Timeouts
+from tessera.config import ConfigError, JobSpec, ParallelPlan, Timeouts
 
 
 def test_plan_orders_dims_canonically_and_computes_world_size():

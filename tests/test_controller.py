@@ -9,10 +9,10 @@ import time
 import pytest
 
 from tessera.memory.placement import Placement
-from tessera.runtime.config import ParallelPlan, Timeouts
+from tessera.config import ParallelPlan, Timeouts
 from tessera.runtime.controller import Controller
 from tessera.runtime.diagnostics import expected_collectives, mesh_collectives
-from tessera.runtime.errors import PlacementError, RankError, WaitTimeout, WorkerDiedError
+from tessera.errors import PlacementError, RankError, WaitTimeout, WorkerDiedError
 
 PLANS_2X2 = [{"pp": 2, "tp": 2}, {"ep": 2, "tp": 2}]
 
@@ -154,9 +154,9 @@ def test_embedded_ray_is_started_and_stopped_by_the_controller(tmp_path):
     script = (
         "import ray\n"
         "from tessera.memory.placement import Placement\n"
-        "from tessera.runtime.config import ParallelPlan, Timeouts\n"
+        "from tessera.config import ParallelPlan, Timeouts\n"
         "from tessera.runtime.controller import Controller\n"
-        "from tessera.runtime.errors import PlacementError\n"
+        "from tessera.errors import PlacementError\n"
         "ctl = Controller(Placement(ParallelPlan({'tp': 2}), device='cuda'), timeouts=Timeouts(placement_group_s=60))\n"
         "try:\n"
         "    ctl.start()\n"

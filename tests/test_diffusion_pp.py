@@ -113,7 +113,7 @@ class _NoWorkers:
 
     def __init__(self, degrees):
         from tessera.memory.placement import Placement
-        from tessera.runtime.config import ParallelPlan
+        from tessera.config import ParallelPlan
 
         self.placement = Placement(ParallelPlan(degrees), device="cpu")
 
@@ -122,7 +122,7 @@ class _NoWorkers:
 
 
 def test_bad_plans_fail_on_the_driver(tiny_pixart, tiny_flux3):
-    from tessera.runtime.config import ConfigError
+    from tessera.config import ConfigError
     from tessera.runtime.diffusion.engine import DiffusionEngine
 
     with pytest.raises(ConfigError, match=r"pp=3 pipeline stages for a transformer of 2 blocks.*use pp <= 2"):
@@ -133,7 +133,7 @@ def test_bad_plans_fail_on_the_driver(tiny_pixart, tiny_flux3):
                                           r"use a tp in \[1, 2, 3, 6\]"):
         DiffusionEngine.load(_NoWorkers({"tp": 4}), tiny_flux3)
     with pytest.raises(ConfigError, match="use pp or offload"):
-        from tessera.offload.config import OffloadConfig
+        from tessera.options import OffloadConfig
 
         DiffusionEngine.load(_NoWorkers({"pp": 2}), tiny_pixart, offload=OffloadConfig(device_budget_bytes=1 << 20))
 

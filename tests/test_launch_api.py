@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 import tessera.launch
-from tessera.launch.api import _RayConnection
-from tessera.runtime.config import ConfigError, Timeouts
-from tessera.runtime.errors import WaitTimeout
+from tessera.runtime.ray_env import RayConnection
+from tessera.config import ConfigError, Timeouts
+from tessera.errors import WaitTimeout
 
 TIMEOUTS = Timeouts(placement_group_s=60, worker_start_s=180, process_group_s=120, call_s=300)
 
@@ -30,6 +30,7 @@ def test_context_manager_releases_and_handles_coexist(ray_session):
     import ray
     from ray.exceptions import RayActorError
 
+    users_before = RayConnection.users()  # cached controllers of other tests share the connection
     with tessera.launch(plan={"tp": 2}, timeouts=TIMEOUTS) as first:
         second = tessera.launch(plan="dp=2", timeouts=TIMEOUTS)
         assert first.check_mesh()["correct"] and second.check_mesh()["correct"]
@@ -56,10 +57,11 @@ def test_context_manager_releases_and_handles_coexist(ray_session):
         second.generate_images("a cat")
     second.shutdown()
     second.shutdown()  # twice is fine
-    assert ray.is_initialized() and _RayConnection.users() == 0
+    assert ray.is_initialized() and RayConnection.users() == users_before
 
 
 def test_errors_before_workers_start(ray_session, tmp_path):
+    users_before = RayConnection.users()
     with pytest.raises(ConfigError, match="neither a checkpoint directory"):
         tessera.launch(model=str(tmp_path / "missing"), plan="tp=2")
     with pytest.raises(ConfigError, match="dashboard"):
@@ -67,7 +69,7 @@ def test_errors_before_workers_start(ray_session, tmp_path):
     if importlib.util.find_spec("tessera.memory.planner") is None:
         with pytest.raises(ConfigError, match="needs tessera.memory.planner"):
             tessera.launch(plan="auto")
-    assert _RayConnection.users() == 0
+    assert RayConnection.users() == users_before
 
 
 def test_wait_for_nodes_times_out_with_reason(ray_session):

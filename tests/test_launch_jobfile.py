@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tessera.launch.jobfile import JobFile
-from tessera.runtime.config import ConfigError, ParallelPlan
+from tessera.config import ConfigError, ParallelPlan
+from tessera.options import LLMOptions, OffloadConfig
 
 
 def write(tmp_path, text: str):
@@ -21,7 +22,8 @@ model: tiny-moe:mixtral
 plan: {tp: 2, ep: 2}
 prompts: [Hello, World]
 sampling: {max_new_tokens: 4, temperature: 0}
-offload: {host_gib: 2}
+offload: {device_budget_bytes: 2GiB, host_budget_bytes: 4294967296}
+engine: {max_model_len: 64, decode_steps: 1}
 timeouts: {worker_start_s: 30}
 """)
     jf = JobFile.from_yaml(path)
@@ -31,7 +33,8 @@ timeouts: {worker_start_s: 30}
     assert jf.job.model == "tiny-moe:mixtral"
     assert jf.prompts == ("Hello", "World")
     assert jf.sampling == {"max_new_tokens": 4, "temperature": 0}
-    assert jf.job.options["offload"] == {"host_gib": 2}
+    assert jf.job.offload == OffloadConfig(device_budget_bytes=2 << 30, host_budget_bytes=4 << 30)
+    assert jf.job.engine == LLMOptions(max_model_len=64, decode_steps=1)
     assert jf.job.timeouts.worker_start_s == 30
     assert JobFile.from_dict(jf.to_dict()) == jf  # what SLURM scripts embed round-trips
 
@@ -39,9 +42,9 @@ timeouts: {worker_start_s: 30}
 def test_plan_string_and_auto(tmp_path):
     assert JobFile.from_dict({"plan": "pp=2,tp=2"}).job.plan.world_size == 4
     auto = JobFile.from_dict({"plan": "auto", "model": "tiny-moe:mixtral"})
-    assert auto.plan_auto and auto.job.options["plan_request"] == "auto"
+    assert auto.plan_auto and auto.job.plan_auto
     explicit = auto.with_overrides(plan="tp=2")
-    assert not explicit.plan_auto and "plan_request" not in explicit.job.options
+    assert not explicit.plan_auto and not explicit.job.plan_auto
 
 
 def test_relative_checkpoint_resolves_against_job_file(tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tessera.memory.placement import Placement
 from tessera.models.checkpoint import CheckpointError
-from tessera.runtime.config import ConfigError, ParallelPlan
+from tessera.config import ConfigError, ParallelPlan
 from tessera.runtime.llm.engine import LLMEngine
 from tessera.tests.llm_testing import local_controller, tiny_refs  # noqa: F401
 

@@ -7,7 +7,7 @@ import signal
 
 from tessera.memory.placement import Placement
 from tessera.models.tiny_moe import build_tiny_moe
-from tessera.runtime.config import ParallelPlan, Timeouts
+from tessera.config import ParallelPlan, Timeouts
 from tessera.runtime.controller import Controller
 from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 

@@ -11,7 +11,7 @@ import torch
 from tessera.memory.kv_cache import BlockAllocator, PagedKVCache, SeqSlice, build_metadata, paged_attention
 from tessera.parallel.expert import build_placement
 from tessera.parallel.tensor import kv_head_range, split_range, tp_slice, vocab_range
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 from tessera.runtime.llm.engine import SamplingParams
 from tessera.runtime.llm.sampler import SampleSpec, sample
 from tessera.runtime.llm.scheduler import Request, Scheduler

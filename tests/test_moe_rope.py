@@ -13,7 +13,7 @@ import torch
 
 from tessera.models import deepseek, mixtral, qwen_moe, rope
 from tessera.models.tiny_moe import build_tiny_moe
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 from tessera.runtime.llm.engine import LLMEngine
 from tessera.tests.llm_testing import _reference, check_against_reference, local_controller  # noqa: F401
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tessera.models.pixart import PixArtConfig, PixArtTransformer
-from tessera.offload.config import OffloadConfig
+from tessera.options import OffloadConfig
 from tessera.offload.modules import OffloadedBlocks
 from tessera.offload.store import group_spec
 from tessera.tests.llm_testing import local_controller  # noqa: F401 - fixture

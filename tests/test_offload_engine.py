@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.models.tiny_moe import build_tiny_moe
-from tessera.offload.config import OffloadConfig
+from tessera.options import OffloadConfig
 from tessera.offload.errors import BudgetError
 from tessera.offload.moe import offload_stats
 from tessera.runtime.llm.engine import LLMEngine, SamplingParams

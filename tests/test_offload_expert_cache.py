@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.expert_cache import ExpertCache
 from tessera.offload.prefetch import LayerStreamer
 from tessera.offload.store import TieredStore, group_spec

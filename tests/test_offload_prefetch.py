@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.prefetch import LayerStreamer
 from tessera.offload.store import TieredStore, group_spec
 from tessera.tests.test_offload_helpers import InMemoryDense, InMemoryExperts, TinyMoE, total_bytes, aio_ready, one_torch_thread  # noqa: F401 - fixtures

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.offload.buffers import BufferPool
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.errors import BudgetError, BudgetExceeded, OffloadConfigError
 from tessera.offload.store import TieredStore, assign_tiers, group_spec
 from tessera.offload.tiers import TierBudget

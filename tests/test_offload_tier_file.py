@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tessera.offload.config import OffloadConfig, Tier
+from tessera.options import OffloadConfig, Tier
 from tessera.offload.errors import CorruptTierFileError, DiskSpaceError, TierDirError
 from tessera.offload.store import TieredStore, fingerprint_of, group_spec
 from tessera.offload.tier_file import TierFile, write_tier_file

@@ -8,7 +8,8 @@ from safetensors import safe_open
 from tessera.memory.footprint import ModelSpec, read_model_spec
 from tessera.memory.inventory import ClusterInventory, NodeInventory
 from tessera.memory.planner import choose_plan, describe_placement, per_rank_bytes, plan_job
-from tessera.runtime.config import ConfigError, JobSpec, ParallelPlan
+from tessera.config import ConfigError, JobSpec, ParallelPlan
+from tessera.options import PlanningHints
 
 GiB = 2**30
 
@@ -80,7 +81,7 @@ def test_too_big_is_refused_with_the_fix_unless_offload_is_on():
 
 
 def test_plan_job_auto_on_a_real_checkpoint(tiny_qwen):
-    job = JobSpec(plan=ParallelPlan({}), model=str(tiny_qwen), options={"plan_request": "auto", "world_size": 4})
+    job = JobSpec(plan=ParallelPlan({}), model=str(tiny_qwen), plan_auto=True, planning=PlanningHints(world_size=4))
     placement = plan_job(job)
     assert placement.world_size == 4 and set(placement.plan.degrees) <= {"pp", "ep", "tp"}
     text = describe_placement(placement)

@@ -1,15 +1,14 @@
 """``tessera plan``: show where a job's ranks would go, without starting anything.
 
-With ``tessera.memory.planner`` installed, the planner decides (``plan: auto``
-or a model) and ``describe_placement`` explains its choice; otherwise the
-explicit plan is shown as mesh, coordinates and Ray resources per rank. A
+With a model (or ``plan: auto``) the planner decides and
+``describe_placement`` explains its choice; otherwise the explicit plan is
+shown as mesh, coordinates and Ray resources per rank. A
 plan that cannot work exits 2 with the reason, as ``tessera run`` would.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 from tessera.launch.commands.run import add_job_flags, jobfile_from_args
@@ -20,8 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="show the placement of a job (mesh, ranks, resources) without starting workers",
         description="Validate a job and print its placement: the mesh dims and degrees, each rank's "
-        "coordinates and Ray bundle, and the resources the cluster must have. Uses "
-        "tessera.memory.planner when installed (required for plan: auto). Starts nothing. "
+        "coordinates and Ray bundle, and the resources the cluster must have. Starts nothing. "
         "Exit 0 when the plan is valid, 2 with the reason when it is not.",
     )
     parser.add_argument("job", nargs="?", help="YAML job file")
@@ -40,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         job = replace(job, model=materialise_model(job.model))
-    placement = plan_placement(job, jobfile.plan_auto)
+    placement = plan_placement(job)
     plan = placement.plan
     ranks = [{"rank": r, "coords": plan.coordinates(r), "bundle": placement.bundle()} for r in range(plan.world_size)]
     totals = {k: v * plan.world_size for k, v in placement.bundle().items()}
@@ -48,13 +46,11 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"plan": dict(plan.degrees), "world_size": plan.world_size, "device": placement.device,
                           "ranks": ranks, "resources": totals, "extras": sorted(placement.extras)}))
         return 0
-    try:
-        describe = importlib.import_module("tessera.memory.planner").describe_placement
-    except (ModuleNotFoundError, AttributeError):
-        describe = None
     print(f"job {jobfile.name!r}: task {jobfile.task}, model {job.model or '-'}")
-    if describe is not None and (jobfile.plan_auto or job.model):
-        print(describe(placement))
+    if jobfile.plan_auto or job.model:
+        from tessera.memory.planner import describe_placement
+
+        print(describe_placement(placement))
         return 0
     print(f"mesh {plan} = {plan.world_size} rank(s) on {placement.device}; dims outermost first")
     print(f"  {'rank':>4}  coords")

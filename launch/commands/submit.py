@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from tessera.runtime.config import ConfigError
+from tessera.config import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

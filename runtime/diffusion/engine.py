@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tessera.models.diffusers_loader import DiffusersDir
+from tessera.options import DiffusionOptions, OffloadConfig, from_mapping
 from tessera.runtime.diffusion.request import DiffusionRequest
 from tessera.runtime.diffusion import runner as _r
 
@@ -28,7 +29,7 @@ DEFAULTS = {"pixart": {"guidance_scale": 4.5, "steps": 20}, "sd3": {"guidance_sc
 class DiffusionEngine:
     """Text-to-image on a started :class:`~tessera.runtime.controller.Controller`."""
 
-    def __init__(self, controller: Any, model_dir: DiffusersDir, info: list[dict], options: dict) -> None:
+    def __init__(self, controller: Any, model_dir: DiffusersDir, info: list[dict], options: DiffusionOptions) -> None:
         self.controller = controller
         self.dir = model_dir
         self.info = info
@@ -38,20 +39,26 @@ class DiffusionEngine:
         self.history: list[dict] = []
 
     @classmethod
-    def load(cls, controller: Any, model_dir: str | Path, **options: Any) -> "DiffusionEngine":
+    def load(cls, controller: Any, model_dir: str | Path, options: DiffusionOptions | Mapping[str, Any] | None = None,
+             offload: OffloadConfig | Mapping[str, Any] | None = None, **overrides: Any) -> "DiffusionEngine":
         """Open and check ``model_dir`` here, then have every rank build its shard of the transformer.
 
-        Options: ``dtype`` ("float32" | "bfloat16" | "float16"), ``progress`` (tqdm bar, default True),
-        ``offload`` (a ``tessera.offload.config.OffloadConfig``: transformer blocks live in host memory or
-        an NVMe tier file and stream in stage by stage within its device budget).
+        ``options``: :class:`~tessera.options.DiffusionOptions` (``dtype``, ``progress``: a tqdm bar)
+        or a dict of its fields; keyword ``overrides`` are more of them. ``offload``
+        (:class:`~tessera.options.OffloadConfig`): transformer blocks live in host memory or an NVMe
+        tier file and stream in stage by stage within its device budget.
         """
+        opts = from_mapping(DiffusionOptions, options, "DiffusionEngine.load")
+        if overrides:
+            opts = from_mapping(DiffusionOptions, {**opts.__dict__, **overrides}, "DiffusionEngine.load")
+        if offload is not None:
+            offload = from_mapping(OffloadConfig, offload, "offload")
         model = DiffusersDir.open(model_dir)
         degrees = dict(controller.placement.plan.degrees)
-        cls.check_plan(model, degrees, offload=options.get("offload"))
-        dtype = options.get("dtype", "float32")
-        extra = {"offload": options["offload"]} if options.get("offload") is not None else None
-        info = controller.collective_rpc(_r.load_runner, args=(str(model.path), dtype), kwargs=extra)
-        return cls(controller, model, info, dict(options))
+        cls.check_plan(model, degrees, offload=offload)
+        extra = {"offload": offload} if offload is not None else None
+        info = controller.collective_rpc(_r.load_runner, args=(str(model.path), opts.dtype), kwargs=extra)
+        return cls(controller, model, info, opts)
 
     @staticmethod
     def check_plan(model: DiffusersDir, degrees: dict, offload: Any = None) -> None:
@@ -59,7 +66,7 @@ class DiffusionEngine:
         from tessera.models.diffusers_loader import build_transformer
         from tessera.parallel.dit_pipeline import check_pp, count_blocks
         from tessera.parallel.dit_tensor import check_tp
-        from tessera.runtime.config import ConfigError
+        from tessera.errors import ConfigError
 
         unsupported = [d for d in degrees if d not in ("sp", "cfg", "tp", "pp", "dp") and degrees[d] > 1]
         if unsupported:
@@ -96,7 +103,7 @@ class DiffusionEngine:
         started = time.perf_counter()
         step_s: list[float] = []
         step_bytes, step_cpu = [], []  # step_cpu: CPU seconds of the busiest rank per step
-        if not self.options.get("progress", True):
+        if not self.options.progress:
             # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times are
             # measured there (slowest rank per step)
             results = ctl.collective_rpc(_r.run_request, args=(req,))

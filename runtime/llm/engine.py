@@ -27,45 +27,14 @@ from tessera.parallel.expert import DISPATCH_MODES, build_placement
 from tessera.parallel.groups import check_llm_plan
 from tessera.parallel.pipeline import check_pp
 from tessera.parallel.tensor import check_tp
-from tessera.runtime.config import ConfigError
-from tessera.runtime.errors import WorkerDiedError
+from tessera.errors import ConfigError, WorkerDiedError
+from tessera.options import DTYPES, LLMOptions, OffloadConfig, SamplingParams, from_mapping
 from tessera.runtime.llm import model_runner as mr
 from tessera.runtime.llm.sampler import SampleSpec
 from tessera.runtime.llm.scheduler import Request, Scheduler
 
 log = logging.getLogger("tessera.llm")
-_DTYPES = ("float32", "bfloat16", "float16")
 _engine_ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate for one request; validated at construction (clear errors)."""
-
-    max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
-        stops = tuple(self.stop_token_ids) if not isinstance(self.stop_token_ids, int) else (self.stop_token_ids,)
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", stops)
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_p", float(self.top_p))
 
 
 @dataclass
@@ -78,36 +47,14 @@ class GenerationResult:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """Options of :meth:`LLMEngine.load`, validated once."""
+def _set_fields(options: LLMOptions) -> dict[str, Any]:
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
-    dtype: str
-    max_model_len: int
-    block_size: int = 16
-    num_kv_blocks: int = 0  # 0: enough for max_num_seqs full-length sequences
-    max_num_seqs: int = 8
-    max_prefill_tokens: int = 2048
-    record_routing: bool = False
-    stop_at_eos: bool = True
-    step_timeout_s: float = 600.0
-    moe_dispatch: str = "auto"  # "all_to_all" | "all_reduce" | "auto" (fewer bytes / collectives; parallel.expert)
-    # Decode steps the workers run per call while no request waits (pp=1): the
-    # driver's round trip (~2-3 ms, and CPU the workers need on a small machine)
-    # is paid once per ``decode_steps`` tokens. New requests join within that many
-    # steps. 1 = one call per token.
-    decode_steps: int = 8
 
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
-        for name in ("max_model_len", "block_size", "max_num_seqs", "max_prefill_tokens", "decode_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.moe_dispatch not in DISPATCH_MODES:
-            raise ConfigError(f"moe_dispatch {self.moe_dispatch!r} is unknown; use one of {', '.join(DISPATCH_MODES)}")
-        if self.num_kv_blocks == 0:
-            object.__setattr__(self, "num_kv_blocks", self.max_num_seqs * -(-self.max_model_len // self.block_size))
+def _placement_file_options(placement) -> tuple[Any, Any]:
+    """(expert_map, expert_replicas) of a ``tessera place`` file."""
+    options = placement.engine_options()
+    return options["expert_map"], options.get("expert_replicas")
 
 
 def _load_tokenizer(model_dir: Path):
@@ -122,7 +69,7 @@ def _load_tokenizer(model_dir: Path):
 class LLMEngine:
     """Generation over a Controller's workers: paged KV, continuous batching, sampling, streaming."""
 
-    def __init__(self, controller, model_dir: Path, arch, options: EngineOptions, placement, tokenizer, key: str) -> None:
+    def __init__(self, controller, model_dir: Path, arch, options: LLMOptions, placement, tokenizer, key: str) -> None:
         self.controller = controller
         self.model_dir = model_dir
         self.arch = arch
@@ -145,22 +92,15 @@ class LLMEngine:
     # -- loading ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, controller, model_dir, **options: Any) -> "LLMEngine":
+    def load(cls, controller, model_dir, options: LLMOptions | Mapping[str, Any] | None = None,
+             offload: OffloadConfig | Mapping[str, Any] | None = None, **overrides: Any) -> "LLMEngine":
         """Validate on the driver, then load every rank's slices.
 
-        Options: ``dtype`` (default: the checkpoint's), ``max_model_len``, ``block_size``,
-        ``num_kv_blocks``, ``max_num_seqs``, ``max_prefill_tokens``, ``expert_map``
-        (``expert_map[layer][expert] = ep rank``, or one list for all MoE layers),
-        ``expert_replicas`` (``[layer][expert]`` = extra ep ranks holding a copy of a hot expert),
-        ``expert_parallel_mode`` (``"standard"`` or ``"coherent"``: each token handled on the rank
-        of its top-1 expert, so only its other choices cross ranks; same tokens; or ``"exflow"``: hidden
-        states stay token-sharded over ep and follow their top-1 expert, see :mod:`tessera.parallel.coherent`),
-        ``record_routing`` (keep top-k expert ids per MoE layer per token; see
-        :meth:`routing_trace`), ``stop_at_eos``, ``step_timeout_s``, ``moe_dispatch``
-        (``auto``: all_reduce combine for <= 16 tokens or when it moves fewer bytes, else all_to_all).
-        ``offload`` (a ``tessera.offload.config.OffloadConfig``): routed experts live in
-        host memory or an NVMe tier file and stream through a per-rank expert cache
-        within the config's device budget (same tokens as without it).
+        ``options``: :class:`~tessera.options.LLMOptions` (or a dict of its
+        fields); keyword ``overrides`` are more of its fields. ``offload``
+        (:class:`~tessera.options.OffloadConfig`): routed experts live in host
+        memory or an NVMe tier file and stream through a per-rank expert cache
+        within the device budget (same tokens as without it).
         """
         started = time.perf_counter()
         model_dir = Path(model_dir)
@@ -171,24 +111,20 @@ class LLMEngine:
         family = family_for(archs[0])
         arch = family.parse_config(cfg)
         weight_files(model_dir)  # fails now, naming the directory, if there are no safetensors
-        offload = options.pop("offload", None)
         if offload is not None:
-            from tessera.offload.config import OffloadConfig
+            offload = from_mapping(OffloadConfig, offload, "offload")
+        opts = from_mapping(LLMOptions, options, "LLMEngine.load")
+        if overrides:
+            opts = from_mapping(LLMOptions, {**_set_fields(opts), **overrides}, "LLMEngine.load")
+        max_model_len = opts.max_model_len or min(arch.max_position_embeddings, 1024)
+        opts = dataclasses.replace(
+            opts, dtype=opts.dtype or (arch.dtype if arch.dtype in DTYPES else "float32"), max_model_len=max_model_len,
+            num_kv_blocks=opts.num_kv_blocks or opts.max_num_seqs * -(-max_model_len // opts.block_size))
+        expert_map, expert_replicas, ep_mode = opts.expert_map, opts.expert_replicas, opts.expert_parallel_mode
+        if opts.placement_file is not None:
+            from tessera.memory.affinity.placement_file import load_placement
 
-            if not isinstance(offload, OffloadConfig):
-                raise ConfigError(f"offload must be a tessera.offload.config.OffloadConfig, got {type(offload).__name__}")
-        expert_map = options.pop("expert_map", None)
-        expert_replicas = options.pop("expert_replicas", None)
-        ep_mode = options.pop("expert_parallel_mode", "standard")
-        unknown = set(options) - set(EngineOptions.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(
-                f"unknown LLMEngine.load option(s) {sorted(unknown)}; known: expert_map, expert_replicas, expert_parallel_mode, "
-                + ", ".join(EngineOptions.__dataclass_fields__)
-            )
-        options.setdefault("dtype", arch.dtype if arch.dtype in _DTYPES else "float32")
-        options.setdefault("max_model_len", min(arch.max_position_embeddings, 1024))
-        opts = EngineOptions(**options)
+            expert_map, expert_replicas = _placement_file_options(load_placement(opts.placement_file)[0])
         if arch.sliding_window is not None and opts.max_model_len > arch.sliding_window:
             raise ConfigError(
                 f"{arch.architecture} uses sliding-window attention (window {arch.sliding_window}), which tessera does "
@@ -208,9 +144,7 @@ class LLMEngine:
         key = f"{model_dir.name}-{next(_engine_ids)}"
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
-                           opts.record_routing, moe_dispatch=opts.moe_dispatch)
-        if offload is not None:
-            spec = dataclasses.replace(spec, offload=offload)
+                           opts.record_routing, moe_dispatch=opts.moe_dispatch, offload=offload)
         engine._load_spec = spec
         engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
         engine.result_rank = next(s["rank"] for s in engine.shards if s["returns_result"])

@@ -43,7 +43,7 @@ class LoadSpec:
     placement: ExpertPlacement | None
     record_routing: bool = False
     moe_dispatch: str = "auto"  # see tessera.parallel.expert.DISPATCH_MODES
-    offload: Any = None  # tessera.offload.config.OffloadConfig: experts in host/NVMe tiers behind an expert cache
+    offload: Any = None  # tessera.options.OffloadConfig: experts in host/NVMe tiers behind an expert cache
 
 
 @dataclass(frozen=True)

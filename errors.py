@@ -1,6 +1,14 @@
-"""Errors the controller raises; each message names what failed and where."""
+"""Every error tessera raises to its user, in one leaf module (it imports nothing of tessera).
+
+Each message names what failed, where (rank, node, file, key) and the fix,
+because the user meets it far from the code that raised it.
+"""
 
 from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the problem and the fix."""
 
 
 class TesseraError(RuntimeError):
@@ -29,3 +37,11 @@ class RankError(TesseraError):
     def __init__(self, message: str, errors: dict[int, BaseException]) -> None:
         super().__init__(message)
         self.errors = errors
+
+
+class OffloadError(RuntimeError):
+    """Base class of every offload error (the rest live in ``tessera.offload.errors``)."""
+
+
+class OffloadConfigError(OffloadError, ConfigError):
+    """An OffloadConfig field is invalid."""

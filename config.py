@@ -1,7 +1,9 @@
-"""Typed, frozen configuration: the parallel plan and the job.
+"""Typed, frozen configuration: the parallel plan, the timeouts and the job (a leaf module).
 
 Validated once, at construction, with errors that name the fix; immutable
-afterwards so that every rank and every layer sees the same plan.
+afterwards so that every rank and every layer sees the same plan. It imports
+nothing of tessera but the other leaf modules (``errors``, ``options``), so
+every folder may use it.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from tessera.errors import ConfigError
+from tessera.options import DiffusionOptions, LLMOptions, OffloadConfig, PlanningHints
 
 # Mesh dims, outermost first. tp is innermost so that the ranks of a
 # tensor-parallel group are adjacent (and can be packed onto one node).
@@ -24,10 +29,6 @@ MESH_DIM_HELP: dict[str, str] = {
 }
 
 DEVICE_KINDS = ("cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,8 @@ class Timeouts:
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            if not value > 0:
-                raise ConfigError(f"timeout {name} is {value}; every timeout must be > 0 seconds")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"timeout {name} is {value!r}; every timeout must be a number of seconds > 0")
 
 
 def check_plan_and_resources(config: Any) -> None:
@@ -177,7 +178,11 @@ def check_plan_and_resources(config: Any) -> None:
 class JobSpec:
     """One job, whatever surface it came from (Python, CLI, ``ray job``, SLURM).
 
-    ``launch/`` builds it; ``memory/`` turns it into a :class:`Placement`.
+    ``launch/`` builds it, with typed engine and offload options validated
+    here, on the driver, before Ray starts; ``memory/`` turns it into a
+    :class:`~tessera.memory.placement.Placement`; the engines receive the same
+    option objects. ``plan_auto``: the planner chooses the degrees (``plan``
+    is then a placeholder).
     """
 
     plan: ParallelPlan
@@ -187,7 +192,10 @@ class JobSpec:
     cpus_per_rank: float = 1.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     log_level: str = "INFO"
-    options: Mapping[str, Any] = field(default_factory=dict)
+    plan_auto: bool = False
+    engine: LLMOptions | DiffusionOptions | None = None
+    offload: OffloadConfig | None = None
+    planning: PlanningHints = field(default_factory=PlanningHints)
 
     def __post_init__(self) -> None:
         check_plan_and_resources(self)
@@ -195,4 +203,9 @@ class JobSpec:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
         object.__setattr__(self, "log_level", level)
-        object.__setattr__(self, "options", _FrozenDict(dict(self.options)))
+        for name, kinds in (("engine", (LLMOptions, DiffusionOptions)), ("offload", (OffloadConfig,)),
+                            ("planning", (PlanningHints,)), ("timeouts", (Timeouts,))):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kinds):
+                raise ConfigError(f"JobSpec.{name} must be a {' or '.join(k.__name__ for k in kinds)}, got "
+                                  f"{type(value).__name__}; build it with tessera.launch (which accepts dicts)")
