@@ -221,9 +221,7 @@ def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
 
 def _moved(worker, key: str) -> dict:
     """What this rank's MoE exchanges sent (runs on a worker): dispatcher rows, and ExFlow's byte counters."""
-    from tessera.runtime.llm import model_runner as mr
-
-    stage = mr._models(worker)[key].stage
+    stage = worker.engines[key].stage
     ex = getattr(stage, "coherent_stats", None)
     return {"rows_sent": int(stage.dispatcher.rows_sent), "exflow": ex.snapshot() if ex is not None else None}
 

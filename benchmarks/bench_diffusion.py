@@ -201,18 +201,8 @@ def diffusers_context_parallel(model_dir: Path, side: int, repeats: int) -> tupl
 
 
 def _exchanges_through_gloo(worker) -> None:
-    """On a worker: later diffusion exchanges of its groups go through gloo, not shared memory."""
-    import os
-
-    from tessera.parallel import shm_comm
-
-    os.environ["TESSERA_SHM_COMM"] = "0"
-    groups = getattr(shm_comm, "_GROUPS", {})
-    for dim in ("sp", "cfg"):
-        try:
-            groups.pop(id(worker.group(dim)), None)
-        except Exception:  # noqa: BLE001 - a plan without that dim
-            pass
+    """On a worker: later exchanges of its groups go through gloo, not shared memory."""
+    worker.use_backend_collectives()
 
 
 def flux_comparison(args, timeouts: Timeouts) -> dict:

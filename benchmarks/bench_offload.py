@@ -124,7 +124,6 @@ def run_tessera(ckpt: Path, budget: int, tier_dir: Path, tokens: int, prepare: b
     import torch
 
     from tessera.options import OffloadConfig
-    from tessera.offload.moe import offload_stats
     from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -144,7 +143,7 @@ def run_tessera(ckpt: Path, budget: int, tier_dir: Path, tokens: int, prepare: b
     for _ in engine.stream(PROMPT, SamplingParams(max_new_tokens=tokens)):
         stamps.append(time.perf_counter())
     io = read_bytes() - before
-    (stats,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+    (stats,) = engine.offload_stats()
     trace = engine.routing_trace()
     engine.close()
     decode_s = stamps[-1] - stamps[0]

@@ -80,14 +80,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 @dataclass
 class ParallelView:
-    """What the model math needs to know about the mesh (sizes, ranks, groups)."""
+    """What the model math needs to know about the mesh: the tp and MoE-group collectives (``parallel.comm.GroupComm``)."""
 
-    tp_size: int = 1
-    tp_rank: int = 0
-    tp_group: Any = None
-    moe_size: int = 1
-    moe_rank: int = 0
-    moe_group: Any = None
+    tp: Any = None
+    moe: Any = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size if self.tp is not None else 1
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank if self.tp is not None else 0
+
+    @property
+    def moe_size(self) -> int:
+        return self.moe.size if self.moe is not None else 1
+
+    @property
+    def moe_rank(self) -> int:
+        return self.moe.rank if self.moe is not None else 0
 
 
 def route(arch: MoEArch, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
@@ -160,7 +172,7 @@ def pack_linears(p: dict[str, torch.Tensor]) -> None:
 
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pv: ParallelView) -> torch.Tensor:
     """SwiGLU MLP with gate/up column-split and down row-split over tp."""
-    return all_reduce_tp(linear(F.silu(linear(x, gate)) * linear(x, up), down), pv.tp_group, pv.tp_size)
+    return all_reduce_tp(linear(F.silu(linear(x, gate)) * linear(x, up), down), pv.tp)
 
 
 @dataclass
@@ -185,8 +197,7 @@ class MoEStage:
 
     def __post_init__(self) -> None:
         coherent = self.placement is not None and self.placement.mode == "coherent"
-        self.dispatcher = ExpertDispatcher(self.pv.moe_group, self.pv.moe_rank, self.pv.moe_size, coherent=coherent,
-                                            mode=self.dispatch_mode)
+        self.dispatcher = ExpertDispatcher(self.pv.moe, coherent=coherent, mode=self.dispatch_mode)
         self.owner_tables = (
             {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
         )
@@ -204,12 +215,12 @@ class MoEStage:
     # -- pieces -------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return vocab_embed(ids, self.globals["embed"], self.vocab_start, self.pv.tp_group, self.pv.tp_size)
+        return vocab_embed(ids, self.globals["embed"], self.vocab_start, self.pv.tp)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.globals["final_norm"], self.arch.rms_eps)
         # vocab-split over the stage's ep x tp ranks (see models.loader)
-        return vocab_logits(h, self.globals["lm_head"], self.arch.vocab_size, self.pv.moe_group, self.pv.moe_size).float()
+        return vocab_logits(h, self.globals["lm_head"], self.arch.vocab_size, self.pv.moe).float()
 
     def attention(self, layer: int, x: torch.Tensor, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
         a, p = self.arch, self.params[layer]
@@ -235,7 +246,7 @@ class MoEStage:
         self.cache.write(layer, k, v, meta.slot_mapping)
         keys, values = self.cache.gather(layer, meta.key_slots)
         out = paged_attention(q, keys, values, meta, a.softmax_scale).reshape(N, -1)
-        return all_reduce_tp(linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
+        return all_reduce_tp(linear(out, p["o"]), self.pv.tp)
 
     def latent_attention(self, layer: int, x, q_nope, q_pe, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
         """Multi-head latent attention over a cache of latents, as DeepSeek-V2 describes and vLLM serves it.
@@ -262,7 +273,7 @@ class MoEStage:
         keys, _ = self.cache.gather(layer, meta.key_slots)
         out = paged_attention(q, keys, keys[..., :r], meta, a.softmax_scale)  # [N, heads, r]
         out = torch.einsum("nhr,hvr->nhv", out, w_uv).reshape(N, -1)
-        return all_reduce_tp(linear(out, p["o"]), self.pv.tp_group, self.pv.tp_size)
+        return all_reduce_tp(linear(out, p["o"]), self.pv.tp)
 
     def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         a, p = self.arch, self.params[layer]

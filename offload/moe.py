@@ -31,7 +31,6 @@ from tessera.offload.store import GroupSpec, TieredStore, fingerprint_of
 from tessera.offload.tier_file import TierFile, TierFileWriter, group_nbytes
 
 log = logging.getLogger("tessera.offload.moe")
-STORE_KEY = "tessera.llm"
 
 
 class OffloadedExperts:
@@ -211,10 +210,3 @@ def sink_for_stage(spec, worker, model_dir: str, arch, family, layers, moe_rank:
         return {"gate_up": torch.cat([gate, up], 0).contiguous(), "down": down.contiguous()}
 
     return ExpertSink(config, name, fp, expected, reload, worker.device)
-
-
-def offload_stats(worker, key: str) -> dict[str, Any] | None:
-    """This rank's offload counters for the engine model ``key`` (None when it is not offloaded)."""
-    runner = worker.store.get(STORE_KEY, {}).get(key)
-    experts = getattr(getattr(runner, "stage", None), "experts", None)
-    return experts.stats() if isinstance(experts, OffloadedExperts) else None

@@ -12,10 +12,9 @@ group of its own.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from tessera.parallel.comm import GroupComm
 from tessera.parallel.counted import CommCounter, gather_tokens
 
 COND, UNCOND = 0, 1
@@ -30,9 +29,9 @@ def branch_of(cfg_coord: int) -> str:
     return "cond" if cfg_coord == COND else "uncond"
 
 
-def cfg_parallel_combine(local_pred: torch.Tensor, group: Any, scale: float, counter: CommCounter | None = None) -> torch.Tensor:
+def cfg_parallel_combine(local_pred: torch.Tensor, comm: GroupComm, scale: float, counter: CommCounter | None = None) -> torch.Tensor:
     """Exchange this branch's prediction with the other ``cfg`` rank and return the guided one."""
-    _, finish = gather_tokens(local_pred.unsqueeze(0), [1, 1], group, counter, "cfg_pred")
+    _, finish = gather_tokens(local_pred.unsqueeze(0), [1, 1], comm, counter, "cfg_pred")
     both = finish()
     return guide(both[COND], both[UNCOND], scale)
 

@@ -56,10 +56,10 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from tessera.parallel.comm import all_gather_cat
+from tessera.errors import ConfigError
+from tessera.parallel.comm import GroupComm
 from tessera.parallel.expert import ExpertDispatcher
 from tessera.parallel.tensor import split_range
-from tessera.config import ConfigError
 
 EXFLOW = "exflow"
 
@@ -130,19 +130,13 @@ def _unpack(rows: torch.Tensor, specs: Sequence[tuple[torch.dtype, int]]) -> lis
     return out
 
 
-def _all_gather_rows(rows: torch.Tensor, counts: Sequence[int], group) -> torch.Tensor:
+def _all_gather_rows(rows: torch.Tensor, counts: Sequence[int], comm: GroupComm) -> torch.Tensor:
     """All-gather uneven [count_r, bytes] rows (every rank knows every count); concatenated in rank order."""
     longest = max(counts)
     if rows.shape[0] < longest:
         rows = torch.cat([rows, rows.new_zeros((longest - rows.shape[0], rows.shape[1]))])
-    out = all_gather_cat(rows.contiguous(), group=group)
+    out = comm.all_gather_cat(rows.contiguous())
     return torch.cat([out[i * longest : i * longest + n] for i, n in enumerate(counts)])
-
-
-def _all_to_all_rows(rows: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    out = rows.new_empty((sum(recv), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group)
-    return out
 
 
 # -- attention over a resident subset ------------------------------------------------------
@@ -171,8 +165,8 @@ def resident_metadata(meta, index: torch.Tensor):
 class _ContextCache:
     """Stands in for the stage's paged cache during one attention call: writes gather every rank's new K/V."""
 
-    def __init__(self, cache, group, counts: list[int], stats: CoherentStats) -> None:
-        self._cache, self._group, self._counts, self._stats = cache, group, counts, stats
+    def __init__(self, cache, comm: GroupComm, counts: list[int], stats: CoherentStats) -> None:
+        self._cache, self._comm, self._counts, self._stats = cache, comm, counts, stats
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
@@ -182,14 +176,14 @@ class _ContextCache:
         k, v = k.to(kc.dtype), v.to(vc.dtype)
         rows = _pack(k, v, slots.to(torch.int64))
         self._stats.kv_bytes += rows.numel() * (len(self._counts) - 1)
-        both = _all_gather_rows(rows, self._counts, self._group)
+        both = _all_gather_rows(rows, self._counts, self._comm)
         K, V, S = _unpack(both, [(kc.dtype, kc[0].numel()), (vc.dtype, vc[0].numel()), (torch.int64, 1)])
         n = S.shape[0]  # V may have no columns (an MLA latent cache keeps keys only)
         self._cache.write(layer, K.reshape(n, *kc.shape[1:]), V.reshape(n, *vc.shape[1:]), S.view(-1))
 
 
 def _attention(stage, layer: int, x: torch.Tensor, index: torch.Tensor, meta, cos, sin, counts, stats) -> torch.Tensor:
-    proxy = _ContextCache(stage.cache, stage.pv.moe_group, counts, stats)
+    proxy = _ContextCache(stage.cache, stage.pv.moe, counts, stats)
     if index.numel() == 0:  # nothing resident here: still take part in the context all-gather
         kc, vc = stage.cache.k[layer], stage.cache.v[layer]
         proxy.write(layer, kc.new_empty((0, *kc.shape[1:])), vc.new_empty((0, *vc.shape[1:])), index)
@@ -209,7 +203,7 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats:
     from tessera.models.moe_layers import mlp, rms_norm, route, run_experts
 
     a, p, pv = stage.arch, stage.params[layer], stage.pv
-    P, me, group, dev = pv.moe_size, pv.moe_rank, pv.moe_group, h.device
+    P, me, comm, dev = pv.moe.size, pv.moe.rank, pv.moe, h.device
     H, k = h.shape[1], a.top_k
     owners = stage.owner_tables[layer]
     if owners.device != dev:
@@ -227,7 +221,7 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats:
     # Round 1: counts (everyone learns everyone's: the next resident counts come with them), then one all_to_all.
     home_c = torch.bincount(anchor, minlength=P)
     other_c = torch.bincount(o_rank, minlength=P)
-    C = all_gather_cat(torch.stack([home_c, other_c]), group=group).view(P, 2, P).cpu()
+    C = comm.all_gather_cat(torch.stack([home_c, other_c])).view(P, 2, P).cpu()
     send = (C[me, 0] + C[me, 1]).tolist()
     recv = (C[:, 0, me] + C[:, 1, me]).tolist()
     counts = C[:, 0].sum(0).tolist()  # residents per rank after this layer
@@ -239,7 +233,7 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats:
     tok, payload = tok[order], payload[order]
     meta = torch.cat([index[tok].unsqueeze(1), anchor[tok].unsqueeze(1), topi[tok]], 1)
     rows = _pack(meta, payload, topw[tok])
-    got = _all_to_all_rows(rows, send, recv, group)
+    got = comm.all_to_all_rows(rows, send, recv)
     sent_rows = sum(send) - send[me]
     stats.moe_rows += sent_rows
     stage.dispatcher.rows_sent += sent_rows  # what the benchmark compares with the standard dispatcher
@@ -275,7 +269,7 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats:
         e_order = torch.argsort(e_rank * (N + 1) + idx_home[e_row])
         e_row, e_rank = e_row[e_order], e_rank[e_order]
         recv2 = torch.bincount(e_rank, minlength=P).tolist()
-        back = _all_to_all_rows(partial[visit], send2, recv2, group)
+        back = comm.all_to_all_rows(partial[visit], send2, recv2)
         routed = routed.index_add(0, e_row, back)
         sent2 = sum(send2) - send2[me]
         stats.moe_rows += sent2
@@ -301,7 +295,7 @@ def coherent_forward(stage, h: torch.Tensor, meta) -> torch.Tensor:
     from tessera.models.moe_layers import mlp, rms_norm, rope_cos_sin
 
     a, pv = stage.arch, stage.pv
-    P, me, group = pv.moe_size, pv.moe_rank, pv.moe_group
+    P, me, comm = pv.moe.size, pv.moe.rank, pv.moe
     stats = getattr(stage, "coherent_stats", None)
     if stats is None:
         stats = stage.coherent_stats = CoherentStats()
@@ -321,7 +315,7 @@ def coherent_forward(stage, h: torch.Tensor, meta) -> torch.Tensor:
             h = h + mlp(rms_norm(h, p["mlp_norm"], a.rms_eps), p["dense_gate"], p["dense_up"], p["dense_down"], pv)
     rows = _pack(h, index.unsqueeze(1))
     stats.gather_bytes += rows.numel() * (P - 1)
-    both = _all_gather_rows(rows, counts, group)
+    both = _all_gather_rows(rows, counts, comm)
     vals, idx = _unpack(both, [(h.dtype, H), (torch.int64, 1)])
     out = h.new_empty((N, H))
     out[idx.view(-1)] = vals

@@ -18,8 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from tessera.parallel import shm_comm
-from tessera.parallel.comm import all_gather_tensor
+from tessera.parallel.comm import GroupComm
 
 
 @dataclass
@@ -49,7 +48,7 @@ class CommCounter:
         }
 
 
-def gather_tokens(local: torch.Tensor, counts: Sequence[int], group: Any, counter: CommCounter | None,
+def gather_tokens(local: torch.Tensor, counts: Sequence[int], comm: GroupComm, counter: CommCounter | None,
                   kind: str, async_op: bool = False):
     """All-gather token-major ``[n_local, ...]`` tensors whose lengths ``counts`` may differ.
 
@@ -57,7 +56,7 @@ def gather_tokens(local: torch.Tensor, counts: Sequence[int], group: Any, counte
     longest and the pad is dropped after. Returns ``(work, finish)``;
     ``finish()`` (after ``work.wait()`` when async) gives ``[sum(counts), ...]``.
     """
-    work, out, longest = gather_padded(local, counts, group, counter, kind, async_op)
+    work, out, longest = gather_padded(local, counts, comm, counter, kind, async_op)
 
     def finish() -> torch.Tensor:
         if all(n == longest for n in counts):
@@ -68,7 +67,7 @@ def gather_tokens(local: torch.Tensor, counts: Sequence[int], group: Any, counte
     return work, finish
 
 
-def gather_padded(local: torch.Tensor, counts: Sequence[int], group: Any, counter: CommCounter | None, kind: str,
+def gather_padded(local: torch.Tensor, counts: Sequence[int], comm: GroupComm, counter: CommCounter | None, kind: str,
                   async_op: bool = False):
     """The all-gather under :func:`gather_tokens`: returns ``(work, out, longest)`` where rank ``i``'s
     ``counts[i]`` rows sit at ``out[i * longest:]`` (callers that rearrange anyway skip the compaction copy).
@@ -80,41 +79,35 @@ def gather_padded(local: torch.Tensor, counts: Sequence[int], group: Any, counte
         local = torch.cat([local, pad], dim=0)
     local = local.contiguous()
     out = local.new_empty((world * longest, *local.shape[1:]))
-    if not async_op and shm_comm.all_gather_into(out, local, group):  # one node, CPU: shared memory
-        work = None
-    else:
-        work = all_gather_tensor(out, local, group=group, async_op=async_op)
+    work = comm.all_gather_into(out, local, async_op=async_op)  # one node, CPU: shared memory
     if counter is not None:
         counter.add(kind, local.nbytes, local.nbytes * (world - 1))
     return work, out, longest
 
 
-def all_to_all_tokens(inp: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], group: Any,
+def all_to_all_tokens(inp: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], comm: GroupComm,
                       counter: CommCounter | None, kind: str, my_index: int) -> torch.Tensor:
     """``all_to_all_single`` along dim 0 with (possibly uneven) split sizes in rows."""
     inp = inp.contiguous()
-    out = shm_comm.all_to_all_rows(inp, in_splits, out_splits, group)  # one node, CPU: shared memory
-    if out is None:
-        out = inp.new_empty((sum(out_splits), *inp.shape[1:]))
-        dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits), group=group)
+    out = comm.all_to_all_rows(inp, in_splits, out_splits)  # one node, CPU: shared memory
     if counter is not None:
         row = inp[0].nbytes if inp.shape[0] else 0
         counter.add(kind, (sum(in_splits) - in_splits[my_index]) * row, (sum(out_splits) - out_splits[my_index]) * row)
     return out
 
 
-def exchange_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group: Any,
+def exchange_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], comm: GroupComm,
                  counter: CommCounter | None, kind: str) -> tuple[list, list]:
-    """Post isend/irecv pairs (peers are ranks *within* ``group``).
+    """Post isend/irecv pairs (peers are ranks *within* ``comm``'s group).
 
     Returns ``(works, ops)``: wait on the works; keep ``ops`` alive until then
     (they hold the send buffers).
     """
     ops = []
     for tensor, peer in sends:
-        ops.append(dist.P2POp(dist.isend, tensor.contiguous(), dist.get_global_rank(group, peer), group))
+        ops.append(dist.P2POp(dist.isend, tensor.contiguous(), comm.global_rank(peer), comm.group))
     for tensor, peer in recvs:
-        ops.append(dist.P2POp(dist.irecv, tensor, dist.get_global_rank(group, peer), group))
+        ops.append(dist.P2POp(dist.irecv, tensor, comm.global_rank(peer), comm.group))
     if counter is not None:
         counter.add(kind, sum(t.nbytes for t, _ in sends), sum(t.nbytes for t, _ in recvs))
     return (dist.batch_isend_irecv(ops) if ops else []), ops

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from tessera.models.diffusers_loader import Pieces
-from tessera.parallel import shm_comm
-from tessera.parallel.comm import all_gather_cat
+from tessera.parallel.comm import GroupComm
 from tessera.parallel.counted import CommCounter
 from tessera.config import ConfigError
 
@@ -48,16 +47,16 @@ def check_tp(heads: int, tp: int) -> None:
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_local @ W_local^T) + b``; same parameter names as ``nn.Linear``."""
 
-    def __init__(self, in_local: int, out_features: int, bias: bool, group: Any, counter: CommCounter | None = None):
+    def __init__(self, in_local: int, out_features: int, bias: bool, comm: GroupComm, counter: CommCounter | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_local))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.group = group
+        self.comm = comm
         self.counter = counter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.nn.functional.linear(x, self.weight)
-        shm_comm.all_reduce(y, self.group)  # shared memory on one CPU node, else the backend
+        self.comm.all_reduce(y)  # shared memory on one CPU node, else the backend
         if self.counter is not None:
             self.counter.add("tp_all_reduce", y.nbytes, y.nbytes)
         return y + self.bias if self.bias is not None else y
@@ -66,16 +65,16 @@ class RowParallelLinear(nn.Module):
 class GatheredColumnLinear(nn.Module):
     """``y = all_gather_cat(x @ W_local^T + b_local)`` over ``tp`` (last dim); ``nn.Linear``'s parameter names."""
 
-    def __init__(self, in_features: int, out_local: int, bias: bool, group: Any, counter: CommCounter | None = None):
+    def __init__(self, in_features: int, out_local: int, bias: bool, comm: GroupComm, counter: CommCounter | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_local, in_features))
         self.bias = nn.Parameter(torch.empty(out_local)) if bias else None
-        self.group = group
+        self.comm = comm
         self.counter = counter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.nn.functional.linear(x, self.weight, self.bias)
-        out = all_gather_cat(y, self.group, dim=-1)
+        out = self.comm.all_gather_cat(y, dim=-1)
         if self.counter is not None:
             self.counter.add("tp_all_gather", y.nbytes, out.nbytes - y.nbytes)
         return out
@@ -91,7 +90,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
+def shard_linears(model: nn.Module, tp_rank: int, tp: int, comm: GroupComm,
                   counter: CommCounter | None = None) -> Callable[[str, tuple[int, ...]], tuple | None]:
     """Swap the declared linears of ``model`` (on meta) for local shards; return the slicer for loading."""
     spec = model.parallel_spec
@@ -124,9 +123,9 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
             if kind == "col":
                 new = nn.Linear(in_f, out_f // tp, bias=module.bias is not None)
             elif kind == "gather":
-                new = GatheredColumnLinear(in_f, out_f // tp, module.bias is not None, group, counter)
+                new = GatheredColumnLinear(in_f, out_f // tp, module.bias is not None, comm, counter)
             else:
-                new = RowParallelLinear(in_f // tp, out_f, module.bias is not None, group, counter)
+                new = RowParallelLinear(in_f // tp, out_f, module.bias is not None, comm, counter)
         _replace(model, name, new)
         plan[name] = kind
 
@@ -154,10 +153,10 @@ def shard_linears(model: nn.Module, tp_rank: int, tp: int, group: Any,
     return slicer
 
 
-def tensor_parallel_prepare(group: Any, tp_rank: int, tp: int, counter: CommCounter | None = None):
+def tensor_parallel_prepare(comm: GroupComm, tp_rank: int, tp: int, counter: CommCounter | None = None):
     """A ``prepare`` hook for :func:`tessera.models.diffusers_loader.load_transformer`."""
 
     def prepare(model: nn.Module):
-        return shard_linears(model, tp_rank, tp, group, counter)
+        return shard_linears(model, tp_rank, tp, comm, counter)
 
     return prepare

@@ -34,10 +34,9 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from tessera.parallel import shm_comm
-from tessera.parallel.comm import all_gather_cat
+from tessera.errors import ConfigError
+from tessera.parallel.comm import GroupComm
 from tessera.parallel.tensor import split_range
-from tessera.config import ConfigError
 
 
 EP_MODES = ("standard", "coherent")
@@ -201,10 +200,10 @@ LOW_LATENCY_TOKENS = 16
 class ExpertDispatcher:
     """Moves routed tokens to their expert owners and the partial outputs back (one MoE group)."""
 
-    def __init__(self, group, group_rank: int, group_size: int, coherent: bool = False, mode: str = "auto") -> None:
+    def __init__(self, comm: GroupComm, coherent: bool = False, mode: str = "auto") -> None:
         if mode not in DISPATCH_MODES:
             raise ConfigError(f"MoE dispatch mode {mode!r} is unknown; use one of {', '.join(DISPATCH_MODES)}")
-        self.group, self.rank, self.size = group, group_rank, group_size
+        self.comm, self.rank, self.size = comm, comm.rank, comm.size
         self.coherent = coherent
         self.mode = mode
         self.rows_sent = 0  # (token, choice) rows this rank sent to other ranks, both directions
@@ -254,18 +253,15 @@ class ExpertDispatcher:
         if self.size == 1:
             back = compute(send_rows, expert)
         else:
+            ones = [1] * self.size
             send_counts = torch.bincount(dest, minlength=self.size)
-            recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            recv_counts = self.comm.all_to_all_rows(send_counts, ones, ones)
             sc, rc = send_counts.tolist(), recv_counts.tolist()
             self.rows_sent += (sum(sc) - sc[self.rank]) + (sum(rc) - rc[self.rank])
-            recv_rows = x.new_empty((sum(rc), H))
-            dist.all_to_all_single(recv_rows, send_rows.contiguous(), rc, sc, group=self.group)
-            recv_expert = expert.new_empty(sum(rc))
-            dist.all_to_all_single(recv_expert, expert.contiguous(), rc, sc, group=self.group)
+            recv_rows = self.comm.all_to_all_rows(send_rows, sc, rc)
+            recv_expert = self.comm.all_to_all_rows(expert, sc, rc)
             out_rows = compute(recv_rows, recv_expert)
-            back = x.new_empty((sum(sc), H))
-            dist.all_to_all_single(back, out_rows.contiguous(), sc, rc, group=self.group)
+            back = self.comm.all_to_all_rows(out_rows, rc, sc)
         share = x.new_zeros((b - a, H))
         share.index_add_(0, token, back * weight.unsqueeze(1).to(back.dtype))
         if self.size == 1:
@@ -274,7 +270,7 @@ class ExpertDispatcher:
             return self._gather_by_anchor(share, anchor, T, H)
         part = -(-T // self.size)
         padded = torch.cat([share, share.new_zeros((part - share.shape[0], H))]) if share.shape[0] < part else share
-        gathered = all_gather_cat(padded.contiguous(), group=self.group)
+        gathered = self.comm.all_gather_cat(padded.contiguous())
         pieces = []
         for r in range(self.size):
             ra, rb = split_range(T, self.size, r)
@@ -286,7 +282,7 @@ class ExpertDispatcher:
         counts = torch.bincount(anchor, minlength=self.size).tolist()
         part = max(counts)
         padded = torch.cat([share, share.new_zeros((part - share.shape[0], H))]) if share.shape[0] < part else share
-        gathered = all_gather_cat(padded.contiguous(), group=self.group)
+        gathered = self.comm.all_gather_cat(padded.contiguous())
         # Rank r's share holds its tokens in ascending index order: a stable sort by anchor lines them up.
         order = torch.argsort(anchor, stable=True)
         out = share.new_empty((T, H))
@@ -301,5 +297,5 @@ class ExpertDispatcher:
         if token.numel():
             rows = compute(x[token], topk_ids[token, choice])
             out.index_add_(0, token, rows * topk_w[token, choice].unsqueeze(1).to(rows.dtype))
-        shm_comm.all_reduce(out, self.group)
+        self.comm.all_reduce(out)
         return out

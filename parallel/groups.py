@@ -3,8 +3,9 @@
 The mesh's ``pp``, ``ep`` and ``tp`` dims are used; ``dp``, ``cfg`` and ``sp``
 must be 1 for language models (refused with a clear error otherwise). The
 *MoE group* of a stage is its ``ep`` x ``tp`` ranks (``tessera.parallel.expert``).
-Groups are built once per worker and cached in ``worker.store``, so several
-models loaded on the same workers share them.
+The worker caches process groups and their attached collectives
+(``Worker.comm``, ``Worker.subgroup_comm``), so several models loaded on the
+same workers share them.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
-from tessera.config import ConfigError, ParallelPlan
+from tessera.config import ParallelPlan
+from tessera.errors import ConfigError
+from tessera.parallel.comm import GroupComm
 
 LLM_DIMS = ("pp", "ep", "tp")
-_STORE_KEY = "tessera.llm.groups"
 
 
 def check_llm_plan(plan: ParallelPlan) -> None:
@@ -39,8 +39,8 @@ class LLMGroups:
     pp_rank: int
     ep_rank: int
     tp_rank: int
-    tp_group: Any
-    moe_group: Any
+    tp_comm: GroupComm
+    moe_comm: GroupComm
     prev_rank: int | None  # global rank of the same (ep, tp) slot in the previous stage
     next_rank: int | None
     result_rank: int  # global rank that returns sampled tokens (last stage, ep 0, tp 0)
@@ -55,13 +55,9 @@ class LLMGroups:
 
 
 def llm_groups(worker) -> LLMGroups:
-    cached = worker.store.get(_STORE_KEY)
-    if cached is not None:
-        return cached
+    """This rank's groups, with their collectives attached (collective: every rank calls it while loading)."""
     if worker.mesh is None or worker.world_size == 1:
-        groups = LLMGroups(1, 1, 1, 0, 0, 0, None, None, None, None, 0)
-        worker.store[_STORE_KEY] = groups
-        return groups
+        return LLMGroups(1, 1, 1, 0, 0, 0, GroupComm(), GroupComm(), None, None, 0)
     names = tuple(worker.mesh.mesh_dim_names)
     check_llm_plan(ParallelPlan(dict(zip(names, worker.mesh.mesh.shape))))
     shape = dict(zip(names, worker.mesh.mesh.shape))
@@ -72,24 +68,19 @@ def llm_groups(worker) -> LLMGroups:
     grid = worker.mesh.mesh.permute(*order).reshape(PP, EP, TP)
     coords = worker.coordinates()
     pp_r, ep_r, tp_r = (coords.get(d, 0) for d in LLM_DIMS)
-    tp_group = worker.group("tp") if TP > 1 else None
-    if EP * TP == 1:
-        moe_group = None
-    elif EP == 1:
-        moe_group = tp_group
+    tp_comm = worker.comm("tp")
+    if EP == 1:
+        moe_comm = tp_comm
     elif TP == 1:
-        moe_group = worker.group("ep")
+        moe_comm = worker.comm("ep")
     else:
-        moe_group = None
-        for s in range(PP):  # every rank creates every group, in the same order
-            g = dist.new_group([int(r) for r in grid[s].reshape(-1)])
-            if s == pp_r:
-                moe_group = g
-    groups = LLMGroups(
-        pp=PP, ep=EP, tp=TP, pp_rank=pp_r, ep_rank=ep_r, tp_rank=tp_r, tp_group=tp_group, moe_group=moe_group,
+        stages = [tuple(int(r) for r in grid[s].reshape(-1)) for s in range(PP)]
+        for ranks in stages:  # every rank creates every stage's group, in the same order
+            worker.subgroup(ranks)
+        moe_comm = worker.subgroup_comm(stages[pp_r])
+    return LLMGroups(
+        pp=PP, ep=EP, tp=TP, pp_rank=pp_r, ep_rank=ep_r, tp_rank=tp_r, tp_comm=tp_comm, moe_comm=moe_comm,
         prev_rank=int(grid[pp_r - 1, ep_r, tp_r]) if pp_r > 0 else None,
         next_rank=int(grid[pp_r + 1, ep_r, tp_r]) if pp_r < PP - 1 else None,
         result_rank=int(grid[PP - 1, 0, 0]),
     )
-    worker.store[_STORE_KEY] = groups
-    return groups

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 import torch.nn.functional as F
 
 from tessera.models.dit_layers import sdpa
+from tessera.parallel.comm import GroupComm
 from tessera.parallel.counted import CommCounter, exchange_p2p, gather_padded, gather_tokens
 
 PATCH_MODES = ("exact", "displaced", "partial")
@@ -63,14 +64,14 @@ class PatchConfig:
 class PatchParallelAttention:
     """The ``self_attn`` function for one request on one rank (holds its stale K/V buffers).
 
-    ``bands`` are the ``(row_start, row_end)`` of every rank of ``group`` in
+    ``bands`` are the ``(row_start, row_end)`` of every rank of ``comm`` in
     group-rank order; ``grid_w`` converts rows to tokens.
     """
 
-    def __init__(self, group: Any, group_rank: int, bands: Sequence[tuple[int, int]], grid_w: int,
+    def __init__(self, comm: GroupComm, group_rank: int, bands: Sequence[tuple[int, int]], grid_w: int,
                  config: PatchConfig, total_steps: int, counter: CommCounter | None = None,
                  text_counts: Sequence[int] | None = None) -> None:
-        self.group = group
+        self.comm = comm
         self.me = group_rank
         self.world = len(bands)
         self.bands = list(bands)
@@ -111,7 +112,7 @@ class PatchParallelAttention:
         if self.world == 1:
             full, known = fresh, None
         elif self.sync:
-            _, gathered = gather_tokens(fresh, self.counts, self.group, self.counter, "patch_kv_sync")
+            _, gathered = gather_tokens(fresh, self.counts, self.comm, self.counter, "patch_kv_sync")
             full, known = gathered(), None
             if self.config.mode != "exact":
                 self.buffers[layer] = full
@@ -146,7 +147,7 @@ class PatchParallelAttention:
             send[at:at + n, :, 0] = pk.transpose(0, 1)
             send[at:at + n, :, 1] = pv.transpose(0, 1)
             at += n
-        _, gathered, _ = gather_padded(send, counts, self.group, self.counter, "patch_kv_sync")
+        _, gathered, _ = gather_padded(send, counts, self.comm, self.counter, "patch_kv_sync")
         t_total = sum(self.text_counts) if sharded else n_txt
         kv = k.new_empty((2, b, heads, t_total + self.total, d))  # keys in single-device order [text, image]
         text_at = 0
@@ -179,7 +180,7 @@ class PatchParallelAttention:
 
     def _launch(self, layer: int, fresh: torch.Tensor) -> None:
         if self.config.mode == "displaced":
-            work, finish = gather_tokens(fresh, self.counts, self.group, self.counter, "patch_kv_async", async_op=True)
+            work, finish = gather_tokens(fresh, self.counts, self.comm, self.counter, "patch_kv_async", async_op=True)
             self.pending[layer] = ("gather", work, finish)
             return
         sends, recvs = [], []
@@ -192,7 +193,7 @@ class PatchParallelAttention:
             n_recv = self._boundary_rows(peer) * self.grid_w
             start = self.offsets[peer] + (self.counts[peer] - n_recv if peer < self.me else 0)
             recvs.append((fresh.new_empty((n_recv, *fresh.shape[1:])), peer, start))
-        works, ops = exchange_p2p(sends, [(t, p) for t, p, _ in recvs], self.group, self.counter, "patch_kv_p2p")
+        works, ops = exchange_p2p(sends, [(t, p) for t, p, _ in recvs], self.comm, self.counter, "patch_kv_p2p")
         self.pending[layer] = ("p2p", works, (ops, recvs))
 
     def _boundary_rows(self, rank: int) -> int:

@@ -38,21 +38,25 @@ import torch
 import torch.distributed as dist
 
 SLOT_BYTES = 1 << 20  # per rank and buffer; larger tensors go through gloo
-WAIT_TIMEOUT_S = float(os.environ.get("TESSERA_SHM_TIMEOUT_S", "600"))
+DEFAULT_WAIT_TIMEOUT_S = 600.0  # TESSERA_SHM_TIMEOUT_S overrides it, read when a segment is attached
 SPIN_S, YIELD_S, SLEEP_S = 50e-6, 1e-3, 50e-6  # waiting: busy, then yielding, then napping (see ShmGroup._wait)
-
-_GROUPS: dict[int, "ShmGroup"] = {}
 
 
 def enabled_here() -> bool:
+    """Shared memory is used unless TESSERA_SHM_COMM=0, and only on x86-64 (see the module docstring)."""
     return os.environ.get("TESSERA_SHM_COMM", "1") != "0" and platform.machine() in ("x86_64", "AMD64")
+
+
+def wait_timeout_s() -> float:
+    return float(os.environ.get("TESSERA_SHM_TIMEOUT_S", DEFAULT_WAIT_TIMEOUT_S))
 
 
 class ShmGroup:
     """One group's shared segment: per-rank step counters and two buffers of ``world`` slots."""
 
-    def __init__(self, segment: mmap.mmap, rank: int, world: int, slot_bytes: int) -> None:
+    def __init__(self, segment: mmap.mmap, rank: int, world: int, slot_bytes: int, timeout_s: float) -> None:
         self.segment, self.rank, self.world, self.slot_bytes = segment, rank, world, slot_bytes
+        self.timeout_s = timeout_s
         self.counters = np.ndarray((world,), dtype=np.int64, buffer=segment, offset=64, strides=(64,))
         # per buffer, each rank's all_to_all send counts (rows per destination)
         # (last column: 1 if that rank's rows fit its slot)
@@ -88,7 +92,7 @@ class ShmGroup:
         shares our core (more ranks than cores) is not starved by our waiting."""
         start = time.perf_counter()
         spin_until, yield_until = start + SPIN_S, start + YIELD_S
-        deadline = start + WAIT_TIMEOUT_S
+        deadline = start + self.timeout_s
         while self.counters.min() < self.step:
             now = time.perf_counter()
             if now < spin_until:
@@ -101,7 +105,7 @@ class ShmGroup:
                 late = [r for r in range(self.world) if self.counters[r] < self.step]
                 raise RuntimeError(
                     f"shared-memory collective: rank(s) {late} of the group did not arrive within "
-                    f"{WAIT_TIMEOUT_S:g} s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
+                    f"{self.timeout_s:g} s (a peer died or is stuck); TESSERA_SHM_COMM=0 falls back to gloo"
                 )
 
     def fits(self, t: torch.Tensor) -> bool:
@@ -160,18 +164,17 @@ def header_bytes(world: int) -> int:
     return -(-raw // 4096) * 4096
 
 
-def attach(group: Any, slot_bytes: int = SLOT_BYTES) -> ShmGroup | None:
-    """Give ``group`` a shared segment when all its ranks are CPU processes on one node (collective).
+def attach(group: Any, slot_bytes: int = SLOT_BYTES, timeout_s: float | None = None) -> ShmGroup | None:
+    """A shared segment for ``group`` when all its ranks are CPU processes on one node (collective).
 
     Rank 0 creates the segment under /dev/shm and writes a random token; every
     rank maps it and checks the token, and only if every rank succeeded is the
-    group switched over. The file is unlinked once all have mapped it, so no
-    segment outlives the processes. Returns None (gloo stays) otherwise.
+    segment used. The file is unlinked once all have mapped it, so no segment
+    outlives the processes. Returns None (gloo stays) otherwise. The caller
+    keeps the returned object (``parallel.comm.GroupComm``); there is no registry.
     """
     if group is None or dist.get_backend(group) != "gloo":
         return None
-    if id(group) in _GROUPS:
-        return _GROUPS[id(group)]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world < 2:
         return None
@@ -202,9 +205,7 @@ def attach(group: Any, slot_bytes: int = SLOT_BYTES) -> ShmGroup | None:
         os.unlink(info[0][0])
     if not all(votes):
         return None
-    shm = _GROUPS[id(group)] = ShmGroup(segment, rank, world, slot_bytes)
-    shm.group = group  # keep the group alive as long as its key is in use
-    return shm
+    return ShmGroup(segment, rank, world, slot_bytes, wait_timeout_s() if timeout_s is None else timeout_s)
 
 
 def _map(path: str, size: int, create: bool) -> mmap.mmap:
@@ -215,33 +216,3 @@ def _map(path: str, size: int, create: bool) -> mmap.mmap:
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
-
-
-def for_group(group: Any) -> ShmGroup | None:
-    return _GROUPS.get(id(group)) if group is not None else None
-
-
-def all_gather_into(out: torch.Tensor, t: torch.Tensor, group: Any) -> bool:
-    """Shared-memory all-gather when ``group`` has a segment and ``t`` fits; False: use gloo."""
-    shm = for_group(group)
-    if shm is None or not shm.fits(t) or not out.is_contiguous():
-        return False
-    shm.all_gather_into(out, t)
-    return True
-
-
-def all_to_all_rows(inp: torch.Tensor, in_splits, out_splits, group: Any) -> torch.Tensor | None:
-    """Shared-memory ``all_to_all_single`` along dim 0; None (on every rank) means: use gloo."""
-    shm = for_group(group)
-    if shm is None or inp.device.type != "cpu" or not inp.is_contiguous():
-        return None
-    return shm.all_to_all_rows(inp, list(in_splits), list(out_splits))
-
-
-def all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
-    """In-place sum over ``group``: through its shared segment when it has one and ``t`` fits, else gloo."""
-    shm = for_group(group)
-    if shm is not None and shm.fits(t):
-        return shm.all_reduce(t)
-    dist.all_reduce(t, group=group)
-    return t

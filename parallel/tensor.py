@@ -23,10 +23,9 @@ import math
 
 import torch
 
+from tessera.errors import ConfigError
 from tessera.models.packed_linear import linear
-from tessera.parallel import shm_comm
-from tessera.parallel.comm import all_gather_cat
-from tessera.config import ConfigError
+from tessera.parallel.comm import GroupComm
 
 SHARD_KINDS = ("replicate", "colwise", "colwise_kv", "rowwise", "vocab", "expert_colwise", "expert_rowwise")
 
@@ -85,11 +84,9 @@ def tp_slice(kind: str, shape: tuple[int, ...], unit: int, tp: int, rank: int, h
     raise ConfigError(f"unknown tensor-parallel kind {kind!r}; use one of {', '.join(SHARD_KINDS)}")
 
 
-def all_reduce_tp(x: torch.Tensor, group, size: int) -> torch.Tensor:
+def all_reduce_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
     """Sum the partial outputs of a row-parallel linear."""
-    if size > 1:
-        shm_comm.all_reduce(x, group)
-    return x
+    return comm.all_reduce(x)
 
 
 def pad_vocab_rows(weight: torch.Tensor, part: int) -> torch.Tensor:
@@ -100,20 +97,17 @@ def pad_vocab_rows(weight: torch.Tensor, part: int) -> torch.Tensor:
     return torch.cat([weight, pad], 0)
 
 
-def vocab_embed(ids: torch.Tensor, weight: torch.Tensor, start: int, group, size: int) -> torch.Tensor:
+def vocab_embed(ids: torch.Tensor, weight: torch.Tensor, start: int, comm: GroupComm) -> torch.Tensor:
     """Embedding lookup with the table split by vocabulary range over tp."""
-    if size == 1:
+    if comm.size == 1:
         return weight[ids]
     local = ids - start
     inside = (local >= 0) & (local < weight.shape[0])
     out = weight[local.clamp(0, weight.shape[0] - 1)] * inside.unsqueeze(-1).to(weight.dtype)
-    shm_comm.all_reduce(out, group)
-    return out
+    return comm.all_reduce(out)
 
 
-def vocab_logits(h: torch.Tensor, weight: torch.Tensor, vocab: int, group, size: int) -> torch.Tensor:
+def vocab_logits(h: torch.Tensor, weight: torch.Tensor, vocab: int, comm: GroupComm) -> torch.Tensor:
     """LM head with vocab-split rows: local logits, all-gathered and trimmed to the real vocabulary."""
     local = linear(h, weight)
-    if size == 1:
-        return local[:, :vocab]
-    return all_gather_cat(local.contiguous(), group=group, dim=1)[:, :vocab]
+    return comm.all_gather_cat(local.contiguous(), dim=1)[:, :vocab]

@@ -23,11 +23,12 @@ all-to-all send buffer, and what arrives is written once into the
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from tessera.parallel.comm import GroupComm
 from tessera.parallel.counted import CommCounter, all_to_all_tokens, gather_tokens
 
 
@@ -56,9 +57,9 @@ class UlyssesAttention:
     stream; then ``extra_kv`` holds only this rank's text tokens.
     """
 
-    def __init__(self, group: Any, group_rank: int, token_counts: Sequence[int], counter: CommCounter | None = None,
+    def __init__(self, comm: GroupComm, group_rank: int, token_counts: Sequence[int], counter: CommCounter | None = None,
                  text_counts: Sequence[int] | None = None) -> None:
-        self.group = group
+        self.comm = comm
         self.me = group_rank
         self.counts = list(token_counts)
         self.world = len(self.counts)
@@ -97,7 +98,7 @@ class UlyssesAttention:
             dst[:, at:at + n, 2] = pv.unflatten(2, (sp, hs))
             at += n
         in_counts = [t + i for t, i in zip(self.text_counts, self.counts)] if sharded else self.counts
-        recv = all_to_all_tokens(send.view(sp * n_send, b, 3, hs, d), [n_send] * sp, in_counts, self.group,
+        recv = all_to_all_tokens(send.view(sp * n_send, b, 3, hs, d), [n_send] * sp, in_counts, self.comm,
                                  self.counter, "ulysses_qkv", self.me)
         # global order [all text, all image], written once into the layout attention reads
         t_total = sum(self.text_counts) if sharded else n_txt
@@ -115,13 +116,13 @@ class UlyssesAttention:
         back_send = out.new_empty((sum(in_counts), b, hs, d))
         for row, pos, n in blocks:
             back_send[row:row + n] = out[:, :, pos:pos + n].permute(2, 0, 1, 3)
-        back = all_to_all_tokens(back_send, in_counts, [n_send] * sp, self.group, self.counter, "ulysses_out", self.me)
+        back = all_to_all_tokens(back_send, in_counts, [n_send] * sp, self.comm, self.counter, "ulysses_out", self.me)
         result = out.new_empty((b, n_q, heads, d))
         # [sp, n_send, B, hs, d] -> [B, n_send, sp, hs, d] = [B, n_send, H, d]
         result[:, n_q - n_send:] = back.view(sp, n_send, b, hs, d).permute(2, 1, 0, 3, 4).flatten(2, 3)
         if n_txt and not sharded:
             # every rank needs the text stream's output for all heads: gather the head slices
-            _, finish = gather_tokens(out[:, :, :n_txt].permute(1, 0, 2, 3), [hs] * sp, self.group, self.counter,
+            _, finish = gather_tokens(out[:, :, :n_txt].permute(1, 0, 2, 3), [hs] * sp, self.comm, self.counter,
                                       "ulysses_text")
             result[:, :n_txt] = finish().permute(1, 2, 0, 3)
         return result

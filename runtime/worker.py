@@ -50,9 +50,10 @@ class Worker:
             self.device = torch.device("cpu")
         self.mesh = None
         self.plan_degrees: dict[str, int] = {}
-        # Engines and loaders keep their per-rank objects here (model shards,
-        # KV cache, offload stores), keyed by a name of their choosing.
-        self.store: dict[str, Any] = {}
+        self._groups: dict[tuple[int, ...], Any] = {}  # dist.new_group results, by member ranks
+        self._comms: dict[tuple, Any] = {}  # attached collectives, by (group key, slot bytes)
+        # Worker-side engines (one per driver-side engine), by the engine's id: see attach / call.
+        self.engines: dict[str, Any] = {}
         log.debug("worker started (pid %d, device %s)", os.getpid(), self.device)
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
@@ -137,6 +138,48 @@ class Worker:
             )
         return self.mesh[dim].get_group()
 
+    def comm(self, dim: str, slot_bytes: int | None = None):
+        """The collectives of mesh dim ``dim`` (a single-rank ``GroupComm`` when its degree is 1).
+
+        Attaching is collective: on first use every rank of the dim calls this
+        (SPMD loading does). Cached here, so engines sharing the workers share it.
+        ``slot_bytes``: the shared-memory slot per rank (default ``shm_comm.SLOT_BYTES``).
+        """
+        from tessera.parallel.comm import GroupComm
+
+        slot_bytes = slot_bytes or _default_slot_bytes()
+        if self.plan_degrees.get(dim, 1) == 1:
+            return GroupComm()
+        key = (dim, slot_bytes)
+        if key not in self._comms:
+            self._comms[key] = GroupComm.attach(self.group(dim), slot_bytes)
+        return self._comms[key]
+
+    def use_backend_collectives(self) -> None:
+        """From now on every attached group collects through the backend (gloo), not shared memory (benchmarks)."""
+        for comm in self._comms.values():
+            comm.shm = None
+
+    def subgroup(self, ranks: tuple[int, ...]) -> Any:
+        """``dist.new_group(ranks)`` once per rank tuple; like new_group, every rank of the world calls it."""
+        import torch.distributed as dist
+
+        ranks = tuple(int(r) for r in ranks)
+        if ranks not in self._groups:
+            self._groups[ranks] = dist.new_group(list(ranks))
+        return self._groups[ranks]
+
+    def subgroup_comm(self, ranks: tuple[int, ...], slot_bytes: int | None = None):
+        """The attached collectives of a :meth:`subgroup` this rank belongs to (collective over its ranks)."""
+        from tessera.parallel.comm import GroupComm
+
+        slot_bytes = slot_bytes or _default_slot_bytes()
+        ranks = tuple(int(r) for r in ranks)
+        key = (ranks, slot_bytes)
+        if key not in self._comms:
+            self._comms[key] = GroupComm.attach(self.subgroup(ranks), slot_bytes)
+        return self._comms[key]
+
     # -- the collective_rpc verb ------------------------------------------------
 
     def execute(self, fn: str | Callable[..., Any], args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -145,17 +188,50 @@ class Worker:
             return getattr(self, fn)(*args, **(kwargs or {}))
         return fn(self, *args, **(kwargs or {}))
 
+    # -- worker-side engines -------------------------------------------------------
+    #
+    # A driver-side engine (LLMEngine, DiffusionEngine) owns one object per rank
+    # (LLMWorker, DiffusionWorker): ``attach`` builds it from a typed load spec,
+    # ``call`` runs one of its methods with typed inputs and returns its typed
+    # output, ``detach`` closes it. Engines never share per-rank state by name.
+
+    def attach(self, engine_id: str, factory: Callable[..., Any], *args: Any) -> Any:
+        """Build ``factory(self, *args)`` as engine ``engine_id`` (replacing and closing an older one);
+        returns its ``describe()``."""
+        self.detach(engine_id)
+        engine = self.engines[engine_id] = factory(self, *args)
+        return engine.describe()
+
+    def call(self, engine_id: str, method: Callable[..., Any], *args: Any) -> Any:
+        """``method(engine, *args)`` on engine ``engine_id`` (``method`` is the class's function, e.g. ``LLMWorker.step``)."""
+        engine = self.engines.get(engine_id)
+        if engine is None:
+            raise KeyError(f"engine {engine_id!r} is not loaded on rank {self.rank} (loaded: {sorted(self.engines)}); "
+                           "load it first (its engine's load())")
+        return method(engine, *args)
+
+    def detach(self, engine_id: str) -> None:
+        """Close and forget engine ``engine_id`` (no-op when absent)."""
+        engine = self.engines.pop(engine_id, None)
+        if engine is not None:
+            engine.close()
+
     def shutdown(self) -> None:
         """Release the process group and whatever engines attached (best effort)."""
         import torch.distributed as dist
 
-        for value in list(self.store.values()):
-            close = getattr(value, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception:  # noqa: BLE001 - shutdown must not fail on one engine
-                    log.exception("closing %r failed", value)
-        self.store.clear()
+        for engine_id in list(self.engines):
+            try:
+                self.detach(engine_id)
+            except Exception:  # noqa: BLE001 - shutdown must not fail on one engine
+                log.exception("closing engine %r failed", engine_id)
+        self._comms.clear()
+        self._groups.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _default_slot_bytes() -> int:
+    from tessera.parallel.shm_comm import SLOT_BYTES
+
+    return SLOT_BYTES

@@ -89,7 +89,7 @@ class LocalController:
         self.placement = Placement(ParallelPlan({}))
 
     def collective_rpc(self, fn, args=(), kwargs=None, timeout_s=None, ranks=None):
-        return [fn(self.worker, *args, **(kwargs or {}))]
+        return [self.worker.execute(fn, tuple(args), kwargs)]
 
     def describe(self):
         return []

@@ -7,12 +7,10 @@ import torch
 
 def _dispatch_both_ways(worker, seed: int):
     """Run one MoE dispatch in standard and in coherent mode on the ep group; return outputs and rows moved."""
-    import torch.distributed as dist
-
     from tessera.parallel.expert import ExpertDispatcher, build_placement
 
-    group = worker.group("ep")
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    comm = worker.comm("ep")
+    size = comm.size
     gen = torch.Generator().manual_seed(seed)  # same inputs on every rank: activations are replicated
     T, H, E, k = 37, 16, 8, 2
     x = torch.randn(T, H, generator=gen)
@@ -26,7 +24,7 @@ def _dispatch_both_ways(worker, seed: int):
     for name, kwargs in {"standard": {"mode": "all_to_all"}, "coherent": {"coherent": True}}.items():
         for reps in (None, replicas):
             owners = build_placement(E, [0], size, 1, expert_map, reps).owner_table(0)
-            d = ExpertDispatcher(group, rank, size, **kwargs)
+            d = ExpertDispatcher(comm, **kwargs)
             outs[(name, reps is not None)] = (d(x, ids, w, owners, compute), d.rows_sent)
     reference = torch.zeros(T, H)
     for t in range(T):

@@ -24,7 +24,7 @@ BATCH = [*PROMPTS, [1, 60, 61, 62], [1, 11, 12, 13, 14, 15, 16, 17, 18], [1, 99]
 
 
 def _stats(worker, key: str):
-    runner = worker.store["tessera.llm"][key]
+    runner = worker.engines[key]
     stats = getattr(runner.stage, "coherent_stats", None)
     return {"rows_sent": runner.stage.dispatcher.rows_sent, "exflow": stats.snapshot() if stats else None}
 

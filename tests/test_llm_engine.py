@@ -17,7 +17,7 @@ GREEDY = SamplingParams(max_new_tokens=6)
 
 
 def _recorded_layers(worker, key):
-    return len(worker.store["tessera.llm"][key].stage.routing)
+    return len(worker.engines[key].stage.routing)
 
 
 def _engine(ctl, ref, **kw):

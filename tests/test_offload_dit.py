@@ -51,13 +51,13 @@ def test_dit_with_offloaded_stages_matches(tmp_path, nvme):
 def test_diffusion_engine_with_offloaded_blocks_gives_the_same_latents(local_controller, session_tmp, tmp_path):  # noqa: F811
     from tessera.models.tiny_diffusion import build_tiny_diffusion
     from tessera.runtime.diffusion.engine import DiffusionEngine
-    from tessera.runtime.diffusion.runner import STORE_KEY
+    from tessera.runtime.diffusion.engine import ENGINE_ID
 
     path = str(build_tiny_diffusion("pixart", session_tmp / "offload-tiny-pixart"))
     args = dict(steps=2, height=64, width=64, seed=3, output="latent")
     ref = DiffusionEngine.load(local_controller, path, progress=False)
     try:
-        blocks = list(local_controller.worker.store[STORE_KEY].model.transformer_blocks)
+        blocks = list(local_controller.worker.engines[ENGINE_ID].model.transformer_blocks)
         sizes = [group_spec("s", {f"0.{k}": v for k, v in b.named_parameters()}).nbytes for b in blocks]
         want = ref.generate_images(["a red square"], **args)
     finally:
@@ -65,7 +65,7 @@ def test_diffusion_engine_with_offloaded_blocks_gives_the_same_latents(local_con
     cfg = OffloadConfig(device_budget_bytes=2 * max(sizes), nvme_dir=str(tmp_path), reader="preadv")
     off = DiffusionEngine.load(local_controller, path, progress=False, offload=cfg)
     try:
-        runner = local_controller.worker.store[STORE_KEY]
+        runner = local_controller.worker.engines[ENGINE_ID]
         blocks = list(runner.model.transformer_blocks)
         assert all(p.numel() == 0 for b in blocks for p in b.parameters())  # the blocks live in the tier file
         got = off.generate_images(["a red square"], **args)

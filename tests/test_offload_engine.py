@@ -10,7 +10,6 @@ import torch
 from tessera.models.tiny_moe import build_tiny_moe
 from tessera.options import OffloadConfig
 from tessera.offload.errors import BudgetError
-from tessera.offload.moe import offload_stats
 from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 from tessera.tests.llm_testing import local_controller  # noqa: F401 - fixture
 from tessera.tests.test_offload_helpers import one_torch_thread  # noqa: F401 - fixture
@@ -55,14 +54,14 @@ def test_moe_4x_over_device_budget_is_token_and_logit_identical(local_controller
         want = [r.token_ids for r in ref.generate(list(PROMPTS), sampling)]
         got = [r.token_ids for r in off.generate(list(PROMPTS), sampling)]
         assert got == want
-        (stats,) = local_controller.collective_rpc(offload_stats, args=(off.key,))
+        (stats,) = off.offload_stats()
         assert stats["store_device_peak"] <= budget
         assert stats["cache_misses"] > 0 and stats["cache_evictions"] > 0  # really over budget
         assert stats["cache_prefetch_issued"] > 0
         if nvme:
             assert stats["store_bytes_read"] > 0 and stats["store_reader"] == "preadv"
             assert len(list(tmp_path.glob("*.tier"))) == 1
-        assert local_controller.collective_rpc(offload_stats, args=(ref.key,)) == [None]
+        assert ref.offload_stats() == [None]
     finally:
         off.close()
         ref.close()
@@ -99,7 +98,7 @@ def test_offload_on_real_workers_with_expert_parallel(make_controller, moe_path,
         sampling = SamplingParams(max_new_tokens=5)
         want = [r.token_ids for r in ref.generate(list(PROMPTS), sampling)]
         assert [r.token_ids for r in off.generate(list(PROMPTS), sampling)] == want
-        stats = ctl.collective_rpc(offload_stats, args=(off.key,))
+        stats = off.offload_stats()
         assert len(stats) == 2 and len(list(tmp_path.glob("*.tier"))) == 2  # one tier file per rank
         for s in stats:
             assert s["store_device_peak"] <= cfg.device_budget_bytes

@@ -9,29 +9,27 @@ MESH = {"ep": 2, "tp": 2}
 
 
 def _compare_with_gloo(worker):
-    from tessera.parallel import shm_comm
-    from tessera.parallel.comm import all_gather_cat
-
     results = {}
     for dim in ("tp", "ep"):
         group = worker.group(dim)
-        shm = shm_comm.attach(group)
-        assert shm is not None and shm_comm.attach(group) is shm  # idempotent
+        comm = worker.comm(dim)
+        shm = comm.shm
+        assert shm is not None and worker.comm(dim) is comm  # attached once per worker
         rank = dist.get_rank(group)
         gen = torch.Generator().manual_seed(100 * worker.rank)
         for dtype in (torch.float32, torch.bfloat16, torch.int64):
             x = (torch.randn(3, 257, generator=gen) * 100).to(dtype)
             ref = x.clone()
             dist.all_reduce(ref, group=group)
-            got = shm_comm.all_reduce(x.clone(), group)
+            got = comm.all_reduce(x.clone())
             tol = 0 if dtype != torch.bfloat16 else 1e-2 * ref.float().abs().max().item()
             results[(dim, str(dtype), "all_reduce")] = (got.float() - ref.float()).abs().max().item() <= tol
         big = torch.ones(shm.slot_bytes // 4 + 1)  # larger than a slot: gloo path, same answer
         calls = shm.calls
-        shm_comm.all_reduce(big, group)
+        comm.all_reduce(big)
         results[(dim, "big", "fallback")] = bool((big == dist.get_world_size(group)).all()) and shm.calls == calls
         part = torch.full((2, 3), float(rank)) + torch.arange(3.0)
-        gathered = all_gather_cat(part, group=group, dim=1)
+        gathered = comm.all_gather_cat(part, dim=1)
         expected = torch.cat([torch.full((2, 3), float(r)) + torch.arange(3.0) for r in range(dist.get_world_size(group))], 1)
         results[(dim, "gather", "all_gather_cat")] = torch.equal(gathered, expected)
         # all_to_all along rows with uneven splits (rank r sends r + j + 1 rows to rank j), against gloo.
@@ -41,19 +39,21 @@ def _compare_with_gloo(worker):
         inp = torch.randn(sum(in_splits), 2, 3, generator=gen)
         ref = inp.new_empty((sum(out_splits), 2, 3))
         dist.all_to_all_single(ref, inp, out_splits, in_splits, group=group)
-        got = shm_comm.all_to_all_rows(inp, in_splits, out_splits, group)
-        results[(dim, "a2a", "all_to_all_rows")] = got is not None and torch.equal(got, ref)
+        calls = shm.calls
+        got = comm.all_to_all_rows(inp, in_splits, out_splits)
+        results[(dim, "a2a", "all_to_all_rows")] = shm.calls == calls + 1 and torch.equal(got, ref)
         # one rank's rows larger than its slot: every rank is told to use gloo
         rows = shm.slot_bytes // (4 * 6) + 1 if rank == 0 else 1
         big_in = torch.zeros(rows * n, 2, 3)
-        results[(dim, "a2a", "fallback")] = shm_comm.all_to_all_rows(big_in, [rows] * n, [0] * n, group) is None
+        results[(dim, "a2a", "fallback")] = shm.all_to_all_rows(big_in, [rows] * n, [0] * n) is None
+        calls = shm.calls
         out = torch.empty(n * 4, 3)
-        ok = shm_comm.all_gather_into(out, torch.full((4, 3), float(rank)), group)
+        ok = comm.all_gather_into(out, torch.full((4, 3), float(rank))) is None and shm.calls == calls + 1
         results[(dim, "gather", "all_gather_into")] = ok and torch.equal(out, torch.arange(n).float().repeat_interleave(4)[:, None].expand(-1, 3))
         # Many back-to-back steps exercise both buffers and the step counters.
         acc = torch.zeros(8)
         for i in range(200):
-            acc += shm_comm.all_reduce(torch.full((8,), float(i + rank)), group)
+            acc += comm.all_reduce(torch.full((8,), float(i + rank)))
         n = dist.get_world_size(group)
         results[(dim, "loop", "all_reduce")] = torch.allclose(acc, torch.full((8,), float(sum(n * i + n * (n - 1) / 2 for i in range(200)))))
     return results
@@ -69,23 +69,19 @@ def test_shm_collectives_match_gloo(make_controller):
 def _late_peer(worker):
     """Rank 1 never joins: rank 0's wait ends with an error naming it (a private group, so the
     shared ones keep their step counters in step)."""
-    from tessera.parallel import shm_comm
+    from tessera.parallel.comm import GroupComm
 
     group = dist.new_group([0, 1])  # collective over the world: every rank of the mesh calls it
     if worker.rank > 1:
         return None
-    shm_comm.attach(group)  # collective over the pair
-    old, shm_comm.WAIT_TIMEOUT_S = shm_comm.WAIT_TIMEOUT_S, 0.5
+    comm = GroupComm.attach(group, timeout_s=0.5)  # collective over the pair
+    if worker.rank == 1:
+        return "skipped"
     try:
-        if worker.rank == 1:
-            return "skipped"
-        try:
-            shm_comm.all_reduce(torch.ones(4), group)
-        except RuntimeError as err:
-            return str(err)
-        return "no error"
-    finally:
-        shm_comm.WAIT_TIMEOUT_S = old
+        comm.all_reduce(torch.ones(4))
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
 
 
 def test_a_missing_peer_times_out_with_its_rank_named(make_controller):

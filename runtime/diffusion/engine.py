@@ -22,6 +22,7 @@ from tessera.options import DiffusionOptions, OffloadConfig, from_mapping
 from tessera.runtime.diffusion.request import DiffusionRequest
 from tessera.runtime.diffusion import runner as _r
 
+ENGINE_ID = "diffusion"  # one diffusion model per set of workers: a new load replaces the old one
 DEFAULTS = {"pixart": {"guidance_scale": 4.5, "steps": 20}, "sd3": {"guidance_scale": 7.0, "steps": 28},
             "flux": {"guidance_scale": 0.0, "steps": 28}}
 
@@ -56,8 +57,7 @@ class DiffusionEngine:
         model = DiffusersDir.open(model_dir)
         degrees = dict(controller.placement.plan.degrees)
         cls.check_plan(model, degrees, offload=offload)
-        extra = {"offload": offload} if offload is not None else None
-        info = controller.collective_rpc(_r.load_runner, args=(str(model.path), opts.dtype), kwargs=extra)
+        info = controller.collective_rpc(_r.load_runner, args=(ENGINE_ID, str(model.path), opts.dtype, offload))
         return cls(controller, model, info, opts)
 
     @staticmethod
@@ -106,7 +106,7 @@ class DiffusionEngine:
         if not self.options.progress:
             # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times are
             # measured there (slowest rank per step)
-            results = ctl.collective_rpc(_r.run_request, args=(req,))
+            results = ctl.collective_rpc("call", args=(ENGINE_ID, _r.run_request, req))
             for i in range(req.steps):
                 step_s.append(max(r["steps"][i]["seconds"] for r in results))
                 step_bytes.append(sum(r["steps"][i]["sent_bytes"] for r in results))
@@ -114,18 +114,18 @@ class DiffusionEngine:
         else:
             from tqdm.auto import tqdm
 
-            ctl.collective_rpc(_r.begin_request, args=(req,))
+            ctl.collective_rpc("call", args=(ENGINE_ID, _r.DiffusionRunner.begin, req))
             bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
             for _ in range(req.steps):
                 t0 = time.perf_counter()
-                res = ctl.collective_rpc(_r.run_step)
+                res = ctl.collective_rpc("call", args=(ENGINE_ID, _r.DiffusionRunner.step))
                 step_s.append(time.perf_counter() - t0)
                 step_bytes.append(sum(r["sent_bytes"] for r in res))
                 step_cpu.append(max(r["cpu_seconds"] for r in res))
                 bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
                 bar.update(1)
             bar.close()
-            results = ctl.collective_rpc(_r.end_request)
+            results = ctl.collective_rpc("call", args=(ENGINE_ID, _r.DiffusionRunner.end))
         head = results[0]
         self.last = {
             "mode": req.mode, "steps": req.steps, "height": req.height, "width": req.width,
@@ -190,10 +190,4 @@ class DiffusionEngine:
 
     def close(self) -> None:
         """Drop the model from every rank (the controller stays up)."""
-        self.controller.collective_rpc(_drop_runner)
-
-
-def _drop_runner(worker: Any) -> None:
-    runner = worker.store.pop(_r.STORE_KEY, None)
-    if runner is not None:
-        runner.close()
+        self.controller.collective_rpc("detach", args=(ENGINE_ID,))

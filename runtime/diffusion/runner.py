@@ -24,7 +24,6 @@ import torch.distributed as dist
 from tessera.models.diffusers_loader import DiffusersDir, load_transformer
 from tessera.models.dit_layers import TokenShard, local_self_attention, split_rows
 from tessera.parallel.cfg import COND, cfg_batched_combine, cfg_parallel_combine
-from tessera.parallel import shm_comm
 from tessera.parallel.counted import CommCounter, gather_tokens
 from tessera.parallel.patch import PatchParallelAttention
 from tessera.parallel.ulysses import UlyssesAttention, check_ulysses_heads
@@ -32,7 +31,6 @@ from tessera.runtime.diffusion.families import Conditioning, adapter_for
 from tessera.runtime.diffusion.request import DiffusionRequest
 
 log = logging.getLogger("tessera.diffusion")
-STORE_KEY = "tessera.diffusion"
 
 _JOINT_TEXT = ("flux", "sd3")  # families whose text is a token stream of joint attention (PixArt: cross-attention)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,8 +43,6 @@ def _degree(worker: Any, dim: str) -> int:
 SHM_SLOT_BYTES = 8 << 20  # per rank: a 1024-token Flux exchange fits; larger ones go through gloo
 
 
-def _group(worker: Any, dim: str):
-    return worker.group(dim) if _degree(worker, dim) > 1 else None
 
 
 class DiffusionRunner:
@@ -62,11 +58,9 @@ class DiffusionRunner:
         self.sp = _degree(worker, "sp")
         self.cfg = _degree(worker, "cfg")
         self.tp = _degree(worker, "tp")
-        self.sp_group = _group(worker, "sp")
-        self.cfg_group = _group(worker, "cfg")
-        if self.device.type == "cpu":  # patch / Ulysses / CFG exchanges of ranks on one node meet in shared memory
-            for group in (self.sp_group, self.cfg_group, _group(worker, "tp")):
-                shm_comm.attach(group, slot_bytes=SHM_SLOT_BYTES)
+        # patch / Ulysses / CFG / tp exchanges of CPU ranks on one node meet in shared memory
+        self.sp_comm = worker.comm("sp", SHM_SLOT_BYTES)
+        self.cfg_comm = worker.comm("cfg", SHM_SLOT_BYTES)
         coords = worker.coordinates() if worker.mesh is not None else {}
         self.sp_rank = coords.get("sp", 0)
         self.cfg_rank = coords.get("cfg", 0)
@@ -75,7 +69,8 @@ class DiffusionRunner:
         if self.tp > 1:
             from tessera.parallel.dit_tensor import tensor_parallel_prepare
 
-            tp_prepare = tensor_parallel_prepare(worker.group("tp"), coords.get("tp", 0), self.tp, self.counter)
+            tp_prepare = tensor_parallel_prepare(worker.comm("tp", SHM_SLOT_BYTES), coords.get("tp", 0), self.tp,
+                                                 self.counter)
         if _degree(worker, "pp") > 1:  # pipeline stages: only this stage's blocks are built and read
             from tessera.parallel.dit_pipeline import DiTPipeline
 
@@ -197,8 +192,8 @@ class DiffusionRunner:
             return None
         if req.mode == "ulysses":
             check_ulysses_heads(self.model.num_heads // self.tp, self.sp)
-            return UlyssesAttention(self.sp_group, self.sp_rank, counts, self.counter, text_counts=self.text_counts)
-        return PatchParallelAttention(self.sp_group, self.sp_rank, self.bands, self.shard.grid_w, req.patch_config(),
+            return UlyssesAttention(self.sp_comm, self.sp_rank, counts, self.counter, text_counts=self.text_counts)
+        return PatchParallelAttention(self.sp_comm, self.sp_rank, self.bands, self.shard.grid_w, req.patch_config(),
                                       len(self.timesteps), self.counter, text_counts=self.text_counts)
 
     def step(self) -> dict:
@@ -230,7 +225,7 @@ class DiffusionRunner:
         if batched_cfg:
             pred = cfg_batched_combine(pred, req.guidance_scale)
         elif self.guided:
-            pred = cfg_parallel_combine(pred, self.cfg_group, req.guidance_scale, self.counter)
+            pred = cfg_parallel_combine(pred, self.cfg_comm, req.guidance_scale, self.counter)
         if req.trace:
             self.trace.append({"t": float(t), "latents": x.detach().clone(), "pred": pred.detach().clone()})
         self.latents = self.scheduler.step(pred, t, x, return_dict=False)[0]
@@ -268,7 +263,7 @@ class DiffusionRunner:
             return rows
         unit = self.adapter.row_unit
         counts = [(e - s) * unit for s, e in self.bands]
-        _, finish = gather_tokens(rows.movedim(2, 0), counts, self.sp_group, None, "gather_rows")
+        _, finish = gather_tokens(rows.movedim(2, 0), counts, self.sp_comm, None, "gather_rows")
         return finish().movedim(0, 2)
 
     def _decode(self, latents: torch.Tensor):
@@ -281,45 +276,24 @@ class DiffusionRunner:
         return VaeImageProcessor(vae_scale_factor=self.vae_scale).postprocess(image, output_type="np")
 
 
-# -- the verbs the driver fans out ---------------------------------------------------
+# -- the verbs the driver fans out (through Worker.call) ----------------------------------------
 
 
-def load_runner(worker: Any, model_dir: str, dtype: str = "float32", offload: Any = None) -> dict:
-    old = worker.store.get(STORE_KEY)
+def load_runner(worker: Any, engine_id: str, model_dir: str, dtype: str = "float32", offload: Any = None) -> dict:
+    """Build this rank's runner as engine ``engine_id``, or keep the loaded one when nothing changed
+    (tests and benchmarks reload the same model on cached workers)."""
+    old = worker.engines.get(engine_id)
     if old is not None and str(old.dir.path) == str(DiffusersDir.open(model_dir).path) and old.dtype == _DTYPES[dtype] \
-            and getattr(old, "offload", None) == offload:
+            and old.offload == offload:
         return old.describe()
-    if old is not None and getattr(old, "offloaded", None) is not None:
-        old.close()  # frees its tier-file reader and buffers
-    worker.store[STORE_KEY] = DiffusionRunner(worker, model_dir, dtype, offload=offload)
-    return worker.store[STORE_KEY].describe()
+    return worker.attach(engine_id, DiffusionRunner, model_dir, dtype, offload)
 
 
-def _runner(worker: Any) -> DiffusionRunner:
-    runner = worker.store.get(STORE_KEY)
-    if runner is None:
-        raise RuntimeError("no diffusion model is loaded on this worker; call DiffusionEngine.load first")
-    return runner
-
-
-def begin_request(worker: Any, request: DiffusionRequest) -> dict:
-    return _runner(worker).begin(request)
-
-
-def run_step(worker: Any) -> dict:
-    return _runner(worker).step()
-
-
-def end_request(worker: Any) -> dict:
-    return _runner(worker).end()
-
-
-def run_request(worker: Any, request: DiffusionRequest) -> dict:
+def run_request(runner: DiffusionRunner, request: DiffusionRequest) -> dict:
     """The whole request in one call: begin, every denoising step, end (the driver's one rpc per image).
 
     Returns ``end``'s result plus ``steps``, the per-step results measured here on the worker.
     """
-    runner = _runner(worker)
     runner.begin(request)
     steps = [runner.step() for _ in range(len(runner.timesteps))]
     return {**runner.end(), "steps": steps}

@@ -146,7 +146,7 @@ class LLMEngine:
         spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
                            opts.record_routing, moe_dispatch=opts.moe_dispatch, offload=offload)
         engine._load_spec = spec
-        engine.shards = controller.collective_rpc(mr.load_model, args=(spec,))
+        engine.shards = controller.collective_rpc("attach", args=(key, mr.load_runner, spec))
         engine.result_rank = next(s["rank"] for s in engine.shards if s["returns_result"])
         engine.load_s = time.perf_counter() - started
         log.info("loaded %s (%s) on %d rank(s) in %.2fs", model_dir.name, arch.architecture, len(engine.shards), engine.load_s)
@@ -236,9 +236,10 @@ class LLMEngine:
         )
         steps = self._decode_steps(batch)
         if steps > 1:
-            call = (mr.run_decode_steps, (self.key, mr.StepBatch(seqs), steps, tuple(s.request.stop_ids for s in batch)))
+            call = ("call", (self.key, mr.ModelRunner.decode_steps, mr.StepBatch(seqs), steps,
+                             tuple(s.request.stop_ids for s in batch)))
         else:
-            call = (mr.run_step, (self.key, mr.StepBatch(seqs)))
+            call = ("call", (self.key, mr.ModelRunner.step, mr.StepBatch(seqs)))
         started = time.perf_counter()
         try:
             results = self.controller.collective_rpc(*call, timeout_s=self.options.step_timeout_s)
@@ -299,7 +300,7 @@ class LLMEngine:
         """
         log.warning("%s; restarting the workers and replaying %d request(s) in flight", err, len(batch))
         self.controller.restart()
-        self.shards = self.controller.collective_rpc(mr.load_model, args=(self._load_spec,))
+        self.shards = self.controller.collective_rpc("attach", args=(self.key, mr.load_runner, self._load_spec))
         rebuild = tuple(
             mr.StepSeq(tuple(s.request.prompt + s.request.output[:-1]), 0, tuple(s.request.blocks),
                        SampleSpec(0.0, 0, 1.0, s.request.seed, 0))
@@ -307,7 +308,7 @@ class LLMEngine:
             if not s.is_prefill
         )
         if rebuild:
-            self.controller.collective_rpc(mr.run_step, args=(self.key, mr.StepBatch(rebuild)),
+            self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.step, mr.StepBatch(rebuild)),
                                            timeout_s=self.options.step_timeout_s)
         self._counters["recoveries"] += 1
 
@@ -386,7 +387,8 @@ class LLMEngine:
         try:
             seq = mr.StepSeq(tuple(ids), 0, tuple(blocks), SampleSpec(0.0, 0, 1.0, 0, 0))
             results = self.controller.collective_rpc(
-                mr.run_step, args=(self.key, mr.StepBatch((seq,), return_logits="all")), timeout_s=self.options.step_timeout_s
+                "call", args=(self.key, mr.ModelRunner.step, mr.StepBatch((seq,), return_logits="all")),
+                timeout_s=self.options.step_timeout_s
             )
         finally:
             self.allocator.free(blocks)
@@ -419,7 +421,7 @@ class LLMEngine:
         if not self.options.record_routing:
             raise RuntimeError("routing is not recorded; load the engine with record_routing=True")
         layers: dict[int, Any] = {}
-        for part in self.controller.collective_rpc(mr.routing_trace, args=(self.key,)):
+        for part in self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.routing_trace)):
             if part:
                 layers.update(part)
         return {
@@ -432,8 +434,12 @@ class LLMEngine:
             "layers": dict(sorted(layers.items())),
         }
 
+    def offload_stats(self) -> list[dict[str, Any] | None]:
+        """Per rank: expert-cache and tier counters (hits, misses, bytes read, peaks); None where not offloaded."""
+        return self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.offload_stats))
+
     def clear_routing_trace(self) -> None:
-        self.controller.collective_rpc(mr.clear_routing, args=(self.key,))
+        self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.clear_routing))
 
     def placement_report(self) -> list[str]:
         """One line per rank: mesh coordinates, layers, experts held (with slice when sliced), bytes read."""
@@ -461,7 +467,7 @@ class LLMEngine:
             return
         self._closed = True
         try:
-            self.controller.collective_rpc(mr.unload_model, args=(self.key,))
+            self.controller.collective_rpc("detach", args=(self.key,))
         except Exception:  # noqa: BLE001 - closing must not fail because a worker is gone
             log.warning("could not unload %s from every worker", self.key)
 

@@ -1,9 +1,10 @@
 """Worker side of the LLM engine: loads this rank's shard of a model and runs engine steps.
 
-Functions here are what the driver fans out with ``collective_rpc``; one engine
-step is one call (``run_step``). Each rank keeps its models in
-``worker.store["tessera.llm"]`` keyed by a model key, so one set of workers can
-hold several models (tests load many tiny ones on one controller).
+The driver attaches one :class:`ModelRunner` per loaded model to every worker
+(``Worker.attach(key, load_runner, spec)``) and runs its methods through
+``Worker.call`` (one engine step is one call of :meth:`ModelRunner.step`); one
+set of workers can hold several models under their keys (tests load many tiny
+ones on one controller).
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ from tessera.models.checkpoint import read_config
 from tessera.models.loader import load_stage
 from tessera.models.moe_layers import MoEStage, ParallelView
 from tessera.models.registry import family_for
-from tessera.parallel import shm_comm
 from tessera.parallel.expert import ExpertPlacement
 from tessera.parallel.groups import LLMGroups, llm_groups
 from tessera.parallel.pipeline import micro_batches, run_pipeline, stage_layers
 from tessera.runtime.llm.sampler import SampleSpec, sample
 
 log = logging.getLogger("tessera.llm.runner")
-STORE_KEY = "tessera.llm"
 
 
 @dataclass(frozen=True)
@@ -62,15 +61,6 @@ class StepBatch:
     return_logits: str = "none"  # "none" | "last" | "all" (tests compare prefill logits)
 
 
-class _Models(dict):
-    """All models loaded on this rank; closed with the worker."""
-
-    def close(self) -> None:
-        for runner in self.values():
-            runner.close()
-        self.clear()
-
-
 @dataclass
 class ModelRunner:
     spec: LoadSpec
@@ -80,7 +70,11 @@ class ModelRunner:
     last: bool
     load_s: float
     bytes_read: int
+    info: dict[str, Any] = field(default_factory=dict)  # what this rank holds (the engine's placement report)
     stats: dict[str, float] = field(default_factory=lambda: {"steps": 0, "tokens": 0, "compute_s": 0.0})
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.info)
 
     def close(self) -> None:
         self.stage.cache = None
@@ -182,27 +176,28 @@ class ModelRunner:
             return None
         return {layer: torch.cat(parts).cpu().numpy() for layer, parts in self.stage.routing.items()}
 
+    def clear_routing(self) -> None:
+        self.stage.routing.clear()
 
-def _models(worker) -> _Models:
-    models = worker.store.get(STORE_KEY)
-    if models is None:
-        models = worker.store[STORE_KEY] = _Models()
-    return models
+    def runner_stats(self) -> dict[str, float]:
+        return dict(self.stats)
+
+    def offload_stats(self) -> dict[str, Any] | None:
+        """This rank's offload counters (None when the experts are not offloaded)."""
+        stats = getattr(self.stage.experts, "stats", None)
+        return stats() if callable(stats) else None
 
 
-def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
-    """Load this rank's shard of ``spec.model_dir``; returns what it holds (for the placement report)."""
+def load_runner(worker, spec: LoadSpec) -> ModelRunner:
+    """Load this rank's shard of ``spec.model_dir`` (``Worker.attach``'s factory)."""
     started = time.perf_counter()
-    groups = llm_groups(worker)
-    if worker.device.type == "cpu":  # small per-layer collectives meet in shared memory on one node
-        for group in (groups.tp_group, groups.moe_group):
-            shm_comm.attach(group)
+    groups = llm_groups(worker)  # small per-layer collectives of CPU ranks on one node meet in shared memory
     cfg = read_config(spec.model_dir)
     family = family_for(cfg["architectures"][0])
     arch = family.parse_config(cfg)
     layers = stage_layers(arch.num_layers, groups.pp, groups.pp_rank)
     first, last = groups.pp_rank == 0, groups.pp_rank == groups.pp - 1
-    pv = ParallelView(groups.tp, groups.tp_rank, groups.tp_group, groups.moe_size, groups.moe_rank, groups.moe_group)
+    pv = ParallelView(groups.tp_comm, groups.moe_comm)
     dtype = getattr(torch, spec.dtype)
     sink = None
     if spec.offload is not None:
@@ -221,11 +216,7 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
     stage.record_routing = spec.record_routing and groups.moe_rank == 0
     stage.coherent_sharded = spec.placement is not None and spec.placement.mode == "exflow"  # parallel.coherent
     runner = ModelRunner(spec, stage, groups, first, last, time.perf_counter() - started, nbytes)
-    old = _models(worker).pop(spec.key, None)
-    if old is not None:
-        old.close()
-    _models(worker)[spec.key] = runner
-    return {
+    runner.info = {
         "rank": worker.rank,
         "coords": {"pp": groups.pp_rank, "ep": groups.ep_rank, "tp": groups.tp_rank},
         "layers": [stage.layers[0], stage.layers[-1]] if stage.layers else [],
@@ -236,35 +227,4 @@ def load_model(worker, spec: LoadSpec) -> dict[str, Any]:
         "load_s": runner.load_s,
         "returns_result": runner.returns_result,
     }
-
-
-def run_step(worker, key: str, batch: StepBatch):
-    runner = _models(worker).get(key)
-    if runner is None:
-        raise KeyError(f"model {key!r} is not loaded on rank {worker.rank}; call LLMEngine.load first")
-    return runner.step(batch)
-
-
-def run_decode_steps(worker, key: str, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]):
-    runner = _models(worker).get(key)
-    if runner is None:
-        raise KeyError(f"model {key!r} is not loaded on rank {worker.rank}; call LLMEngine.load first")
-    return runner.decode_steps(batch, steps, stop_ids)
-
-
-def routing_trace(worker, key: str):
-    return _models(worker)[key].routing_trace()
-
-
-def clear_routing(worker, key: str) -> None:
-    _models(worker)[key].stage.routing.clear()
-
-
-def runner_stats(worker, key: str) -> dict[str, float]:
-    return dict(_models(worker)[key].stats)
-
-
-def unload_model(worker, key: str) -> None:
-    runner = _models(worker).pop(key, None)
-    if runner is not None:
-        runner.close()
+    return runner
