@@ -191,7 +191,7 @@ class JobSpec:
     cluster: str | None = None  # None: embedded local Ray; "auto" or an address otherwise
     cpus_per_rank: float = 1.0
     timeouts: Timeouts = field(default_factory=Timeouts)
-    log_level: str = "INFO"
+    log_level: str | None = None  # None: the driver's level ($TESSERA_LOG_LEVEL or INFO)
     plan_auto: bool = False
     engine: LLMOptions | DiffusionOptions | None = None
     offload: OffloadConfig | None = None
@@ -199,10 +199,11 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         check_plan_and_resources(self)
-        level = str(self.log_level).upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"log level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-        object.__setattr__(self, "log_level", level)
+        if self.log_level is not None:
+            level = str(self.log_level).upper()
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise ConfigError(f"log level {self.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+            object.__setattr__(self, "log_level", level)
         for name, kinds in (("engine", (LLMOptions, DiffusionOptions)), ("offload", (OffloadConfig,)),
                             ("planning", (PlanningHints,)), ("timeouts", (Timeouts,))):
             value = getattr(self, name)

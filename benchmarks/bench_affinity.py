@@ -221,9 +221,9 @@ def bench_engine(quick: bool, ilp_time_s: float, cache: Path) -> dict:
 
 def _moved(worker, key: str) -> dict:
     """What this rank's MoE exchanges sent (runs on a worker): dispatcher rows, and ExFlow's byte counters."""
-    stage = worker.engines[key].stage
-    ex = getattr(stage, "coherent_stats", None)
-    return {"rows_sent": int(stage.dispatcher.rows_sent), "exflow": ex.snapshot() if ex is not None else None}
+    ops = worker.engines[key].stage.ops
+    ex = getattr(ops.tokens, "stats", None)  # ExFlow's layout counts its own bytes
+    return {"rows_sent": int(getattr(ops.dispatch, "rows_sent", 0)), "exflow": ex.snapshot() if ex is not None else None}
 
 
 def _table(title: str, header: list[str], rows: list[list]) -> str:

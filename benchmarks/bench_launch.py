@@ -79,7 +79,7 @@ def run_direct(workdir: Path, env: dict[str, str]) -> dict[str, Any]:
 
 
 def run_ray_job(workdir: Path) -> dict[str, Any]:
-    from tessera.tests._cluster_fixtures import BIN, start_ray_head, stop_ray_head
+    from tessera.launch.local_cluster import BIN, start_ray_head, stop_ray_head
 
     t_head = time.time()
     head = start_ray_head(num_cpus=4)
@@ -110,7 +110,7 @@ def _slurm_env() -> tuple[dict[str, str] | None, Any]:
         probe = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=30)
         if probe.returncode == 0 and probe.stdout.strip():
             return dict(os.environ), None
-    from tessera.tests._cluster_fixtures import slurm_unavailable_reason, start_slurm
+    from tessera.launch.local_cluster import slurm_unavailable_reason, start_slurm
 
     reason = slurm_unavailable_reason()
     if reason:
@@ -120,7 +120,7 @@ def _slurm_env() -> tuple[dict[str, str] | None, Any]:
 
 
 def run_slurm(workdir: Path, home: Path) -> dict[str, Any]:
-    from tessera.tests._cluster_fixtures import BIN, free_ports, stop_slurm
+    from tessera.launch.local_cluster import BIN, free_ports, stop_slurm
 
     env, cluster = _slurm_env()
     if env is None:

@@ -284,7 +284,7 @@ def launch(
     offload: Mapping[str, Any] | OffloadConfig | None = None,
     cpus_per_rank: float = 1.0,
     timeouts: Timeouts | None = None,
-    log_level: str = "INFO",
+    log_level: str | None = None,
     engine_options: Mapping[str, Any] | LLMOptions | DiffusionOptions | None = None,
     runtime_env: Mapping[str, Any] | None = None,
     min_nodes: int = 1,
@@ -309,13 +309,14 @@ def launch(
         "plan": plan if not hasattr(plan, "degrees") else dict(plan.degrees),
         "device": device,
         "cpus_per_rank": cpus_per_rank,
-        "log_level": log_level,
         "min_nodes": min_nodes,
     }
     if model is not None:
         data["model"] = model
     if cluster is not None:
         data["cluster"] = cluster
+    if log_level is not None:
+        data["log_level"] = log_level
     if offload is not None:
         data["offload"] = offload
     if engine_options is not None:

@@ -9,11 +9,13 @@ success; non-zero with a one-line reason on stderr otherwise.
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 import sys
 
+from tessera.launch.commands import bench, demo, place, plan, run, slurm, submit
 from tessera.runtime.logs import configure_logging, default_log_level
+
+# The CLI's commands (a fixed registry): each module's ``register`` adds its sub-parser.
+COMMANDS = (run, plan, submit, slurm, bench, place, demo)
 
 
 class CliError(Exception):
@@ -33,13 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level of the driver and every worker (default: $TESSERA_LOG_LEVEL or INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import tessera.launch.commands as commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        register = getattr(module, "register", None)
-        if callable(register):
-            register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 

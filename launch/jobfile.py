@@ -227,7 +227,7 @@ class JobFile:
             cluster=cluster,
             cpus_per_rank=_number(data.get("cpus_per_rank", 1.0), "cpus_per_rank"),
             timeouts=from_mapping(Timeouts, timeouts, "timeouts"),
-            log_level=str(data.get("log_level", "INFO")),
+            log_level=data.get("log_level"),
             plan_auto=plan_auto,
             engine=engine,
             offload=offload,
@@ -285,11 +285,12 @@ class JobFile:
             "plan": "auto" if self.plan_auto else dict(job.plan.degrees),
             "device": job.device,
             "cpus_per_rank": job.cpus_per_rank,
-            "log_level": job.log_level,
             "timeouts": {f.name: getattr(job.timeouts, f.name) for f in fields(Timeouts)},
             "min_nodes": self.min_nodes,
             "wait_nodes_s": self.wait_nodes_s,
         }
+        if job.log_level:
+            out["log_level"] = job.log_level
         if job.model:
             out["model"] = job.model
         if job.cluster:

@@ -118,13 +118,9 @@ def _lm_spec(root: Path) -> ModelSpec:
     files = _weight_files(root)
     arch = family_for(archs[0]).parse_config(cfg)  # the engine's own reading of the config
     experts, dense, largest = _group_bytes(_tensor_sizes(files))
-    # What the engine caches per token and layer: K and V of every kv head, or for
-    # multi-head latent attention one latent plus the shared roped key (replicated over tp).
-    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}.get(arch.dtype, 4)
-    if arch.attention == "mla":
-        per_token = arch.num_layers * (arch.kv_lora_rank + arch.rope_dim) * dtype_bytes
-    else:
-        per_token = arch.num_layers * arch.num_kv_heads * (arch.qk_head_dim + arch.v_head_dim) * dtype_bytes
+    # What the engine caches per token: K and V of every kv head, or for multi-head latent
+    # attention one latent plus the shared roped key (replicated over tp): MoEArch.kv_geometry.
+    per_token = arch.kv_bytes_per_token({"float32": 4, "float16": 2, "bfloat16": 2}.get(arch.dtype, 4))
     return ModelSpec(
         path=str(root),
         kind="moe_lm",

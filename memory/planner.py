@@ -19,11 +19,16 @@ rest (MoE), or CFG x patch parallel (diffusion) as xDiT does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from tessera.memory.footprint import ModelSpec, read_model_spec
 from tessera.memory.inventory import ClusterInventory, detect_inventory
+from tessera.memory.expert_placement import ExpertPlacement
 from tessera.memory.placement import Placement
+from tessera.memory.stages import stage_ranges
+from tessera.options import LLMOptions
 from tessera.config import JobSpec, ParallelPlan
 from tessera.errors import ConfigError
 
@@ -174,13 +179,64 @@ def plan_job(job: JobSpec, inventory: ClusterInventory | None = None) -> Placeme
         report = PlanReport(job.plan, spec, inv, need, budget, fits, not fits and offload, "explicit plan")
     else:
         report = PlanReport(job.plan, None, inventory, 0, None, True, False, "explicit plan, no model")
-    return Placement(report.plan, device=job.device, cpus_per_rank=job.cpus_per_rank, extras={"plan_report": report})
+    placement = Placement(report.plan, device=job.device, cpus_per_rank=job.cpus_per_rank, offload=job.offload,
+                          report=report)
+    if spec is not None and spec.kind == "moe_lm":
+        from tessera.models.checkpoint import read_config
+        from tessera.models.registry import family_for
+
+        cfg = read_config(job.model)
+        arch = family_for(cfg["architectures"][0]).parse_config(cfg)
+        options = job.engine if isinstance(job.engine, LLMOptions) else LLMOptions()
+        placement = place_llm(placement, job.model, arch, options)
+    return placement
+
+
+def llm_layer_bytes(arch) -> tuple[list[int], int, int]:
+    """(bytes of each decoder layer, embedding bytes, LM-head and final-norm bytes) from the config alone."""
+    from tessera.models.loader import expected_shape, layer_param_names
+
+    def nbytes(name: str) -> int:
+        return math.prod(expected_shape(arch, name))
+
+    expert = sum(nbytes(n) for n in ("expert_gate", "expert_up", "expert_down"))
+    layers = [sum(nbytes(n) for n in layer_param_names(arch, layer)) + (arch.num_experts * expert if moe else 0)
+              for layer, moe in enumerate(arch.moe_layers)]
+    return layers, nbytes("embed"), nbytes("lm_head") + nbytes("final_norm")
+
+
+def place_llm(placement: Placement, model_dir: str, arch, options: LLMOptions) -> Placement:
+    """The shards of a MoE language model on ``placement``'s mesh: layers per pipeline stage and the experts.
+
+    Stages cut the decoder layers into contiguous ranges of balanced bytes (the
+    first stage also holds the embedding, the last the head). Experts follow
+    ``options.placement_file`` (a ``tessera place`` output), or
+    ``options.expert_map`` / ``expert_replicas``, or the linear default.
+    Refuses, naming the fix, what cannot work.
+    """
+    from tessera.memory.affinity.placement_file import placement_for_model
+
+    plan = placement.plan
+    pp, ep = plan.degree("pp"), plan.degree("ep")
+    if pp > arch.num_layers:
+        raise ConfigError(f"{arch.architecture} on plan {plan}: pp={pp} stages for {arch.num_layers} layers; "
+                          f"use pp <= {arch.num_layers}")
+    per_layer, embed, head = llm_layer_bytes(arch)
+    stages = tuple(tuple(r) for r in stage_ranges(per_layer, pp, embed, head))
+    experts = None
+    if arch.moe_layer_ids:
+        if options.placement_file is not None:
+            experts = placement_for_model(options.placement_file, arch.num_experts, arch.moe_layer_ids, ep)
+        else:
+            experts = ExpertPlacement.for_model(arch.num_experts, arch.moe_layer_ids, ep, options.expert_map,
+                                                options.expert_replicas)
+    return replace(placement, model=str(Path(model_dir).resolve()), stages=stages, experts=experts)
 
 
 def describe_placement(placement: Placement) -> str:
     """A few lines a person can read: the mesh, the model, memory per rank, and why."""
     plan = placement.plan
-    report: PlanReport | None = placement.extras.get("plan_report")
+    report: PlanReport | None = placement.report
     lines = [f"mesh {plan} = {plan.world_size} rank(s) on {placement.device} (bundle {placement.bundle()} each)"]
     if report is not None and report.model is not None:
         spec = report.model

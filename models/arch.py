@@ -83,6 +83,22 @@ class MoEArch:
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, m in enumerate(self.moe_layers) if m)
 
+    def kv_geometry(self, local_kv_heads: int) -> tuple[int, int, int]:
+        """(heads, key dim, value dim) cached per token and layer on a rank holding ``local_kv_heads``.
+
+        Multi-head latent attention (DeepSeek) caches one latent plus the shared
+        roped key (``kv_lora_rank + rope_dim``, no separate values, replicated
+        over tp); GQA caches every local kv head's K and V.
+        """
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.rope_dim, 0
+        return local_kv_heads, self.qk_head_dim, self.v_head_dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes of one token over all layers, on one rank holding every kv head."""
+        heads, k, v = self.kv_geometry(self.num_kv_heads)
+        return self.num_layers * heads * (k + v) * dtype_bytes
+
 
 def rope_theta_of(cfg: dict) -> float:
     """rope theta of a family that implements only plain RoPE; any rope scaling is refused, naming its type."""

@@ -17,8 +17,6 @@ from tessera.models.rope import parse_rope
 from tessera.config import ConfigError
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
-MOE_BLOCK = "model.layers.{layer}.mlp"
-STAGE_CUTS = "any layer boundary"
 
 _L = "model.layers.{layer}."
 CHECKPOINT_NAMES = {
@@ -54,7 +52,6 @@ TP_PLAN = {
     "q": "colwise", "q_a": "replicate", "q_a_norm": "replicate", "q_b": "colwise",
     "kv_a": "replicate", "kv_a_norm": "replicate", "kv_b": "colwise", "o": "rowwise",
     "router": "replicate", "router_bias": "replicate",
-    "expert_gate": "expert_colwise", "expert_up": "expert_colwise", "expert_down": "expert_rowwise",
     "shared_gate_proj": "colwise", "shared_up": "colwise", "shared_down": "rowwise",
     "dense_gate": "colwise", "dense_up": "colwise", "dense_down": "rowwise",
 }

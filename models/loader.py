@@ -1,24 +1,25 @@
-"""Builds one rank's :class:`MoEStage` by reading only its slices of the checkpoint.
+"""Reads one rank's weights of a MoE language-model stage: only its slices of the checkpoint.
 
-The family declares names (``CHECKPOINT_NAMES``) and split kinds (``TP_PLAN``);
-``parallel.tensor`` turns a kind into a slice and ``parallel.expert`` says which
-experts (and which slice of each) this rank holds; this module glues them to
-``CheckpointReader.read`` so each tensor is read once, already sliced.
+The family declares names (``CHECKPOINT_NAMES``); the caller hands a *slicer*
+(``parallel.tensor.TensorSlicer``: which piece of each weight this rank holds,
+from the family's ``TP_PLAN``) and the experts this rank holds with their
+intermediate rows (from the Placement); this module reads each tensor once,
+already sliced, through ``CheckpointReader.read``. It knows the weight names
+and shapes of every family (from ``config.json`` alone) and nothing of the mesh.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from tessera.models.arch import MoEArch
 from tessera.models.checkpoint import CheckpointError, CheckpointReader
-from tessera.models.moe_layers import ExpertWeights, MoEStage, ParallelView
-from tessera.parallel.expert import ExpertPlacement
-from tessera.parallel.tensor import kv_head_range, pad_vocab_rows, split_range, tp_slice, vocab_range
+from tessera.models.moe_layers import ExpertWeights
 
 log = logging.getLogger("tessera.models.loader")
 
@@ -73,6 +74,19 @@ def shard_unit(arch: MoEArch, name: str) -> int:
     }.get(name, 1)
 
 
+@dataclass
+class StageWeights:
+    """One rank's weights of one pipeline stage (before the model packs them)."""
+
+    params: dict[int, dict[str, torch.Tensor]]  # layer -> tessera name -> local shard
+    globals: dict[str, torch.Tensor]  # embed / final_norm / lm_head shards present on this stage
+    bytes_read: int
+
+    def nbytes(self) -> int:
+        tensors = [*self.globals.values(), *(t for p in self.params.values() for t in p.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class _DeviceReader(CheckpointReader):
     """A CheckpointReader whose tensors land on the rank's device (sliced on the host first)."""
 
@@ -84,79 +98,68 @@ class _DeviceReader(CheckpointReader):
         return super().read(*args, **kwargs).to(self.device)
 
 
-def load_stage(
+def read_expert(reader: CheckpointReader, arch: MoEArch, names: dict, layer: int, expert: int, rows: tuple[int, int],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [2*r, H], down [H, r]) of rows ``rows`` of one expert's intermediate dim."""
+    key = lambda n: names[n].format(layer=layer, expert=expert)  # noqa: E731
+    a, b = rows
+    gate = reader.read(key("expert_gate"), expected_shape(arch, "expert_gate"), dim=0, start=a, stop=b, dtype=dtype)
+    up = reader.read(key("expert_up"), expected_shape(arch, "expert_up"), dim=0, start=a, stop=b, dtype=dtype)
+    down = reader.read(key("expert_down"), expected_shape(arch, "expert_down"), dim=1, start=a, stop=b, dtype=dtype)
+    return torch.cat([gate, up], 0).contiguous(), down.contiguous()
+
+
+def load_stage_weights(
     model_dir: str,
     arch: MoEArch,
     family: ModuleType,
     layers: Sequence[int],
     first: bool,
     last: bool,
-    pv: ParallelView,
-    placement: ExpertPlacement | None,
+    slicer,
+    experts: Mapping[int, Sequence[tuple[int, tuple[int, int]]]],
+    expert_sink: ExpertWeights,
     dtype: torch.dtype,
-    expert_weights: ExpertWeights | None = None,
-    dispatch_mode: str = "auto",
     device: torch.device | str = "cpu",
-) -> tuple[MoEStage, int]:
-    """(stage, bytes read) for the given layers on this rank; weights end on ``device``."""
-    reader = _DeviceReader(model_dir, arch.dtype, device)
-    names, plan = family.CHECKPOINT_NAMES, family.TP_PLAN
-    tp, rank = pv.tp_size, pv.tp_rank
+) -> StageWeights:
+    """Read this rank's slices of ``layers`` (and the embedding / head when first / last).
 
-    def read(name: str, layer: int | None = None, expert: int | None = None, ckpt_name: str | None = None):
-        key = ckpt_name or names[name].format(layer=layer, expert=expert)
+    ``slicer``: ``slice(name, shape) -> (dim, start, stop) | None``, ``head_rows() -> (start, stop, padded)``.
+    ``experts[layer]``: (expert, intermediate rows) this rank holds; each is handed to ``expert_sink.put``
+    (in memory, or an offload tier's writer) as it is read, so host memory never holds them all at once.
+    """
+    reader = _DeviceReader(model_dir, arch.dtype, device)
+    names = family.CHECKPOINT_NAMES
+
+    def read(name: str, layer: int | None = None):
+        key = names[name].format(layer=layer)
         shape = expected_shape(arch, name)
-        sl = tp_slice(plan[name], shape, shard_unit(arch, name), tp, rank, (arch.num_heads, arch.num_kv_heads))
+        sl = slicer.slice(name, shape)
         if sl is None:
             return reader.read(key, shape, dtype=dtype)
         return reader.read(key, shape, dim=sl[0], start=sl[1], stop=sl[2], dtype=dtype)
 
     glob: dict[str, torch.Tensor] = {}
-    vstart, _, _ = vocab_range(arch.vocab_size, tp, rank)
     if first:
         glob["embed"] = read("embed")
     if last:
         glob["final_norm"] = read("final_norm")
-        # The LM head is vocab-split over the whole stage (ep x tp ranks), not only tp:
-        # with ep > 1 a replicated head would be read in full by every ep rank per token.
         head_name = names["embed" if arch.tie_word_embeddings else "lm_head"]
-        hstart, hstop, hpart = vocab_range(arch.vocab_size, pv.moe_size, pv.moe_rank)
-        head = reader.read(head_name, expected_shape(arch, "lm_head"), dim=0, start=hstart, stop=hstop, dtype=dtype)
-        glob["lm_head"] = pad_vocab_rows(head, hpart)
+        start, stop, padded = slicer.head_rows()
+        head = reader.read(head_name, expected_shape(arch, "lm_head"), dim=0, start=start, stop=stop, dtype=dtype)
+        if head.shape[0] < padded:  # every rank all-gathers equal shapes
+            head = torch.cat([head, head.new_zeros((padded - head.shape[0], *head.shape[1:]))])
+        glob["lm_head"] = head
     params: dict[int, dict[str, torch.Tensor]] = {}
-    experts = expert_weights or ExpertWeights()
-    for layer in layers:
-        params[layer] = {name: read(name, layer) for name in layer_param_names(arch, layer)}
-        if arch.moe_layers[layer]:
-            assert placement is not None
-            for expert, index, count in placement.local_experts(layer, pv.moe_rank):
-                a, b = split_range(arch.moe_intermediate, count, index)
-                key = lambda n: names[n].format(layer=layer, expert=expert)  # noqa: E731
-                gate = reader.read(key("expert_gate"), expected_shape(arch, "expert_gate"), dim=0, start=a, stop=b, dtype=dtype)
-                up = reader.read(key("expert_up"), expected_shape(arch, "expert_up"), dim=0, start=a, stop=b, dtype=dtype)
-                down = reader.read(key("expert_down"), expected_shape(arch, "expert_down"), dim=1, start=a, stop=b, dtype=dtype)
-                experts.put(layer, expert, torch.cat([gate, up], 0), down)
-    if arch.attention == "mla" or arch.num_kv_heads >= tp:
-        kv_local = arch.num_kv_heads // tp if arch.attention != "mla" else arch.num_heads // tp
-    else:
-        a, b = kv_head_range(arch.num_heads, arch.num_kv_heads, tp, rank)
-        kv_local = b - a
-    stage = MoEStage(
-        arch=arch,
-        layers=tuple(layers),
-        params=params,
-        globals=glob,
-        vocab_start=vstart,
-        experts=experts,
-        placement=placement,
-        pv=pv,
-        local_heads=arch.num_heads // tp,
-        local_kv_heads=kv_local,
-        dispatch_mode=dispatch_mode,
-    )
-    bytes_read = reader.bytes_read
-    reader.close()
-    return stage, bytes_read
+    try:
+        for layer in layers:
+            params[layer] = {name: read(name, layer) for name in layer_param_names(arch, layer)}
+            for expert, rows in experts.get(layer, ()):
+                expert_sink.put(layer, expert, *read_expert(reader, arch, names, layer, expert, rows, dtype))
+    finally:
+        reader.close()
+    return StageWeights(params, glob, reader.bytes_read)
 
 
-__all__ = ["CheckpointError", "load_stage", "layer_param_names", "expected_shape"]
+__all__ = ["CheckpointError", "StageWeights", "load_stage_weights", "read_expert", "layer_param_names",
+           "expected_shape"]

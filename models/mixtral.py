@@ -13,8 +13,6 @@ from __future__ import annotations
 from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of, sliding_window_of
 
 ARCHITECTURES = ("MixtralForCausalLM",)
-MOE_BLOCK = "model.layers.{layer}.block_sparse_moe"
-STAGE_CUTS = "any layer boundary"
 
 CHECKPOINT_NAMES = {
     "embed": "model.embed_tokens.weight",
@@ -38,7 +36,6 @@ TP_PLAN = {
     "attn_norm": "replicate", "mlp_norm": "replicate",
     "q": "colwise", "k": "colwise_kv", "v": "colwise_kv", "o": "rowwise",
     "router": "replicate",
-    "expert_gate": "expert_colwise", "expert_up": "expert_colwise", "expert_down": "expert_rowwise",
 }
 
 

@@ -1,25 +1,29 @@
 """The shared math of tessera's MoE language models: norms, RoPE, GQA and MLA attention over a
-paged KV cache, dense/shared MLPs, routers, and the MoE block.
+paged KV cache, dense/shared MLPs, routers, and the MoE block. Pure: no collectives.
 
-Weights arrive already sliced for this rank (``parallel.tensor`` / ``parallel.expert``
-decide the slices; ``models.loader`` reads them), so every function here works on
-local shards and calls a collective only where a split result must be combined.
+Weights arrive already sliced for this rank (``models/loader.py`` reads the
+slices ``parallel/`` chose), so every function here works on local shards.
+Where a rank's partial result meets the other ranks' (row-split linears, the
+vocabulary-split embedding and head, routed tokens and their experts, the
+token layout of expert-parallel ranks) the stage calls a hook of its
+:class:`ShardOps`; the defaults here are the single-rank identities, and
+``parallel/parallelize.py`` builds the hooks of a plan (torchtitan's
+``parallelize_*`` applied to a functional model). Expert weights come through
+the :class:`ExpertWeights` seam (offload plugs an expert cache in there).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from tessera.memory.kv_cache import AttentionMetadata, PagedKVCache, paged_attention
 from tessera.models.arch import MoEArch
 from tessera.models.packed_linear import linear, pack
+from tessera.models.paged_attention import AttentionMetadata, PagedKVCache, paged_attention
 from tessera.models.rope import RopeScaling, cos_sin
-from tessera.parallel.expert import ExpertDispatcher, ExpertPlacement
-from tessera.parallel.tensor import all_reduce_tp, vocab_embed, vocab_logits
 
 
 class ExpertWeights:
@@ -47,6 +51,9 @@ class ExpertWeights:
             return [self._weights[(layer, int(e))] for e in expert_ids]
         except KeyError as err:
             raise RuntimeError(f"expert {err.args[0][1]} of layer {layer} was dispatched to a rank that does not hold it") from None
+
+    def observe(self, layer: int, hidden: torch.Tensor) -> None:
+        """The MoE block's input at ``layer``, before routing (an expert cache predicts from it); in memory: nothing."""
 
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self._weights.values())
@@ -76,30 +83,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-
-@dataclass
-class ParallelView:
-    """What the model math needs to know about the mesh: the tp and MoE-group collectives (``parallel.comm.GroupComm``)."""
-
-    tp: Any = None
-    moe: Any = None
-
-    @property
-    def tp_size(self) -> int:
-        return self.tp.size if self.tp is not None else 1
-
-    @property
-    def tp_rank(self) -> int:
-        return self.tp.rank if self.tp is not None else 0
-
-    @property
-    def moe_size(self) -> int:
-        return self.moe.size if self.moe is not None else 1
-
-    @property
-    def moe_rank(self) -> int:
-        return self.moe.rank if self.moe is not None else 0
 
 
 def route(arch: MoEArch, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
@@ -170,14 +153,107 @@ def pack_linears(p: dict[str, torch.Tensor]) -> None:
             p[name] = pack(p[name])
 
 
-def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, pv: ParallelView) -> torch.Tensor:
-    """SwiGLU MLP with gate/up column-split and down row-split over tp."""
-    return all_reduce_tp(linear(F.silu(linear(x, gate)) * linear(x, up), down), pv.tp)
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP on this rank's columns (gate/up column-split, down row-split: a partial output under tp)."""
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+# -- where a rank's results meet the other ranks' (the single-rank identities) ----------------------------
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _local_embed(ids: torch.Tensor, table: torch.Tensor, start: int) -> torch.Tensor:
+    return table[ids]
+
+
+def _local_logits(h: torch.Tensor, head: torch.Tensor, vocab: int) -> torch.Tensor:
+    return linear(h, head)[:, :vocab]
+
+
+def _local_dispatch(layer: int, x: torch.Tensor, topi: torch.Tensor, topw: torch.Tensor,
+                    compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Every expert is here: each (token, choice) row goes to its expert, outputs weighted and summed."""
+    T, k = topi.shape
+    token = torch.arange(T, device=x.device).repeat_interleave(k)
+    rows = compute(x[token], topi.reshape(-1))
+    out = x.new_zeros(x.shape)
+    out.index_add_(0, token, rows * topw.reshape(-1, 1).to(rows.dtype))
+    return out
+
+
+@dataclass
+class LayerView:
+    """What one attention call sees: the batch's metadata, RoPE rows, and where K/V are written and read."""
+
+    meta: AttentionMetadata
+    cos: torch.Tensor
+    sin: torch.Tensor
+    kv: Any  # PagedKVCache, or a stand-in with the same write / gather (parallel.coherent)
+
+
+class ReplicatedTokens:
+    """The default token layout: every rank of the MoE group holds every token of the batch.
+
+    A layout is the stage's strategy for where tokens live between layers:
+    ``enter`` (start of the stage), ``attention``, ``moe`` (may move tokens),
+    ``exit`` (back to the full batch in order). ``parallel/coherent.ExFlowTokens``
+    keeps tokens sharded and moving with their experts instead.
+    """
+
+    def enter(self, stage: "MoEStage", h: torch.Tensor, meta: AttentionMetadata, cos, sin):
+        return h, LayerView(meta, cos, sin, stage.cache)
+
+    def attention(self, stage: "MoEStage", layer: int, x: torch.Tensor, view: LayerView) -> torch.Tensor:
+        return stage.attention(layer, x, view)
+
+    def moe(self, stage: "MoEStage", layer: int, h: torch.Tensor, x: torch.Tensor, view: LayerView):
+        return h + stage.moe(layer, x), view
+
+    def exit(self, stage: "MoEStage", h: torch.Tensor, view: LayerView) -> torch.Tensor:
+        return h
+
+
+@dataclass(frozen=True)
+class ShardOps:
+    """The hooks where this rank's results meet the other ranks' (single-rank identities by default).
+
+    ``reduce``: sums the partial outputs of row-split linears over tp.
+    ``embed(ids, table, vocab_start)`` / ``logits(h, head, vocab)``: the
+    vocabulary-split embedding and LM head. ``dispatch(layer, x, topi, topw,
+    compute)``: routed (token, choice) rows to the ranks holding their experts
+    and the weighted sum back (``compute(rows, expert_ids)`` runs the local
+    experts). ``tokens``: the token layout strategy (see ReplicatedTokens).
+    """
+
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+    embed: Callable[..., torch.Tensor] = _local_embed
+    logits: Callable[..., torch.Tensor] = _local_logits
+    dispatch: Callable[..., torch.Tensor] = _local_dispatch
+    tokens: Any = field(default_factory=ReplicatedTokens)
+
+
+class RoutingRecorder:
+    """Top-k expert ids chosen at each MoE layer for every token processed (expert-affinity traces)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, list[torch.Tensor]] = {}
+
+    def record(self, layer: int, topi: torch.Tensor) -> None:
+        self.layers.setdefault(layer, []).append(topi.to(torch.int32).cpu())
+
+    def trace(self) -> dict[int, Any]:
+        return {layer: torch.cat(parts).numpy() for layer, parts in self.layers.items()}
+
+    def clear(self) -> None:
+        self.layers.clear()
 
 
 @dataclass
 class MoEStage:
-    """The layers of one pipeline stage on one rank, with its KV cache and expert weights."""
+    """The layers of one pipeline stage on one rank: weights, KV cache, expert weights and shard hooks."""
 
     arch: MoEArch
     layers: tuple[int, ...]
@@ -185,22 +261,13 @@ class MoEStage:
     globals: dict[str, torch.Tensor]  # embed / final_norm / lm_head shards present on this stage
     vocab_start: int
     experts: ExpertWeights
-    placement: ExpertPlacement | None
-    pv: ParallelView
+    cache: PagedKVCache
     local_heads: int
     local_kv_heads: int
-    cache: PagedKVCache | None = None
-    record_routing: bool = False
-    dispatch_mode: str = "auto"
-    routing: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    coherent_sharded: bool = False  # ExFlow: token-sharded forward over ep (tessera.parallel.coherent)
+    ops: ShardOps = field(default_factory=ShardOps)
+    routing: RoutingRecorder | None = None
 
     def __post_init__(self) -> None:
-        coherent = self.placement is not None and self.placement.mode == "coherent"
-        self.dispatcher = ExpertDispatcher(self.pv.moe, coherent=coherent, mode=self.dispatch_mode)
-        self.owner_tables = (
-            {l: self.placement.owner_table(l) for l in self.layers if self.arch.moe_layers[l]} if self.placement else {}
-        )
         self.mla_absorb = {}
         for layer, params in self.params.items():
             if self.arch.attention != "mla":
@@ -215,14 +282,13 @@ class MoEStage:
     # -- pieces -------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return vocab_embed(ids, self.globals["embed"], self.vocab_start, self.pv.tp)
+        return self.ops.embed(ids, self.globals["embed"], self.vocab_start)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.globals["final_norm"], self.arch.rms_eps)
-        # vocab-split over the stage's ep x tp ranks (see models.loader)
-        return vocab_logits(h, self.globals["lm_head"], self.arch.vocab_size, self.pv.moe).float()
+        return self.ops.logits(h, self.globals["lm_head"], self.arch.vocab_size).float()
 
-    def attention(self, layer: int, x: torch.Tensor, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
+    def attention(self, layer: int, x: torch.Tensor, view: LayerView) -> torch.Tensor:
         a, p = self.arch, self.params[layer]
         N, hl = x.shape[0], self.local_heads
         if a.attention == "mla":
@@ -232,7 +298,7 @@ class MoEStage:
                 q = linear(x, p["q"])
             q = q.view(N, hl, a.qk_head_dim)
             q_nope, q_pe = q.split([a.qk_nope_head_dim, a.rope_dim], dim=-1)
-            return self.latent_attention(layer, x, q_nope, q_pe, meta, cos, sin)
+            return self.latent_attention(layer, x, q_nope, q_pe, view)
         kvh = self.local_kv_heads
         if "qkv" in p:
             q, k, v = linear(x, p["qkv"], p.get("qkv_bias")).split(
@@ -242,13 +308,13 @@ class MoEStage:
         q, k, v = q.view(N, hl, a.qk_head_dim), k.view(N, kvh, a.qk_head_dim), v.view(N, kvh, a.v_head_dim)
         if a.qk_norm:
             q, k = rms_norm(q, p["q_norm"], a.rms_eps), rms_norm(k, p["k_norm"], a.rms_eps)
-        q, k = apply_rope(q, cos, sin, a.rope_interleave), apply_rope(k, cos, sin, a.rope_interleave)
-        self.cache.write(layer, k, v, meta.slot_mapping)
-        keys, values = self.cache.gather(layer, meta.key_slots)
-        out = paged_attention(q, keys, values, meta, a.softmax_scale).reshape(N, -1)
-        return all_reduce_tp(linear(out, p["o"]), self.pv.tp)
+        q, k = apply_rope(q, view.cos, view.sin, a.rope_interleave), apply_rope(k, view.cos, view.sin, a.rope_interleave)
+        view.kv.write(layer, k, v, view.meta.slot_mapping)
+        keys, values = view.kv.gather(layer, view.meta.key_slots)
+        out = paged_attention(q, keys, values, view.meta, a.softmax_scale).reshape(N, -1)
+        return self.ops.reduce(linear(out, p["o"]))
 
-    def latent_attention(self, layer: int, x, q_nope, q_pe, meta: AttentionMetadata, cos, sin) -> torch.Tensor:
+    def latent_attention(self, layer: int, x, q_nope, q_pe, view: LayerView) -> torch.Tensor:
         """Multi-head latent attention over a cache of latents, as DeepSeek-V2 describes and vLLM serves it.
 
         The cache holds per token only the normalised latent ``c`` and the roped
@@ -263,52 +329,57 @@ class MoEStage:
         N, r = x.shape[0], a.kv_lora_rank
         latent, k_pe = linear(x, p["kv_a"]).split([r, a.rope_dim], dim=-1)
         c = rms_norm(latent, p["kv_a_norm"], a.rms_eps)
-        k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), cos, sin, a.rope_interleave)
-        q_pe = apply_rope(q_pe, cos, sin, a.rope_interleave)
+        k_pe = apply_rope(k_pe.view(N, 1, a.rope_dim), view.cos, view.sin, a.rope_interleave)
+        q_pe = apply_rope(q_pe, view.cos, view.sin, a.rope_interleave)
         w_uk, w_uv = self.mla_absorb[layer]  # [heads, qk_nope, r], [heads, v, r]
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope, w_uk)
         q = torch.cat([q_lat, q_pe], -1)  # [N, heads, r + rope]
         k = torch.cat([c.unsqueeze(1), k_pe], -1)  # [N, 1, r + rope]
-        self.cache.write(layer, k, k[..., :0], meta.slot_mapping)
-        keys, _ = self.cache.gather(layer, meta.key_slots)
-        out = paged_attention(q, keys, keys[..., :r], meta, a.softmax_scale)  # [N, heads, r]
+        view.kv.write(layer, k, k[..., :0], view.meta.slot_mapping)
+        keys, _ = view.kv.gather(layer, view.meta.key_slots)
+        out = paged_attention(q, keys, keys[..., :r], view.meta, a.softmax_scale)  # [N, heads, r]
         out = torch.einsum("nhr,hvr->nhv", out, w_uv).reshape(N, -1)
-        return all_reduce_tp(linear(out, p["o"]), self.pv.tp)
+        return self.ops.reduce(linear(out, p["o"]))
 
     def moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        a, p = self.arch, self.params[layer]
-        topw, topi = route(a, x, p["router"], p.get("router_bias"))
-        if self.record_routing:
-            self.routing.setdefault(layer, []).append(topi.to(torch.int32).clone())
-        owners = self.owner_tables[layer]
-        if owners.device != x.device:  # built on the CPU from the placement; moved once
-            owners = self.owner_tables[layer] = owners.to(x.device)
-        out = self.dispatcher(
-            x, topi, topw, owners, lambda rows, ids: run_experts(self.experts, layer, rows, ids)
-        )
-        if a.shared_intermediate:
-            shared = mlp(x, p["shared_gate_proj"], p["shared_up"], p["shared_down"], self.pv)
-            if a.shared_gate:
-                shared = torch.sigmoid(F.linear(x, p["shared_expert_gate"])) * shared
-            out = out + shared
-        return out
+        """The MoE block on tokens replicated over the MoE group: route, dispatch to the experts' ranks, combine."""
+        topw, topi = self.route(layer, x)
+        out = self.ops.dispatch(layer, x, topi, topw, lambda rows, ids: run_experts(self.experts, layer, rows, ids))
+        return out + self.shared_expert(layer, x) if self.arch.shared_intermediate else out
+
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) [T, k] of this layer's router; recorded and shown to the expert weights."""
+        p = self.params[layer]
+        topw, topi = route(self.arch, x, p["router"], p.get("router_bias"))
+        if self.routing is not None:
+            self.routing.record(layer, topi)
+        self.experts.observe(layer, x)
+        return topw, topi
+
+    def shared_expert(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p = self.params[layer]
+        shared = self.ops.reduce(swiglu(x, p["shared_gate_proj"], p["shared_up"], p["shared_down"]))
+        if self.arch.shared_gate:
+            shared = torch.sigmoid(F.linear(x, p["shared_expert_gate"])) * shared
+        return shared
+
+    def dense_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        p = self.params[layer]
+        return self.ops.reduce(swiglu(x, p["dense_gate"], p["dense_up"], p["dense_down"]))
 
     # -- the stage ----------------------------------------------------------------------
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Run this stage's layers on packed hidden states [N, H]."""
-        if self.coherent_sharded:
-            from tessera.parallel.coherent import coherent_forward
-
-            return coherent_forward(self, h, meta)
-        a = self.arch
+        a, tokens = self.arch, self.ops.tokens
         cos, sin = rope_cos_sin(meta.positions, a.rope_dim, a.rope_theta, a.rope_scaling)
+        h, view = tokens.enter(self, h, meta, cos, sin)
         for layer in self.layers:
             p = self.params[layer]
-            h = h + self.attention(layer, rms_norm(h, p["attn_norm"], a.rms_eps), meta, cos, sin)
+            h = h + tokens.attention(self, layer, rms_norm(h, p["attn_norm"], a.rms_eps), view)
             x = rms_norm(h, p["mlp_norm"], a.rms_eps)
             if a.moe_layers[layer]:
-                h = h + self.moe(layer, x)
+                h, view = tokens.moe(self, layer, h, x, view)
             else:
-                h = h + mlp(x, p["dense_gate"], p["dense_up"], p["dense_down"], self.pv)
-        return h
+                h = h + self.dense_mlp(layer, x)
+        return tokens.exit(self, h, view)

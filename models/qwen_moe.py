@@ -12,8 +12,6 @@ from __future__ import annotations
 from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of, sliding_window_of
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
-MOE_BLOCK = "model.layers.{layer}.mlp"
-STAGE_CUTS = "any layer boundary"
 
 _L = "model.layers.{layer}."
 CHECKPOINT_NAMES = {
@@ -51,7 +49,6 @@ TP_PLAN = {
     "q_bias": "colwise", "k_bias": "colwise_kv", "v_bias": "colwise_kv",
     "q_norm": "replicate", "k_norm": "replicate",
     "router": "replicate", "shared_expert_gate": "replicate",
-    "expert_gate": "expert_colwise", "expert_up": "expert_colwise", "expert_down": "expert_rowwise",
     "shared_gate_proj": "colwise", "shared_up": "colwise", "shared_down": "rowwise",
     "dense_gate": "colwise", "dense_up": "colwise", "dense_down": "rowwise",
 }

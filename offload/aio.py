@@ -36,6 +36,8 @@ from tessera.offload.errors import OffloadError
 
 log = logging.getLogger("tessera.offload.aio")
 
+# The loaded aio extension: a documented process-wide registry (a compiled op is loaded once per
+# process, as Python's own sys.modules keeps it), guarded by a lock.
 _AIO_MODULE: Any = None
 _AIO_LOCK = threading.Lock()
 

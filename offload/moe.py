@@ -8,9 +8,11 @@ memory without an NVMe dir) and an :class:`~tessera.offload.expert_cache.ExpertC
 in the device tier; model math is untouched, so offloaded generation is
 token- and logit-identical to in-memory generation.
 
-Loading streams: ``models.loader.load_stage`` hands each expert to
+Loading streams: ``models.loader.load_stage_weights`` hands each expert to
 :class:`ExpertSink.put`, which appends it to the tier file and drops it, so
-host memory never holds all experts at once. When a tier file for the same
+host memory never holds all experts at once; :meth:`ExpertSink.finish` then
+returns the :class:`OffloadedExperts` the stage is built with (nothing patches
+the stage afterwards: the MoE block shows its input to ``observe``). When a tier file for the same
 checkpoint, rank slice and dtype exists, it is reused (nothing is written).
 The stage's dense weights (attention, norms, routers, shared experts, embeddings)
 stay resident and are charged to the device budget.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -45,7 +48,7 @@ class OffloadedExperts:
     def local_experts(self, layer: int) -> list[int]:
         return list(self._local.get(layer, []))
 
-    def hint_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+    def observe(self, layer: int, hidden: torch.Tensor) -> None:
         """The hidden state entering ``layer``'s MoE block (used by the gate predictor)."""
         self._hidden[layer] = hidden
 
@@ -69,7 +72,7 @@ class OffloadedExperts:
 
 
 class ExpertSink:
-    """Receives this rank's experts from ``load_stage`` (``put``) and streams them into the tier file."""
+    """Receives this rank's experts from the loader (``put``) and streams them into the tier file."""
 
     def __init__(
         self,
@@ -97,6 +100,40 @@ class ExpertSink:
                     config.nvme_dir, name, fingerprint, sum(expected.values()), config.min_free_bytes
                 )
 
+    @classmethod
+    def for_rank(cls, config: OffloadConfig, model_dir: str, arch, family, held: dict[int, list],
+                 dtype: torch.dtype, device: torch.device, tag: str) -> "ExpertSink":
+        """A sink for the experts the loader will put on this rank: ``held[layer]`` = (expert, (row start, stop))
+        of its intermediate dim (sizes known from config.json)."""
+        from tessera.models.checkpoint import CheckpointReader, weight_files
+        from tessera.models.loader import read_expert
+
+        H = arch.hidden_size
+        expected: dict[str, int] = {}
+        rows: dict[tuple[int, int], tuple[int, int]] = {}
+        for layer, experts in held.items():
+            for expert, (a, b) in experts:
+                rows[(layer, expert)] = (a, b)
+                meta = {
+                    "gate_up": torch.empty((2 * (b - a), H), dtype=dtype, device="meta"),
+                    "down": torch.empty((H, b - a), dtype=dtype, device="meta"),
+                }
+                expected[expert_group_name(layer, expert)] = group_nbytes(meta)
+        layout = {f"{n}|{rows[_parse(n)]}|{dtype}": v for n, v in expected.items()}
+        fp = fingerprint_of(sorted({str(Path(model_dir) / f) for f in weight_files(model_dir).values()}), layout)
+        name = f"experts-{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}-{tag}"
+
+        def reload(layer: int, expert: int) -> dict[str, torch.Tensor]:
+            reader = CheckpointReader(model_dir, expected_dtype=arch.dtype)
+            try:
+                gate_up, down = read_expert(reader, arch, family.CHECKPOINT_NAMES, layer, expert, rows[(layer, expert)],
+                                            dtype)
+            finally:
+                reader.close()
+            return {"gate_up": gate_up, "down": down}
+
+        return cls(config, name, fp, expected, reload, device)
+
     # the ExpertWeights interface used while loading
     def put(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         name = expert_group_name(layer, expert)
@@ -112,8 +149,9 @@ class ExpertSink:
     def local_experts(self, layer: int) -> list[int]:
         return sorted(self.local.get(layer, []))
 
-    def finish(self, stage) -> OffloadedExperts:
-        """Close the tier file and build the store and the cache for ``stage`` (a MoEStage)."""
+    def finish(self, weights, arch, layers) -> OffloadedExperts:
+        """Close the tier file and build the store and the cache; ``weights`` (the stage's resident
+        ``models.loader.StageWeights``) are charged to the device budget and give the routers."""
         if self.writer is not None:
             self.writer.finish()
             self.writer = None
@@ -125,88 +163,24 @@ class ExpertSink:
                 specs.append(GroupSpec(name, nbytes, lambda held=held: held))
             else:
                 specs.append(GroupSpec(name, nbytes, lambda layer=layer, expert=expert: self.reload(layer, expert)))
-        resident = _tensor_bytes(stage.globals) + sum(_tensor_bytes(p) for p in stage.params.values())
         store = TieredStore(
             self.config, specs, {s.name: self.tier for s in specs}, fingerprint=self.fingerprint, name=self.name,
-            device=self.device, external_resident_bytes=resident,
+            device=self.device, external_resident_bytes=weights.nbytes(),
         )
         self.host.clear()  # the store holds the host tier now
-        arch = stage.arch
-        moe_layers = [l for l in stage.layers if arch.moe_layers[l]]
+        moe_layers = [l for l in layers if arch.moe_layers[l]]
 
         def gate_weight(layer: int):
-            p = stage.params.get(layer)
+            p = weights.params.get(layer)
             return None if p is None or "router" not in p else p["router"]
 
         cache = ExpertCache(
             store, arch.num_layers, arch.num_experts, layers=moe_layers, gate_weight=gate_weight,
             router_top_k=arch.top_k,
         )
-        experts = OffloadedExperts(store, cache, {l: sorted(v) for l, v in self.local.items()})
-        _install_gate_hint(stage, experts)
-        return experts
+        return OffloadedExperts(store, cache, {l: sorted(v) for l, v in self.local.items()})
 
 
 def _parse(name: str) -> tuple[int, int]:
     parts = name.split(".")
     return int(parts[1]), int(parts[3])
-
-
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _install_gate_hint(stage, experts: OffloadedExperts) -> None:
-    """Let the gate predictor see each MoE block's input: wraps this stage object's ``moe`` (no model code changes)."""
-    original = stage.moe
-
-    def moe(layer: int, x: torch.Tensor) -> torch.Tensor:
-        experts.hint_hidden(layer, x)
-        return original(layer, x)
-
-    stage.moe = moe
-
-
-def sink_for_stage(spec, worker, model_dir: str, arch, family, layers, moe_rank: int, dtype: torch.dtype) -> ExpertSink:
-    """An ExpertSink for the experts ``load_stage`` will put on this rank (sizes known from config.json)."""
-    from tessera.models.checkpoint import CheckpointReader, weight_files
-    from tessera.models.loader import expected_shape
-    from tessera.parallel.tensor import split_range
-
-    config: OffloadConfig = spec.offload
-    if not isinstance(config, OffloadConfig):
-        raise OffloadConfigError(f"offload must be an OffloadConfig, got {type(config).__name__}")
-    H = arch.hidden_size
-    expected: dict[str, int] = {}
-    slices: dict[tuple[int, int], tuple[int, int]] = {}
-    for layer in layers:
-        if not arch.moe_layers[layer]:
-            continue
-        for expert, index, count in spec.placement.local_experts(layer, moe_rank):
-            a, b = split_range(arch.moe_intermediate, count, index)
-            slices[(layer, expert)] = (a, b)
-            meta = {
-                "gate_up": torch.empty((2 * (b - a), H), dtype=dtype, device="meta"),
-                "down": torch.empty((H, b - a), dtype=dtype, device="meta"),
-            }
-            expected[expert_group_name(layer, expert)] = group_nbytes(meta)
-    layout = {f"{n}|{slices[_parse(n)]}|{dtype}": v for n, v in expected.items()}
-    from pathlib import Path
-
-    fp = fingerprint_of(sorted({str(Path(model_dir) / f) for f in weight_files(model_dir).values()}), layout)
-    name = f"experts-{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}-rank{worker.rank}of{worker.world_size}"
-    names = family.CHECKPOINT_NAMES
-
-    def reload(layer: int, expert: int) -> dict[str, torch.Tensor]:
-        a, b = slices[(layer, expert)]
-        reader = CheckpointReader(model_dir, expected_dtype=arch.dtype)
-        try:
-            key = lambda n: names[n].format(layer=layer, expert=expert)  # noqa: E731
-            gate = reader.read(key("expert_gate"), expected_shape(arch, "expert_gate"), dim=0, start=a, stop=b, dtype=dtype)
-            up = reader.read(key("expert_up"), expected_shape(arch, "expert_up"), dim=0, start=a, stop=b, dtype=dtype)
-            down = reader.read(key("expert_down"), expected_shape(arch, "expert_down"), dim=1, start=a, stop=b, dtype=dtype)
-        finally:
-            reader.close()
-        return {"gate_up": torch.cat([gate, up], 0).contiguous(), "down": down.contiguous()}
-
-    return ExpertSink(config, name, fp, expected, reload, worker.device)

@@ -39,12 +39,13 @@ a single collective. Numerically it is the standard computation with the sums
 of a token's expert outputs taken in another order (fp32 logits agree to
 ~1e-6). ``check_exflow`` refuses the plans it does not cover.
 
-Coupling to ``models.moe_layers``: attention runs through the stage's own
-``MoEStage.attention`` (one implementation of the model math) with resident-only
-metadata and a stand-in cache whose ``write`` does the K/V all-gather; this
-relies on ``attention`` writing its new K/V through ``self.cache.write(layer,
-k, v, meta.slot_mapping)`` and reading through ``self.cache.gather``. The MoE
-part reuses ``route``, ``run_experts`` and ``mlp``. ``tests/test_affinity_exflow.py``
+How it plugs in: :class:`ExFlowTokens` is the stage's token-layout strategy
+(``ShardOps.tokens``, see ``models.moe_layers.ReplicatedTokens``): ``enter``
+splits the batch, ``attention`` runs the stage's own ``MoEStage.attention``
+(one implementation of the model math) with resident-only metadata and a
+K/V stand-in whose ``write`` does the context all-gather, ``moe`` is the
+exchange below (it reuses the stage's ``route``, ``run_experts`` and shared
+expert), ``exit`` gathers the batch back. ``tests/test_affinity_exflow.py``
 checks the result against transformers and the standard path.
 """
 
@@ -182,34 +183,75 @@ class _ContextCache:
         self._cache.write(layer, K.reshape(n, *kc.shape[1:]), V.reshape(n, *vc.shape[1:]), S.view(-1))
 
 
-def _attention(stage, layer: int, x: torch.Tensor, index: torch.Tensor, meta, cos, sin, counts, stats) -> torch.Tensor:
-    proxy = _ContextCache(stage.cache, stage.pv.moe, counts, stats)
-    if index.numel() == 0:  # nothing resident here: still take part in the context all-gather
-        kc, vc = stage.cache.k[layer], stage.cache.v[layer]
-        proxy.write(layer, kc.new_empty((0, *kc.shape[1:])), vc.new_empty((0, *vc.shape[1:])), index)
-        return x.new_zeros((0, x.shape[1]))
-    saved, stage.cache = stage.cache, proxy
-    try:
-        return stage.attention(layer, x, resident_metadata(meta, index), cos[index], sin[index])
-    finally:
-        stage.cache = saved
+@dataclass
+class _Residents:
+    """Where this rank's tokens are: ``index`` (positions in the batch, ascending), every rank's count,
+    and the batch-wide attention metadata and RoPE rows they are cut from."""
+
+    index: torch.Tensor
+    counts: list[int]
+    meta: Any
+    cos: torch.Tensor
+    sin: torch.Tensor
+    total: int
+
+
+class ExFlowTokens:
+    """The MoE stage's token layout under ExFlow: tokens live on one rank and follow their top-1 expert.
+
+    Plugged into ``MoEStage`` as ``ShardOps.tokens`` by ``parallel/parallelize.py``
+    (see the module docstring for the design).
+    """
+
+    def __init__(self, comm: GroupComm, dispatcher: ExpertDispatcher) -> None:
+        self.comm = comm
+        self.dispatcher = dispatcher  # its owner tables; its rows_sent counts ExFlow's rows too (benchmarks compare)
+        self.stats = CoherentStats()
+
+    def enter(self, stage, h: torch.Tensor, meta, cos, sin):
+        N, P, me = h.shape[0], self.comm.size, self.comm.rank
+        counts = [b - a for a, b in (split_range(N, P, r) for r in range(P))]
+        lo, hi = split_range(N, P, me)
+        return h[lo:hi], _Residents(torch.arange(lo, hi, device=h.device), counts, meta, cos, sin, N)
+
+    def attention(self, stage, layer: int, x: torch.Tensor, at: _Residents) -> torch.Tensor:
+        from tessera.models.moe_layers import LayerView
+
+        kv = _ContextCache(stage.cache, self.comm, at.counts, self.stats)
+        if at.index.numel() == 0:  # nothing resident here: still take part in the context all-gather
+            kc, vc = stage.cache.k[layer], stage.cache.v[layer]
+            kv.write(layer, kc.new_empty((0, *kc.shape[1:])), vc.new_empty((0, *vc.shape[1:])), at.index)
+            return x.new_zeros((0, x.shape[1]))
+        view = LayerView(resident_metadata(at.meta, at.index), at.cos[at.index], at.sin[at.index], kv)
+        return stage.attention(layer, x, view)
+
+    def moe(self, stage, layer: int, h: torch.Tensor, x: torch.Tensor, at: _Residents):
+        h, index, counts = _moe(stage, layer, h, x, at.index, at.total, self.comm, self.dispatcher, self.stats)
+        return h, replace(at, index=index, counts=counts)
+
+    def exit(self, stage, h: torch.Tensor, at: _Residents) -> torch.Tensor:
+        rows = _pack(h, at.index.unsqueeze(1))
+        self.stats.gather_bytes += rows.numel() * (self.comm.size - 1)
+        both = _all_gather_rows(rows, at.counts, self.comm)
+        vals, idx = _unpack(both, [(h.dtype, h.shape[1]), (torch.int64, 1)])
+        out = h.new_empty((at.total, h.shape[1]))
+        out[idx.view(-1)] = vals
+        return out
 
 
 # -- the MoE exchange ------------------------------------------------------------------------
 
 
-def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats: CoherentStats):
+def _moe(stage, layer: int, h: torch.Tensor, x: torch.Tensor, index: torch.Tensor, N: int, comm: GroupComm,
+         dispatcher: ExpertDispatcher, stats: CoherentStats):
     """Route residents, move them to their anchors, combine. Returns (new residents h, their indices, counts)."""
-    from tessera.models.moe_layers import mlp, rms_norm, route, run_experts
+    from tessera.models.moe_layers import rms_norm, run_experts
 
-    a, p, pv = stage.arch, stage.params[layer], stage.pv
-    P, me, comm, dev = pv.moe.size, pv.moe.rank, pv.moe, h.device
+    a, p = stage.arch, stage.params[layer]
+    P, me, dev = comm.size, comm.rank, h.device
     H, k = h.shape[1], a.top_k
-    owners = stage.owner_tables[layer]
-    if owners.device != dev:
-        owners = stage.owner_tables[layer] = owners.to(dev)
-    x = rms_norm(h, p["mlp_norm"], a.rms_eps)
-    topw, topi = route(a, x, p["router"], p.get("router_bias"))
+    owners = dispatcher.owners(layer, dev)
+    topw, topi = stage.route(layer, x)
     dest = ExpertDispatcher.destinations(index, topi, owners)[..., 0]  # [n, k] ep rank of each choice
     n = h.shape[0]
     anchor = dest[:, 0]
@@ -236,7 +278,7 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats:
     got = comm.all_to_all_rows(rows, send, recv)
     sent_rows = sum(send) - send[me]
     stats.moe_rows += sent_rows
-    stage.dispatcher.rows_sent += sent_rows  # what the benchmark compares with the standard dispatcher
+    dispatcher.rows_sent += sent_rows  # what the benchmark compares with the standard dispatcher
     stats.moe_bytes += sent_rows * rows.shape[1]
     g_meta, vec, w = _unpack(got, [(torch.int64, 2 + k), (h.dtype, H), (topw.dtype, k)])
     g_idx, g_anchor, g_ids = g_meta[:, 0], g_meta[:, 1], g_meta[:, 2:]
@@ -273,50 +315,12 @@ def _moe(stage, layer: int, h: torch.Tensor, index: torch.Tensor, N: int, stats:
         routed = routed.index_add(0, e_row, back)
         sent2 = sum(send2) - send2[me]
         stats.moe_rows += sent2
-        stage.dispatcher.rows_sent += sent2
+        dispatcher.rows_sent += sent2
         stats.moe_bytes += sent2 * H * vec.element_size()
         stats.second_exchanges += 1
     stats.moe_layer_calls += 1
     if a.shared_intermediate:
-        shared = mlp(x_home, p["shared_gate_proj"], p["shared_up"], p["shared_down"], pv)
-        if a.shared_gate:
-            shared = torch.sigmoid(torch.nn.functional.linear(x_home, p["shared_expert_gate"])) * shared
-        routed = routed + shared
+        routed = routed + stage.shared_expert(layer, x_home)
     h_new = h_home + routed
     order = torch.argsort(idx_home)
     return h_new[order], idx_home[order], counts
-
-
-# -- the stage -------------------------------------------------------------------------------
-
-
-def coherent_forward(stage, h: torch.Tensor, meta) -> torch.Tensor:
-    """``MoEStage.forward`` with token-sharded hidden states; returns the full [N, H] in token order."""
-    from tessera.models.moe_layers import mlp, rms_norm, rope_cos_sin
-
-    a, pv = stage.arch, stage.pv
-    P, me, comm = pv.moe.size, pv.moe.rank, pv.moe
-    stats = getattr(stage, "coherent_stats", None)
-    if stats is None:
-        stats = stage.coherent_stats = CoherentStats()
-    N, H = h.shape
-    scaling = getattr(a, "rope_scaling", None)  # the same cos/sin as MoEStage.forward (YaRN when configured)
-    cos, sin = rope_cos_sin(meta.positions, a.rope_dim, a.rope_theta, *(() if scaling is None else (scaling,)))
-    counts = [b - s for s, b in (split_range(N, P, r) for r in range(P))]
-    lo, hi = split_range(N, P, me)
-    index = torch.arange(lo, hi, device=h.device)
-    h = h[lo:hi]
-    for layer in stage.layers:
-        p = stage.params[layer]
-        h = h + _attention(stage, layer, rms_norm(h, p["attn_norm"], a.rms_eps), index, meta, cos, sin, counts, stats)
-        if a.moe_layers[layer]:
-            h, index, counts = _moe(stage, layer, h, index, N, stats)
-        else:
-            h = h + mlp(rms_norm(h, p["mlp_norm"], a.rms_eps), p["dense_gate"], p["dense_up"], p["dense_down"], pv)
-    rows = _pack(h, index.unsqueeze(1))
-    stats.gather_bytes += rows.numel() * (P - 1)
-    both = _all_gather_rows(rows, counts, comm)
-    vals, idx = _unpack(both, [(h.dtype, H), (torch.int64, 1)])
-    out = h.new_empty((N, H))
-    out[idx.view(-1)] = vals
-    return out

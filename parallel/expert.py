@@ -1,13 +1,9 @@
-"""Expert parallelism: which rank owns which expert (or slice of one), and the
-all_to_all dispatch / combine of routed tokens.
+"""Expert parallelism: the dispatch / combine of routed tokens to the ranks that own their experts.
 
 Ranks of one pipeline stage form the *MoE group* (``ep`` x ``tp`` ranks, group
-rank ``g = ep_rank * tp + tp_rank``). An expert lives on the ep rank the
-expert map names (contiguous by default, any map allowed: expert-affinity
-placement supplies non-contiguous ones) and its intermediate dim is sliced
-over that ep rank's tp ranks. When there are more ep ranks than experts
-(``ep % experts == 0``), each expert is sliced over ``ep / experts`` ep ranks
-too, as in DeepSpeed-MoE expert slicing. Every owner of an expert computes a
+rank ``g = ep_rank * tp + tp_rank``). Who owns which expert (or slice of one)
+is ``memory/expert_placement.ExpertPlacement``'s answer, handed to the
+dispatcher as an owner table per layer. Every owner of an expert computes a
 partial output with its slice; the combine step sums them.
 
 Dispatch (``all_to_all`` mode): activations are replicated inside the group, so each rank takes a
@@ -28,185 +24,49 @@ all_reduce only when ``2 * k * slices < P`` (large ep, few choices).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from tessera.errors import ConfigError
+from tessera.options import MOE_DISPATCH_MODES as DISPATCH_MODES
 from tessera.parallel.comm import GroupComm
 from tessera.parallel.tensor import split_range
 
 
-EP_MODES = ("standard", "coherent")
-
-
-@dataclass(frozen=True)
-class ExpertPlacement:
-    """Owners of every expert of every MoE layer: ``owners[layer][expert]`` = group ranks, slice order."""
-
-    num_experts: int
-    ep: int
-    tp: int
-    owners: dict  # layer -> tuple[tuple[int, ...], ...]
-    # Optional redundant copies of hot experts (expert-affinity load balance):
-    # layer -> per expert, a tuple of extra copies, each a tuple of group ranks
-    # like ``owners``. A token's (expert) choice goes to one copy, split evenly.
-    replicas: dict = field(default_factory=dict)
-    # "standard": tokens split over the group by index; "coherent": each token is
-    # handled on the rank of its top-1 expert (see ExpertDispatcher).
-    mode: str = "standard"
-
-    def local_experts(self, layer: int, group_rank: int) -> list[tuple[int, int, int]]:
-        """(expert, slice index, number of slices) held by ``group_rank`` in ``layer`` (replicas included)."""
-        out = []
-        extra = self.replicas.get(layer) or ((),) * self.num_experts
-        for expert, ranks in enumerate(self.owners[layer]):
-            for copy in (ranks, *extra[expert]):
-                if group_rank in copy:
-                    out.append((expert, copy.index(group_rank), len(copy)))
-        return out
-
-    def owner_table(self, layer: int) -> torch.Tensor:
-        """[experts, slices] int64 tensor of owner group ranks (every expert has the same slice count).
-
-        With replicas in ``layer``: [experts, copies, slices], padded with -1
-        where an expert has fewer copies than the most replicated one.
-        """
-        if not self.replicas.get(layer):
-            return torch.tensor(self.owners[layer], dtype=torch.int64)
-        copies = [(ranks, *extra) for ranks, extra in zip(self.owners[layer], self.replicas[layer])]
-        width, slices = max(len(c) for c in copies), len(self.owners[layer][0])
-        padded = [list(c) + [(-1,) * slices] * (width - len(c)) for c in copies]
-        return torch.tensor(padded, dtype=torch.int64)
-
-    def ep_map(self, layer: int) -> list[int]:
-        """expert -> first ep rank owning it (what the affinity planner reads back)."""
-        return [ranks[0] // self.tp for ranks in self.owners[layer]]
-
-
-def build_placement(
-    num_experts: int, moe_layers: Sequence[int], ep: int, tp: int, expert_map=None, expert_replicas=None,
-    mode: str = "standard",
-) -> ExpertPlacement:
-    """Validate ``expert_map`` (``map[layer][expert] = ep rank``, or one list for all layers) and expand it.
-
-    ``expert_replicas[layer][expert]`` (optional, one entry per MoE layer) lists
-    extra ep ranks holding a copy of that expert. Raises :class:`ConfigError`
-    before any worker starts when the map cannot work.
-    """
-    if mode not in EP_MODES:
-        raise ConfigError(f"expert-parallel mode {mode!r} is unknown; use one of {', '.join(EP_MODES)}")
-    if mode != "standard":
-        base = build_placement(num_experts, moe_layers, ep, tp, expert_map, expert_replicas)
-        return ExpertPlacement(base.num_experts, base.ep, base.tp, base.owners, base.replicas, mode)
-    if expert_replicas is not None:
-        base = build_placement(num_experts, moe_layers, ep, tp, expert_map)
-        return _with_replicas(base, list(moe_layers), expert_replicas)
-    layers = list(moe_layers)
-    per_layer: dict[int, list[int]] = {}
-    if expert_map is None:
-        if num_experts >= ep:
-            default = [split_index(num_experts, ep, e) for e in range(num_experts)]
-            per_layer = {layer: default for layer in layers}
-        elif ep % num_experts:
-            raise ConfigError(
-                f"ep={ep} ranks and {num_experts} experts: with more ep ranks than experts, ep must be a multiple "
-                f"of the expert count so each expert is sliced over ep/experts ranks; use ep in "
-                f"{[d for d in range(1, num_experts + 1) if num_experts % d == 0] + [num_experts * 2]}"
-            )
-        else:
-            s = ep // num_experts
-            owners = tuple(
-                tuple(r * tp + t for r in range(e * s, (e + 1) * s) for t in range(tp)) for e in range(num_experts)
-            )
-            return ExpertPlacement(num_experts, ep, tp, {layer: owners for layer in layers})
-    else:
-        if num_experts < ep:
-            raise ConfigError(
-                f"an explicit expert_map needs at least as many experts ({num_experts}) as ep ranks ({ep}); "
-                "leave expert_map out to slice experts over ranks"
-            )
-        maps = list(expert_map)
-        if maps and not isinstance(maps[0], (list, tuple)):
-            maps = [maps] * len(layers)
-        if len(maps) == 1 and len(layers) > 1:
-            maps = maps * len(layers)
-        if len(maps) != len(layers):
-            raise ConfigError(
-                f"expert_map has {len(maps)} per-layer lists, but the model has {len(layers)} MoE layers "
-                f"({layers}); give one list per MoE layer or a single list for all"
-            )
-        for layer, m in zip(layers, maps):
-            m = [int(r) for r in m]
-            if len(m) != num_experts:
-                raise ConfigError(f"expert_map for layer {layer} has {len(m)} entries; it needs one ep rank per expert ({num_experts})")
-            bad = [r for r in m if not 0 <= r < ep]
-            if bad:
-                raise ConfigError(f"expert_map for layer {layer} names ep rank {bad[0]}, outside 0..{ep - 1}")
-            empty = sorted(set(range(ep)) - set(m))
-            if empty:
-                raise ConfigError(
-                    f"expert_map for layer {layer} leaves ep rank(s) {empty} without experts; every rank must hold its share"
-                )
-            per_layer[layer] = m
-    owners = {
-        layer: tuple(tuple(m[e] * tp + t for t in range(tp)) for e in range(num_experts)) for layer, m in per_layer.items()
-    }
-    return ExpertPlacement(num_experts, ep, tp, owners)
-
-
-def _with_replicas(base: ExpertPlacement, layers: list[int], expert_replicas) -> ExpertPlacement:
-    reps = list(expert_replicas)
-    if len(reps) != len(layers):
-        raise ConfigError(
-            f"expert_replicas has {len(reps)} per-layer lists, but the model has {len(layers)} MoE layers ({layers})"
-        )
-    if base.ep > base.num_experts:
-        raise ConfigError("expert_replicas needs at least as many experts as ep ranks (experts are not sliced over ep)")
-    out = {}
-    for layer, per_expert in zip(layers, reps):
-        per_expert = list(per_expert)
-        if len(per_expert) != base.num_experts:
-            raise ConfigError(f"expert_replicas for layer {layer} has {len(per_expert)} entries; it needs one per expert")
-        copies = []
-        for expert, extra in enumerate(per_expert):
-            primary = base.owners[layer][expert][0] // base.tp
-            extra = [int(r) for r in extra]
-            if any(not 0 <= r < base.ep for r in extra) or len(set(extra + [primary])) != len(extra) + 1:
-                raise ConfigError(
-                    f"expert_replicas for layer {layer}, expert {expert} is {extra}: copies must be distinct ep ranks "
-                    f"in 0..{base.ep - 1} other than the primary rank {primary}"
-                )
-            copies.append(tuple(tuple(r * base.tp + t for t in range(base.tp)) for r in extra))
-        out[layer] = tuple(copies)
-    return ExpertPlacement(base.num_experts, base.ep, base.tp, base.owners, out)
-
-
-def split_index(n: int, parts: int, item: int) -> int:
-    """Which of ``parts`` balanced contiguous pieces of ``range(n)`` holds ``item``."""
-    for p in range(parts):
-        a, b = split_range(n, parts, p)
-        if a <= item < b:
-            return p
-    raise IndexError(item)
-
-
-DISPATCH_MODES = ("auto", "all_to_all", "all_reduce")
 LOW_LATENCY_TOKENS = 16
 
 
 class ExpertDispatcher:
-    """Moves routed tokens to their expert owners and the partial outputs back (one MoE group)."""
+    """Moves routed tokens to their expert owners and the partial outputs back (one MoE group).
 
-    def __init__(self, comm: GroupComm, coherent: bool = False, mode: str = "auto") -> None:
+    Called as the MoE block's ``ShardOps.dispatch(layer, x, topi, topw, compute)``
+    when built with an :class:`~tessera.memory.expert_placement.ExpertPlacement`
+    (its owner tables, per layer, moved to the device once); :meth:`exchange`
+    takes an explicit owner table.
+    """
+
+    def __init__(self, comm: GroupComm, coherent: bool = False, mode: str = "auto", placement=None,
+                 tp: int = 1) -> None:
         if mode not in DISPATCH_MODES:
             raise ConfigError(f"MoE dispatch mode {mode!r} is unknown; use one of {', '.join(DISPATCH_MODES)}")
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         self.coherent = coherent
         self.mode = mode
+        self.placement, self.tp = placement, tp
+        self._owners: dict[int, torch.Tensor] = {}
         self.rows_sent = 0  # (token, choice) rows this rank sent to other ranks, both directions
+
+    def owners(self, layer: int, device: torch.device) -> torch.Tensor:
+        """The owner table of ``layer`` (built on the CPU from the placement; moved to ``device`` once)."""
+        table = self._owners.get(layer)
+        if table is None or table.device != device:
+            table = self._owners[layer] = self.placement.owner_table(layer, self.tp).to(device)
+        return table
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                 compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return self.exchange(x, topk_ids, topk_w, self.owners(layer, x.device), compute)
 
     @staticmethod
     def destinations(token_index: torch.Tensor, ids: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
@@ -216,7 +76,7 @@ class ExpertDispatcher:
             return owners[ids, token_index.unsqueeze(1) % counts[ids]]
         return owners[ids]
 
-    def __call__(
+    def exchange(
         self,
         x: torch.Tensor,  # [T, H], identical on every rank of the group
         topk_ids: torch.Tensor,  # [T, k]

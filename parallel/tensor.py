@@ -13,13 +13,17 @@ rank holds more than its share:
 - ``vocab``: embedding rows split by vocabulary range over tp (last part padded),
   lookups masked and all-reduced; the LM head uses the same ranges over all ep x tp
   ranks of the last stage, logits all-gathered.
-- ``expert_colwise`` / ``expert_rowwise``: slices of one expert's intermediate dim
-  (see ``tessera.parallel.expert``).
+
+Routed experts are not in ``TP_PLAN``: which experts a rank holds, and which
+rows of each one's intermediate dim, come from the Placement's
+``ExpertPlacement`` (:meth:`TensorSlicer.expert_rows`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -27,7 +31,7 @@ from tessera.errors import ConfigError
 from tessera.models.packed_linear import linear
 from tessera.parallel.comm import GroupComm
 
-SHARD_KINDS = ("replicate", "colwise", "colwise_kv", "rowwise", "vocab", "expert_colwise", "expert_rowwise")
+SHARD_KINDS = ("replicate", "colwise", "colwise_kv", "rowwise", "vocab")
 
 
 def split_range(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -84,17 +88,67 @@ def tp_slice(kind: str, shape: tuple[int, ...], unit: int, tp: int, rank: int, h
     raise ConfigError(f"unknown tensor-parallel kind {kind!r}; use one of {', '.join(SHARD_KINDS)}")
 
 
-def all_reduce_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    """Sum the partial outputs of a row-parallel linear."""
-    return comm.all_reduce(x)
+@dataclass(frozen=True)
+class TensorSlicer:
+    """This rank's piece of every weight of a MoE language-model stage, from the family's ``TP_PLAN``.
+
+    ``models/loader.py`` asks it, per weight name, which slice to read from the
+    checkpoint; it answers from the kind the family declared and the rank's
+    place in ``tp`` (and, for the LM head and the experts, in the stage's MoE
+    group). The DiT families use the same kinds through :func:`tp_slice`
+    (``parallel/dit_tensor.py`` swaps their modules instead of slicing weight
+    dicts: see there).
+    """
+
+    arch: Any  # models.arch.MoEArch
+    plan: Mapping[str, str]  # the family's TP_PLAN
+    tp: int = 1
+    tp_rank: int = 0
+    moe_size: int = 1
+    moe_rank: int = 0
+
+    def slice(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of this rank's piece of weight ``name`` (full ``shape``); None: the whole tensor."""
+        from tessera.models.loader import shard_unit
+
+        a = self.arch
+        return tp_slice(self.plan[name], shape, shard_unit(a, name), self.tp, self.tp_rank, (a.num_heads, a.num_kv_heads))
+
+    def head_rows(self) -> tuple[int, int, int]:
+        """(start, stop, padded rows) of the LM head: vocab-split over the whole MoE group (ep x tp ranks).
+
+        With ep > 1 a replicated head would be read in full by every ep rank per token."""
+        return vocab_range(self.arch.vocab_size, self.moe_size, self.moe_rank)
+
+    @property
+    def vocab_start(self) -> int:
+        return vocab_range(self.arch.vocab_size, self.tp, self.tp_rank)[0]
+
+    @property
+    def local_heads(self) -> int:
+        return self.arch.num_heads // self.tp
+
+    @property
+    def local_kv_heads(self) -> int:
+        a = self.arch
+        if a.attention == "mla":
+            return a.num_heads // self.tp
+        lo, hi = kv_head_range(a.num_heads, a.num_kv_heads, self.tp, self.tp_rank)
+        return hi - lo
+
+    def expert_rows(self, index: int, count: int) -> tuple[int, int]:
+        """Rows of an expert's intermediate dim held as slice ``index`` of ``count``."""
+        return split_range(self.arch.moe_intermediate, count, index)
 
 
-def pad_vocab_rows(weight: torch.Tensor, part: int) -> torch.Tensor:
-    """Pad a vocab shard to the common part size so all ranks gather equal shapes."""
-    if weight.shape[0] == part:
-        return weight
-    pad = weight.new_zeros((part - weight.shape[0], *weight.shape[1:]))
-    return torch.cat([weight, pad], 0)
+def tensor_parallel_hooks(tp: GroupComm, moe: GroupComm) -> dict[str, Any]:
+    """The ``ShardOps`` hooks of tensor parallelism: sum row-split partial outputs over ``tp``, embed with
+    the vocabulary split over ``tp``, and the LM head split over the whole MoE group ``moe``."""
+    return {
+        "reduce": tp.all_reduce,
+        "embed": lambda ids, table, start: vocab_embed(ids, table, start, tp),
+        "logits": lambda h, head, vocab: vocab_logits(h, head, vocab, moe),
+    }
 
 
 def vocab_embed(ids: torch.Tensor, weight: torch.Tensor, start: int, comm: GroupComm) -> torch.Tensor:

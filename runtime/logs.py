@@ -1,7 +1,8 @@
 """One log-level switch for the driver and every worker.
 
 The level comes from ``--log-level`` / ``JobSpec.log_level`` or, when neither
-is given, from ``TESSERA_LOG_LEVEL``. Worker lines carry ``[rank N]`` so that
+is given, from ``TESSERA_LOG_LEVEL`` (read when logging is configured, never
+written: the controller hands each worker its level explicitly). Worker lines carry ``[rank N]`` so that
 interleaved output from many ranks stays readable.
 """
 
@@ -30,4 +31,3 @@ def configure_logging(level: str | None = None, rank: int | None = None) -> None
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-    os.environ[LOG_LEVEL_ENV] = level

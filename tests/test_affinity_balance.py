@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tessera.memory.affinity.balance import add_replicas, balancedness, rank_loads
-from tessera.memory.affinity.placement import ExpertPlacement, PlacementInvalid
+from tessera.memory.expert_placement import ExpertPlacement, PlacementInvalid
 from tessera.memory.affinity.placement_file import load_placement, save_placement
 from tessera.memory.affinity.problem import PlacementProblem
 from tessera.memory.affinity.solvers import get_solver

@@ -7,7 +7,8 @@ import torch
 
 def _dispatch_both_ways(worker, seed: int):
     """Run one MoE dispatch in standard and in coherent mode on the ep group; return outputs and rows moved."""
-    from tessera.parallel.expert import ExpertDispatcher, build_placement
+    from tessera.memory.expert_placement import ExpertPlacement
+    from tessera.parallel.expert import ExpertDispatcher
 
     comm = worker.comm("ep")
     size = comm.size
@@ -23,9 +24,9 @@ def _dispatch_both_ways(worker, seed: int):
     outs = {}
     for name, kwargs in {"standard": {"mode": "all_to_all"}, "coherent": {"coherent": True}}.items():
         for reps in (None, replicas):
-            owners = build_placement(E, [0], size, 1, expert_map, reps).owner_table(0)
+            owners = ExpertPlacement.for_model(E, [0], size, expert_map, reps).owner_table(0)
             d = ExpertDispatcher(comm, **kwargs)
-            outs[(name, reps is not None)] = (d(x, ids, w, owners, compute), d.rows_sent)
+            outs[(name, reps is not None)] = (d.exchange(x, ids, w, owners, compute), d.rows_sent)
     reference = torch.zeros(T, H)
     for t in range(T):
         for j in range(k):

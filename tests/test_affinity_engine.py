@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tessera.memory.affinity.balance import add_replicas
-from tessera.memory.affinity.placement import linear_rank_of
-from tessera.memory.affinity.placement_file import expert_map_from_file, save_placement
+from tessera.memory.expert_placement import linear_rank_of
+from tessera.memory.affinity.placement_file import placement_for_model, save_placement
 from tessera.memory.affinity.problem import PlacementProblem
 from tessera.memory.affinity.solvers import get_solver
 from tessera.memory.affinity.stats import AffinityStats
@@ -31,7 +31,7 @@ def _generate(ctl, path, **options):
     try:
         results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
         trace = trace_from_engine(engine.routing_trace()) if options.get("record_routing") else None
-        applied = [engine.placement.ep_map(layer) for layer in engine.arch.moe_layer_ids]
+        applied = [engine.placement.experts.ep_map(layer) for layer in engine.arch.moe_layer_ids]
     finally:
         engine.close()
     return [r.token_ids for r in results], trace, applied
@@ -55,9 +55,9 @@ def test_solver_placement_generates_the_same_tokens_as_linear(make_controller, t
     linear = get_solver("linear").solve(problem)
     assert placement.info["cost"] <= linear.info["cost"]
     path = save_placement(tmp_path / "ilp.json", placement, model=trace.header.model, layer_ids=trace.header.layer_ids)
-    expert_map = expert_map_from_file(path, num_experts=8, moe_layers=trace.header.layer_ids)
+    expert_map = placement_for_model(path, num_experts=8, moe_layers=trace.header.layer_ids, ep=EP).expert_map()
     assert expert_map != linear_rank_of(3, 8, EP).tolist(), "the test needs a placement that differs from linear"
-    tokens, _, applied = _generate(ctl, tiny_mixtral, expert_map=expert_map)
+    tokens, _, applied = _generate(ctl, tiny_mixtral, placement_file=str(path))  # the typed route of `tessera place`
     assert applied == expert_map, "the engine did not apply the placement"
     assert tokens == base_tokens, "generation with the ilp placement differs from the linear placement"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.memory.affinity.placement import linear_rank_of
+from tessera.memory.expert_placement import linear_rank_of
 from tessera.models.tiny_moe import build_tiny_moe
 from tessera.parallel.coherent import check_exflow
 from tessera.config import ConfigError, ParallelPlan
@@ -25,8 +25,9 @@ BATCH = [*PROMPTS, [1, 60, 61, 62], [1, 11, 12, 13, 14, 15, 16, 17, 18], [1, 99]
 
 def _stats(worker, key: str):
     runner = worker.engines[key]
-    stats = getattr(runner.stage, "coherent_stats", None)
-    return {"rows_sent": runner.stage.dispatcher.rows_sent, "exflow": stats.snapshot() if stats else None}
+    ops = runner.stage.ops
+    stats = getattr(ops.tokens, "stats", None)
+    return {"rows_sent": getattr(ops.dispatch, "rows_sent", 0), "exflow": stats.snapshot() if stats else None}
 
 
 def _scrambled_map(layers: int, experts: int, ep: int) -> list[list[int]]:

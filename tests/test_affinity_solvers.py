@@ -10,7 +10,7 @@ from tessera.memory.affinity.metrics import (
     cross_node_fraction,
     cross_rank_fraction,
 )
-from tessera.memory.affinity.placement import ExpertPlacement, PlacementInvalid
+from tessera.memory.expert_placement import ExpertPlacement, PlacementInvalid
 from tessera.memory.affinity.problem import PlacementProblem
 from tessera.memory.affinity.solvers import get_solver, solver_names
 from tessera.memory.affinity.stats import AffinityStats

@@ -17,7 +17,8 @@ GREEDY = SamplingParams(max_new_tokens=6)
 
 
 def _recorded_layers(worker, key):
-    return len(worker.engines[key].stage.routing)
+    routing = worker.engines[key].stage.routing  # None: no recorder was plugged in
+    return 0 if routing is None else len(routing.layers)
 
 
 def _engine(ctl, ref, **kw):

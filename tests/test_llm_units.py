@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from tessera.memory.kv_cache import BlockAllocator, PagedKVCache, SeqSlice, build_metadata, paged_attention
-from tessera.parallel.expert import build_placement
+from tessera.memory.kv_cache import BlockAllocator
+from tessera.models.paged_attention import PagedKVCache, SeqSlice, build_metadata, paged_attention
+from tessera.memory.expert_placement import ExpertPlacement
 from tessera.parallel.tensor import kv_head_range, split_range, tp_slice, vocab_range
 from tessera.config import ConfigError
 from tessera.runtime.llm.engine import SamplingParams
@@ -93,12 +94,12 @@ def test_tensor_parallel_slices():
 
 
 def test_expert_placement_default_slicing_and_maps():
-    p = build_placement(4, [1, 2], ep=2, tp=2)
-    assert p.owners[1] == ((0, 1), (0, 1), (2, 3), (2, 3))
-    assert p.local_experts(1, 3) == [(2, 1, 2), (3, 1, 2)]
-    sliced = build_placement(2, [0], ep=4, tp=1)  # more ep ranks than experts: each expert sliced in 2
-    assert sliced.owners[0] == ((0, 1), (2, 3))
-    custom = build_placement(4, [0, 1], ep=2, tp=1, expert_map=[[1, 0, 1, 0], [0, 0, 1, 1]])
+    p = ExpertPlacement.for_model(4, [1, 2], ep=2)
+    assert p.owners(1, tp=2) == ((0, 1), (0, 1), (2, 3), (2, 3))
+    assert p.local_experts(1, 3, tp=2) == [(2, 1, 2), (3, 1, 2)]
+    sliced = ExpertPlacement.for_model(2, [0], ep=4)  # more ep ranks than experts: each expert sliced in 2
+    assert sliced.owners(0) == ((0, 1), (2, 3))
+    custom = ExpertPlacement.for_model(4, [0, 1], ep=2, expert_map=[[1, 0, 1, 0], [0, 0, 1, 1]])
     assert custom.ep_map(0) == [1, 0, 1, 0] and custom.ep_map(1) == [0, 0, 1, 1]
     with pytest.raises(ConfigError, match="without experts"):
-        build_placement(4, [0], ep=2, tp=1, expert_map=[1, 1, 1, 1])
+        ExpertPlacement.for_model(4, [0], ep=2, expert_map=[1, 1, 1, 1])

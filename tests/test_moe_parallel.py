@@ -57,10 +57,10 @@ def test_ranks_read_only_their_slices(make_controller, tiny_refs):  # noqa: F811
     try:
         a = engine.arch
         expert_total = len(a.moe_layer_ids) * a.num_experts * 3 * a.moe_intermediate * a.hidden_size * 4
-        assert sum(s["expert_bytes"] for s in engine.shards) == expert_total
-        assert all(s["expert_bytes"] == expert_total // 4 for s in engine.shards)
+        assert sum(s.expert_bytes for s in engine.shards) == expert_total
+        assert all(s.expert_bytes == expert_total // 4 for s in engine.shards)
         file_bytes = (ref.path / "model.safetensors").stat().st_size
-        assert all(s["bytes_read"] < 0.5 * file_bytes for s in engine.shards)
+        assert all(s.bytes_read < 0.5 * file_bytes for s in engine.shards)
     finally:
         engine.close()
 
@@ -76,8 +76,8 @@ def test_plan_matches_transformers(make_controller, tiny_refs, case):  # noqa: F
         if expert_map is not None:
             flat = expert_map if isinstance(expert_map[0], int) else expert_map[0]
             first_moe = engine.arch.moe_layer_ids[0]
-            assert engine.placement.ep_map(first_moe) == flat
-            held = {s["coords"]["ep"]: s["experts"][first_moe] for s in engine.shards if first_moe in s["experts"]}
+            assert engine.placement.experts.ep_map(first_moe) == flat
+            held = {s.coords["ep"]: s.experts[first_moe] for s in engine.shards if first_moe in s.experts}
             for ep_rank, experts in held.items():
                 assert experts == [e for e, r in enumerate(flat) if r == ep_rank]
     finally:

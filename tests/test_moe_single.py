@@ -44,7 +44,7 @@ def test_mla_caches_latents_not_per_head_kv(local_controller, tiny_refs, name): 
     try:
         a, opts = engine.arch, engine.options
         slots = opts.num_kv_blocks * opts.block_size
-        assert engine.shards[0]["kv_cache_bytes"] == a.num_layers * slots * (a.kv_lora_rank + a.rope_dim) * 4
+        assert engine.shards[0].kv_cache_bytes == a.num_layers * slots * (a.kv_lora_rank + a.rope_dim) * 4
         expanded = a.num_heads * (a.qk_head_dim + a.v_head_dim)
         assert a.kv_lora_rank + a.rope_dim < expanded  # what per-head K/V would have cost
         spec = read_model_spec(tiny_refs[name].path)

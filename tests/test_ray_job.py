@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tessera.tests._cluster_fixtures import BIN, RayHead, ray_head_fixture
+from tessera.launch.local_cluster import BIN, RayHead, ray_head_fixture
 
 pytestmark = pytest.mark.timeout(900)
 

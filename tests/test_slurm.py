@@ -18,7 +18,7 @@ import pytest
 from tessera.launch.jobfile import JobFile
 from tessera.launch.slurm import SlurmOptions, render
 from tessera.config import ConfigError
-from tessera.tests._cluster_fixtures import BIN, free_ports, slurm_unavailable_reason, start_slurm, stop_slurm
+from tessera.launch.local_cluster import BIN, free_ports, slurm_unavailable_reason, start_slurm, stop_slurm
 
 pytestmark = pytest.mark.timeout(900)
 

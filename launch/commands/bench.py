@@ -1,23 +1,24 @@
-"""``tessera bench NAME``: run the benchmark module ``tessera.benchmarks.bench_NAME``.
+"""``tessera bench NAME``: run the benchmark program ``python -m tessera.benchmarks.bench_NAME``.
 
 Benchmarks live in ``benchmarks/bench_<area>.py`` (each prints a table and
-writes JSON to ``benchmarks/results/<area>.json``); this command finds them,
-lists them, and runs one or all with the remaining arguments as its argv.
+writes JSON to ``benchmarks/results/<area>.json``); this command finds their
+files, lists them, and runs one or all as child processes with the remaining
+arguments. It never imports them: benchmarks sit on top of tessera and nothing
+in the package depends on them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
-import runpy
+import subprocess
 import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def available() -> list[str]:
-    import tessera.benchmarks as benchmarks
-
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
+    return sorted(p.stem[len("bench_"):] for p in BENCHMARKS.glob("bench_*.py"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,15 +50,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_one(name: str, argv: list[str]) -> int:
-    module = f"tessera.benchmarks.bench_{name}"
-    importlib.import_module("tessera.benchmarks")
-    saved = sys.argv
-    sys.argv = [module, *argv]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except SystemExit as stop:
-        code = stop.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    finally:
-        sys.argv = saved
-    return 0
+    return subprocess.call([sys.executable, "-m", f"tessera.benchmarks.bench_{name}", *argv])

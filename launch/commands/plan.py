@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     totals = {k: v * plan.world_size for k, v in placement.bundle().items()}
     if args.json:
         print(json.dumps({"plan": dict(plan.degrees), "world_size": plan.world_size, "device": placement.device,
-                          "ranks": ranks, "resources": totals, "extras": sorted(placement.extras)}))
+                          "ranks": ranks, "resources": totals}))
         return 0
     print(f"job {jobfile.name!r}: task {jobfile.task}, model {job.model or '-'}")
     if jobfile.plan_auto or job.model:

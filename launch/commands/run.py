@@ -104,6 +104,7 @@ def jobfile_from_args(args: argparse.Namespace) -> JobFile:
         stream=args.stream,
         images=images,
         output=getattr(args, "output", None),
+        log_level=getattr(args, "log_level", None),  # `tessera --log-level` reaches every worker
     )
 
 

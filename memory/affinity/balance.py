@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tessera.memory.affinity.placement import ExpertPlacement
+from tessera.memory.expert_placement import ExpertPlacement
 
 
 def rank_loads(load: np.ndarray, placement: ExpertPlacement) -> np.ndarray:

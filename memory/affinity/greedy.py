@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from tessera.memory.affinity.placement import linear_rank_of
+from tessera.memory.expert_placement import linear_rank_of
 from tessera.memory.affinity.problem import PlacementProblem, PlacementSolver
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tessera.memory.affinity.placement import ExpertPlacement
+from tessera.memory.expert_placement import ExpertPlacement
 from tessera.memory.affinity.stats import AffinityStats
 from tessera.memory.affinity.topology import Topology
 from tessera.memory.affinity.trace import RoutingTrace

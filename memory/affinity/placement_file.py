@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tessera.memory.affinity.placement import ExpertPlacement, PlacementInvalid
+from tessera.memory.expert_placement import ExpertPlacement, PlacementInvalid
 
 PLACEMENT_FORMAT = "tessera-expert-placement"
 PLACEMENT_VERSION = 1
@@ -69,7 +69,8 @@ def load_placement(path: str | os.PathLike) -> tuple[ExpertPlacement, dict]:
             f"{path}: expert_map is {rank_of.shape}, header says ({doc['num_layers']}, {doc['num_experts']})"
         )
     replicas = tuple(tuple(tuple(r) for r in row) for row in doc.get("replicas") or ())
-    placement = ExpertPlacement(rank_of, int(doc["num_ranks"]), doc.get("solver", ""), replicas, doc.get("info") or {})
+    placement = ExpertPlacement(rank_of, int(doc["num_ranks"]), doc.get("solver", ""), replicas, doc.get("info") or {},
+                                layer_ids=doc.get("layer_ids"))
     meta = {k: doc[k] for k in ("model", "layer_ids", "num_ranks") if k in doc}
     meta["extra"] = doc.get("extra", {})
     return placement, meta
@@ -87,8 +88,9 @@ def _jsonable(obj):
     return obj
 
 
-def expert_map_from_file(path: str | os.PathLike, num_experts: int | None = None, moe_layers=None) -> list[list[int]]:
-    """The ``expert_map`` argument of ``LLMEngine.load`` from a placement file, checked against the model.
+def placement_for_model(path: str | os.PathLike, num_experts: int | None = None, moe_layers=None,
+                        ep: int | None = None) -> ExpertPlacement:
+    """The placement in a ``tessera place`` file, checked against the model (and the plan's ep degree).
 
     ``num_experts`` / ``moe_layers`` (the model's MoE layer indices) make a
     placement solved for another model fail here, by name, instead of
@@ -105,4 +107,7 @@ def expert_map_from_file(path: str | os.PathLike, num_experts: int | None = None
             f"{path} is for MoE layers {meta.get('layer_ids')} but the model's MoE layers are {list(moe_layers)}; "
             "solve a placement from a trace of this model"
         )
-    return placement.expert_map()
+    if ep is not None and placement.num_ranks != ep:
+        raise PlacementInvalid(f"{path} places experts on {placement.num_ranks} ep ranks but the plan has ep={ep}; "
+                               f"solve it with --ranks {ep}")
+    return placement

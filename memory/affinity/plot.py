@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tessera.memory.affinity.placement import ExpertPlacement
+from tessera.memory.expert_placement import ExpertPlacement
 from tessera.memory.affinity.stats import AffinityStats
 
 

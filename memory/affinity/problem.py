@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from tessera.memory.affinity.metrics import cross_rank_fraction, transition_cost
-from tessera.memory.affinity.placement import ExpertPlacement, PlacementInvalid
+from tessera.memory.expert_placement import ExpertPlacement, PlacementInvalid
 from tessera.memory.affinity.stats import AffinityStats
 from tessera.memory.affinity.topology import Topology
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tessera.memory.affinity.placement import linear_rank_of
+from tessera.memory.expert_placement import linear_rank_of
 from tessera.memory.affinity.problem import PlacementProblem, PlacementSolver
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -22,10 +23,9 @@ from typing import Any, Iterator, Mapping, Sequence
 from tessera.memory.kv_cache import BlockAllocator
 from tessera.models.checkpoint import CheckpointError, read_config, weight_files
 from tessera.models.registry import family_for
+from tessera.memory.planner import place_llm
 from tessera.parallel.coherent import EXFLOW, check_exflow
-from tessera.parallel.expert import DISPATCH_MODES, build_placement
 from tessera.parallel.groups import check_llm_plan
-from tessera.parallel.pipeline import check_pp
 from tessera.parallel.tensor import check_tp
 from tessera.errors import ConfigError, WorkerDiedError
 from tessera.options import DTYPES, LLMOptions, OffloadConfig, SamplingParams, from_mapping
@@ -34,7 +34,6 @@ from tessera.runtime.llm.sampler import SampleSpec
 from tessera.runtime.llm.scheduler import Request, Scheduler
 
 log = logging.getLogger("tessera.llm")
-_engine_ids = itertools.count()
 
 
 @dataclass
@@ -49,12 +48,6 @@ class GenerationResult:
 
 def _set_fields(options: LLMOptions) -> dict[str, Any]:
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-
-
-def _placement_file_options(placement) -> tuple[Any, Any]:
-    """(expert_map, expert_replicas) of a ``tessera place`` file."""
-    options = placement.engine_options()
-    return options["expert_map"], options.get("expert_replicas")
 
 
 def _load_tokenizer(model_dir: Path):
@@ -120,11 +113,6 @@ class LLMEngine:
         opts = dataclasses.replace(
             opts, dtype=opts.dtype or (arch.dtype if arch.dtype in DTYPES else "float32"), max_model_len=max_model_len,
             num_kv_blocks=opts.num_kv_blocks or opts.max_num_seqs * -(-max_model_len // opts.block_size))
-        expert_map, expert_replicas, ep_mode = opts.expert_map, opts.expert_replicas, opts.expert_parallel_mode
-        if opts.placement_file is not None:
-            from tessera.memory.affinity.placement_file import load_placement
-
-            expert_map, expert_replicas = _placement_file_options(load_placement(opts.placement_file)[0])
         if arch.sliding_window is not None and opts.max_model_len > arch.sliding_window:
             raise ConfigError(
                 f"{arch.architecture} uses sliding-window attention (window {arch.sliding_window}), which tessera does "
@@ -132,22 +120,23 @@ class LLMEngine:
             )
         plan = controller.placement.plan
         check_llm_plan(plan)
-        what = f"{arch.architecture} on plan {plan}"
-        check_tp(arch.num_heads, arch.num_kv_heads, plan.degree("tp"), what)
-        check_pp(arch.num_layers, plan.degree("pp"), what)
-        exflow = ep_mode == EXFLOW  # token-sharded forward (tessera.parallel.coherent) over a standard expert map
-        if exflow:
+        check_tp(arch.num_heads, arch.num_kv_heads, plan.degree("tp"), f"{arch.architecture} on plan {plan}")
+        if opts.expert_parallel_mode == EXFLOW:  # token-sharded forward (tessera.parallel.coherent)
             check_exflow(plan, arch, opts.record_routing)
-        placement = build_placement(arch.num_experts, arch.moe_layer_ids, plan.degree("ep"), plan.degree("tp"), expert_map,
-                                    expert_replicas, "standard" if exflow else ep_mode)
-        placement = dataclasses.replace(placement, mode=EXFLOW) if exflow else placement
-        key = f"{model_dir.name}-{next(_engine_ids)}"
+        # The planner's Placement says which layers and experts every rank holds; a controller started
+        # without this model (a bare mesh) gets them planned here, by the same function.
+        placement = controller.placement
+        resolved = str(model_dir.resolve())
+        if placement.model != resolved or placement.stages is None:
+            placement = place_llm(placement, resolved, arch, opts)
+        key = f"{model_dir.name}-{uuid.uuid4().hex[:8]}"  # this engine's id on the workers
         engine = cls(controller, model_dir, arch, opts, placement, _load_tokenizer(model_dir), key)
-        spec = mr.LoadSpec(key, str(model_dir.resolve()), opts.dtype, opts.num_kv_blocks, opts.block_size, placement,
-                           opts.record_routing, moe_dispatch=opts.moe_dispatch, offload=offload)
+        spec = mr.LoadSpec(key, resolved, opts.dtype, opts.num_kv_blocks, opts.block_size, placement.stages,
+                           placement.experts, opts.record_routing, opts.expert_parallel_mode, opts.moe_dispatch,
+                           offload)
         engine._load_spec = spec
         engine.shards = controller.collective_rpc("attach", args=(key, mr.load_runner, spec))
-        engine.result_rank = next(s["rank"] for s in engine.shards if s["returns_result"])
+        engine.result_rank = next(s.rank for s in engine.shards if s.returns_result)
         engine.load_s = time.perf_counter() - started
         log.info("loaded %s (%s) on %d rank(s) in %.2fs", model_dir.name, arch.architecture, len(engine.shards), engine.load_s)
         return engine
@@ -247,8 +236,7 @@ class LLMEngine:
             self._recover(batch, err)
             results = self.controller.collective_rpc(*call, timeout_s=self.options.step_timeout_s)
         elapsed = time.perf_counter() - started
-        tokens = results[self.result_rank]["tokens"]
-        per_seq = tokens if steps > 1 else [[t] for t in tokens]
+        per_seq = results[self.result_rank].tokens
         prefill = sum(len(s.token_ids) for s in batch if s.is_prefill)
         c = self._counters
         c["steps"] += 1
@@ -392,7 +380,7 @@ class LLMEngine:
             )
         finally:
             self.allocator.free(blocks)
-        return results[self.result_rank]["logits"][0]
+        return results[self.result_rank].logits[0]
 
     def stats(self) -> dict:
         c = dict(self._counters)
@@ -406,7 +394,7 @@ class LLMEngine:
             kv_blocks_free=self.allocator.num_free,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
-            shards=self.shards,
+            shards=[dataclasses.asdict(s) for s in self.shards],
         )
         return c
 
@@ -445,20 +433,21 @@ class LLMEngine:
         """One line per rank: mesh coordinates, layers, experts held (with slice when sliced), bytes read."""
         lines = []
         tp = self.controller.placement.plan.degree("tp")
-        moe_layers = self.arch.moe_layer_ids
+        moe_layers = [l for l in self.arch.moe_layer_ids]
         for s in self.shards:
-            c = s["coords"]
+            c = s.coords
             experts = "no MoE layers"
-            if moe_layers:
-                held = self.placement.local_experts(moe_layers[0], c["ep"] * tp + c["tp"])
+            if moe_layers and self.placement.experts is not None:
+                held = self.placement.experts.local_experts(moe_layers[0], c["ep"] * tp + c["tp"], tp)
                 slices = {n for _, _, n in held}
                 experts = f"experts {[e for e, _, _ in held]}"
                 if slices != {1}:
                     experts += f" (slice {held[0][1] + 1}/{held[0][2]} of each)"
                 experts += " in MoE layer " + str(moe_layers[0])
+            layers = f"layers {s.layers[0]}-{s.layers[-1]}" if s.layers else "no layers"
             lines.append(
-                f"rank {s['rank']} pp={c['pp']} ep={c['ep']} tp={c['tp']}: layers {s['layers'][0]}-{s['layers'][-1]}, "
-                f"{experts}, {s['bytes_read'] / 1e6:.2f} MB read in {s['load_s']:.2f}s"
+                f"rank {s.rank} pp={c['pp']} ep={c['ep']} tp={c['tp']}: {layers}, "
+                f"{experts}, {s.bytes_read / 1e6:.2f} MB read in {s.load_s:.2f}s"
             )
         return lines
 

@@ -4,7 +4,14 @@ The driver attaches one :class:`ModelRunner` per loaded model to every worker
 (``Worker.attach(key, load_runner, spec)``) and runs its methods through
 ``Worker.call`` (one engine step is one call of :meth:`ModelRunner.step`); one
 set of workers can hold several models under their keys (tests load many tiny
-ones on one controller).
+ones on one controller). Inputs (:class:`LoadSpec`, :class:`StepBatch`) and
+outputs (:class:`ShardInfo`, :class:`StepOutput`) are frozen dataclasses.
+
+Loading, in order: the rank's process groups (``parallel/groups``), its
+slicer and shard hooks (``parallel/parallelize``), its weights
+(``models/loader``, experts into memory or an offload tier), its KV cache,
+then the stage (``models/moe_layers.MoEStage``), built once with everything
+plugged in.
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ from typing import Any
 
 import torch
 
-from tessera.memory.kv_cache import PagedKVCache, SeqSlice, build_metadata
+from tessera.memory.expert_placement import ExpertPlacement
 from tessera.models.checkpoint import read_config
-from tessera.models.loader import load_stage
-from tessera.models.moe_layers import MoEStage, ParallelView
+from tessera.models.loader import load_stage_weights
+from tessera.models.moe_layers import ExpertWeights, MoEStage, RoutingRecorder
+from tessera.models.paged_attention import PagedKVCache, SeqSlice, build_metadata
 from tessera.models.registry import family_for
-from tessera.parallel.expert import ExpertPlacement
+from tessera.options import OffloadConfig
 from tessera.parallel.groups import LLMGroups, llm_groups
-from tessera.parallel.pipeline import micro_batches, run_pipeline, stage_layers
+from tessera.parallel.parallelize import parallelize_moe_stage
+from tessera.parallel.pipeline import micro_batches, run_pipeline
 from tessera.runtime.llm.sampler import SampleSpec, sample
 
 log = logging.getLogger("tessera.llm.runner")
@@ -32,17 +41,19 @@ log = logging.getLogger("tessera.llm.runner")
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """Everything a rank needs to load its shard (built and validated on the driver)."""
+    """Everything a rank needs to load its shard (built and validated on the driver, from the Placement)."""
 
     key: str
     model_dir: str
     dtype: str
     num_blocks: int
     block_size: int
-    placement: ExpertPlacement | None
+    stages: tuple[tuple[int, ...], ...]  # layers of each pipeline stage
+    experts: ExpertPlacement | None
     record_routing: bool = False
-    moe_dispatch: str = "auto"  # see tessera.parallel.expert.DISPATCH_MODES
-    offload: Any = None  # tessera.options.OffloadConfig: experts in host/NVMe tiers behind an expert cache
+    ep_mode: str = "standard"  # standard | coherent | exflow
+    moe_dispatch: str = "auto"  # auto | all_to_all | all_reduce
+    offload: OffloadConfig | None = None  # experts in host/NVMe tiers behind an expert cache
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,29 @@ class StepBatch:
     return_logits: str = "none"  # "none" | "last" | "all" (tests compare prefill logits)
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What the result rank returns: per sequence, the tokens sampled (one per decode step run), and logits if asked."""
+
+    tokens: tuple[tuple[int, ...], ...]
+    logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What one rank holds (the engine's placement report)."""
+
+    rank: int
+    coords: dict[str, int]
+    layers: tuple[int, ...]
+    experts: dict[int, list[int]]
+    bytes_read: int
+    expert_bytes: int
+    kv_cache_bytes: int
+    load_s: float
+    returns_result: bool
+
+
 @dataclass
 class ModelRunner:
     spec: LoadSpec
@@ -68,16 +102,13 @@ class ModelRunner:
     groups: LLMGroups
     first: bool
     last: bool
-    load_s: float
-    bytes_read: int
-    info: dict[str, Any] = field(default_factory=dict)  # what this rank holds (the engine's placement report)
+    info: ShardInfo
     stats: dict[str, float] = field(default_factory=lambda: {"steps": 0, "tokens": 0, "compute_s": 0.0})
 
-    def describe(self) -> dict[str, Any]:
-        return dict(self.info)
+    def describe(self) -> ShardInfo:
+        return self.info
 
     def close(self) -> None:
-        self.stage.cache = None
         self.stage.params.clear()
         close_experts = getattr(self.stage.experts, "close", None)  # offloaded experts hold files and buffers
         if close_experts is not None:
@@ -87,7 +118,7 @@ class ModelRunner:
     def returns_result(self) -> bool:
         return self.last and self.groups.moe_rank == 0
 
-    def step(self, batch: StepBatch, every_rank_samples: bool = False) -> dict[str, Any] | None:
+    def step(self, batch: StepBatch, every_rank_samples: bool = False) -> StepOutput | None:
         """One forward over the batch; the result rank samples (every last-stage rank when asked)."""
         started = time.perf_counter()
         st, g = self.stage, self.groups
@@ -134,16 +165,12 @@ class ModelRunner:
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(len(s.token_ids) for s in batch.seqs)
         self.stats["compute_s"] += time.perf_counter() - started
-        if every_rank_samples:
-            return {"tokens": tokens}
-        if not self.returns_result:
+        if not (self.returns_result or every_rank_samples):
             return None
-        out: dict[str, Any] = {"tokens": tokens}
-        if batch.return_logits != "none":
-            out["logits"] = [t.cpu().clone() for t in logits_out]
-        return out
+        logits = tuple(t.cpu().clone() for t in logits_out) if batch.return_logits != "none" else None
+        return StepOutput(tuple((t,) for t in tokens), logits)
 
-    def decode_steps(self, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]) -> dict[str, Any] | None:
+    def decode_steps(self, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]) -> StepOutput | None:
         """Up to ``steps`` decode steps in one call, so the driver is not on the per-token path.
 
         Needs one pipeline stage: every rank then holds the same all-gathered
@@ -163,21 +190,22 @@ class ModelRunner:
                         dataclasses.replace(seqs[i].sample, index=seqs[i].sample.index + j))
                 for i in active
             )
-            tokens = self.step(StepBatch(step_seqs), every_rank_samples=True)["tokens"]
-            for i, token in zip(active, tokens):
+            tokens = self.step(StepBatch(step_seqs), every_rank_samples=True).tokens
+            for i, (token,) in zip(active, tokens):
                 out[i].append(token)
             active = [i for i in active if out[i][-1] not in stop_ids[i]]
             if not active:
                 break
-        return {"tokens": out} if self.returns_result else None
+        return StepOutput(tuple(tuple(t) for t in out)) if self.returns_result else None
 
-    def routing_trace(self) -> dict[int, torch.Tensor] | None:
-        if not self.stage.record_routing or self.groups.moe_rank != 0:
+    def routing_trace(self) -> dict[int, Any] | None:
+        if self.stage.routing is None:
             return None
-        return {layer: torch.cat(parts).cpu().numpy() for layer, parts in self.stage.routing.items()}
+        return self.stage.routing.trace()
 
     def clear_routing(self) -> None:
-        self.stage.routing.clear()
+        if self.stage.routing is not None:
+            self.stage.routing.clear()
 
     def runner_stats(self) -> dict[str, float]:
         return dict(self.stats)
@@ -195,36 +223,40 @@ def load_runner(worker, spec: LoadSpec) -> ModelRunner:
     cfg = read_config(spec.model_dir)
     family = family_for(cfg["architectures"][0])
     arch = family.parse_config(cfg)
-    layers = stage_layers(arch.num_layers, groups.pp, groups.pp_rank)
+    layers = spec.stages[groups.pp_rank]
     first, last = groups.pp_rank == 0, groups.pp_rank == groups.pp - 1
-    pv = ParallelView(groups.tp_comm, groups.moe_comm)
+    parallel = parallelize_moe_stage(arch, family, groups, spec.experts, spec.ep_mode, spec.moe_dispatch)
+    slicer = parallel.slicer
+    held = {
+        layer: [(e, slicer.expert_rows(i, n)) for e, i, n in spec.experts.local_experts(layer, groups.moe_rank, groups.tp)]
+        for layer in layers if arch.moe_layers[layer]
+    } if spec.experts is not None else {}
     dtype = getattr(torch, spec.dtype)
-    sink = None
     if spec.offload is not None:
-        from tessera.offload.moe import sink_for_stage
+        from tessera.offload.moe import ExpertSink
 
-        sink = sink_for_stage(spec, worker, spec.model_dir, arch, family, layers, pv.moe_rank, dtype)
-    stage, nbytes = load_stage(spec.model_dir, arch, family, layers, first, last, pv, spec.placement, dtype,
-                               expert_weights=sink, dispatch_mode=spec.moe_dispatch, device=worker.device)
-    if sink is not None:
-        stage.experts = sink.finish(stage)
-    if arch.attention == "mla":  # one latent + shared roped key per token (see MoEStage.latent_attention)
-        heads, kdim, vdim = 1, arch.kv_lora_rank + arch.rope_dim, 0
+        sink = ExpertSink.for_rank(spec.offload, spec.model_dir, arch, family, held, dtype, worker.device,
+                                   f"rank{worker.rank}of{worker.world_size}")
     else:
-        heads, kdim, vdim = stage.local_kv_heads, arch.qk_head_dim, arch.v_head_dim
-    stage.cache = PagedKVCache(stage.layers, spec.num_blocks, spec.block_size, heads, kdim, vdim, dtype, worker.device)
-    stage.record_routing = spec.record_routing and groups.moe_rank == 0
-    stage.coherent_sharded = spec.placement is not None and spec.placement.mode == "exflow"  # parallel.coherent
-    runner = ModelRunner(spec, stage, groups, first, last, time.perf_counter() - started, nbytes)
-    runner.info = {
-        "rank": worker.rank,
-        "coords": {"pp": groups.pp_rank, "ep": groups.ep_rank, "tp": groups.tp_rank},
-        "layers": [stage.layers[0], stage.layers[-1]] if stage.layers else [],
-        "experts": {l: stage.experts.local_experts(l) for l in stage.layers if arch.moe_layers[l]},
-        "bytes_read": nbytes,
-        "expert_bytes": stage.experts.nbytes(),
-        "kv_cache_bytes": stage.cache.nbytes(),
-        "load_s": runner.load_s,
-        "returns_result": runner.returns_result,
-    }
-    return runner
+        sink = ExpertWeights()
+    weights = load_stage_weights(spec.model_dir, arch, family, layers, first, last, slicer, held, sink, dtype,
+                                 worker.device)
+    experts = sink.finish(weights, arch, layers) if spec.offload is not None else sink
+    heads, kdim, vdim = arch.kv_geometry(slicer.local_kv_heads)
+    cache = PagedKVCache(layers, spec.num_blocks, spec.block_size, heads, kdim, vdim, dtype, worker.device)
+    recorder = RoutingRecorder() if spec.record_routing and groups.moe_rank == 0 else None
+    stage = MoEStage(arch, tuple(layers), weights.params, weights.globals, slicer.vocab_start, experts, cache,
+                     slicer.local_heads, slicer.local_kv_heads, parallel.ops, recorder)
+    load_s = time.perf_counter() - started
+    info = ShardInfo(
+        rank=worker.rank,
+        coords={"pp": groups.pp_rank, "ep": groups.ep_rank, "tp": groups.tp_rank},
+        layers=tuple(layers),
+        experts={l: experts.local_experts(l) for l in layers if arch.moe_layers[l]},
+        bytes_read=weights.bytes_read,
+        expert_bytes=experts.nbytes(),
+        kv_cache_bytes=cache.nbytes(),
+        load_s=load_s,
+        returns_result=last and groups.moe_rank == 0,
+    )
+    return ModelRunner(spec, stage, groups, first, last, info)

@@ -1,6 +1,8 @@
-"""Real clusters for launch tests: a Ray head with token auth, and a two-node SLURM cluster.
+"""Real clusters on one machine: a Ray head with token auth, and a two-node SLURM cluster.
 
-Both are started by the tests, on private ports and temp dirs, with a
+The launch tests and ``benchmarks/bench_launch.py`` start them to drive
+``ray job submit`` and ``sbatch`` for real (and a person can, to try those
+paths on a laptop). Both are started on private ports and temp dirs, with a
 private HOME (so a ~/.ray/auth_token on the machine does not change what the
 CLI sends), and both are stopped by the pids they started: never `ray stop`,
 never a kill by name.
