@@ -62,6 +62,9 @@ TP_PLAN = {
 
 _NO_ATTENTION_BIAS = Refuse("attention_bias", (False,), "biases on the MLA projections (q_a/kv_a/o) are not "
                             "implemented; use a checkpoint with attention_bias false")
+# Every release has 1; DeepSeek's own code would put MoE only on every freq-th layer, transformers ignores the key.
+_MOE_EVERY_LAYER = Refuse("moe_layer_freq", (1,), "MoE on every moe_layer_freq-th layer is not implemented (no "
+                          "release uses it and transformers, the reference, ignores it); use moe_layer_freq 1")
 # DeepSeek-V2: softmax scores, greedy or group-limited top-k, no renormalisation (what transformers implements).
 V2_REFUSALS = COMMON_REFUSALS + (
     Refuse("scoring_func", ("softmax",), "DeepSeek-V2 routers score with softmax; sigmoid scoring is DeepSeek-V3's "
@@ -70,12 +73,14 @@ V2_REFUSALS = COMMON_REFUSALS + (
     Refuse("norm_topk_prob", (False,), "renormalised top-k weights on DeepSeek-V2 are not implemented (transformers "
            "ignores the key, the original code applies it); use a checkpoint with norm_topk_prob false"),
     _NO_ATTENTION_BIAS,
+    _MOE_EVERY_LAYER,
 )
 # DeepSeek-V3/R1: sigmoid scores + e_score_correction_bias, top-2-sum group limit ("noaux_tc").
 V3_REFUSALS = COMMON_REFUSALS + (
     Refuse("scoring_func", ("sigmoid",), "DeepSeek-V3 routers score with sigmoid plus e_score_correction_bias"),
     Refuse("topk_method", ("noaux_tc",), "DeepSeek-V3 routing is noaux_tc (bias-corrected, group-limited top-k)"),
     _NO_ATTENTION_BIAS,
+    _MOE_EVERY_LAYER,
 )
 
 # Multi-token-prediction modules (num_nextn_predict_layers) sit after the last layer, at
@@ -106,9 +111,8 @@ def parse_config(cfg: dict) -> MoEArch:
     heads = cfg["num_attention_heads"]
     layers = cfg["num_hidden_layers"]
     first_dense = cfg.get("first_k_dense_replace", 0)
-    freq = cfg.get("moe_layer_freq", 1) or 1
     experts = cfg.get("n_routed_experts") or 0
-    moe = tuple(experts > 0 and i >= first_dense and i % freq == 0 for i in range(layers))
+    moe = tuple(experts > 0 and i >= first_dense for i in range(layers))  # moe_layer_freq is 1 (refused otherwise)
     nope, rope = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
     if v3:
         router = "sigmoid_group"

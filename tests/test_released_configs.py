@@ -93,6 +93,7 @@ V2_REFUSED = (
     ("topk_method", "noaux_tc", "topk_method"),
     ("norm_topk_prob", True, "norm_topk_prob"),
     ("attention_bias", True, "attention_bias"),
+    ("moe_layer_freq", 2, "moe_layer_freq"),
     ("hidden_act", "gelu", "hidden_act"),
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_type 'dynamic'"),
     ("quantization_config", AWQ, "quant_method"),
@@ -101,6 +102,7 @@ V3_REFUSED = (
     ("scoring_func", "softmax", "scoring_func"),
     ("topk_method", "greedy", "topk_method"),
     ("attention_bias", True, "attention_bias"),
+    ("moe_layer_freq", 3, "moe_layer_freq"),
     ("hidden_act", "gelu", "hidden_act"),
     ("quantization_config", dict(FP8_BLOCK, fmt="e5m2"), "fmt"),
     ("quantization_config", dict(FP8_BLOCK, activation_scheme="static"), "activation_scheme"),
@@ -234,16 +236,24 @@ def test_qwen_sparse_step_and_mlp_only_layers_follow_transformers():
 
 # -- scaled-down twins against transformers --------------------------------------------------------------------
 
-TWINS = [r.name for r in TABLE if r.name != "DeepSeek-R1"]  # R1's config.json is DeepSeek-V3's: the same twin
+# R1's config.json is DeepSeek-V3's: one twin serves both. Variants exercise supported flags the releases leave
+# off: tied embeddings, a dense layer from decoder_sparse_step, sliding-window attention (contexts inside it).
+TWINS = {name: (name, {}) for name in BY_NAME if name != "DeepSeek-R1"}
+TWINS.update({
+    "Qwen3-30B-A3B+tied": ("Qwen3-30B-A3B", {"tie_word_embeddings": True}),
+    "Qwen3-30B-A3B+sparse-step": ("Qwen3-30B-A3B", {"num_hidden_layers": 3, "decoder_sparse_step": 2,
+                                                    "mlp_only_layers": [2]}),
+    "Qwen1.5-MoE-A2.7B+sliding": ("Qwen1.5-MoE-A2.7B", {"use_sliding_window": True, "sliding_window": 64}),
+})
 
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
     root = tmp_path_factory.mktemp("released-twins")
     refs = {}
-    for name in TWINS:
-        path = build_released_twin(_config(name), root / name)
-        refs[name] = _reference(path)
+    for twin, (release, overrides) in TWINS.items():
+        path = build_released_twin(_config(release), root / twin, **overrides)
+        refs[twin] = _reference(path)
     return refs
 
 
@@ -253,17 +263,23 @@ def test_twin_config_keeps_the_release_flags():
     from transformers import CONFIG_MAPPING
 
     assert _config("DeepSeek-R1") == _config("DeepSeek-V3")
-    for name in TWINS:
+    for twin_name, (name, overrides) in TWINS.items():
         cfg = _config(name)
-        twin = released_twin_config(cfg)
+        twin = released_twin_config(cfg, **overrides)
         for flag in BY_NAME[name].supported:
-            if flag not in ("quantization_config",):
-                assert twin[flag] == cfg[flag] or flag in ("q_lora_rank", "first_k_dense_replace", "shared_expert_intermediate_size"), flag
+            if flag in overrides or flag in ("quantization_config", "q_lora_rank", "first_k_dense_replace",
+                                             "shared_expert_intermediate_size"):
+                continue  # dropped (quantization), resized, or the variant's point
+            assert twin[flag] == cfg[flag], (twin_name, flag)
         hf = CONFIG_MAPPING[twin["model_type"]].from_dict(dict(twin)).to_dict()
-        assert _parse(hf) == _parse(twin)
+        assert _parse(hf) == _parse(twin), twin_name
+    assert _parse(released_twin_config(_config("Qwen3-30B-A3B"), **TWINS["Qwen3-30B-A3B+sparse-step"][1])).moe_layers == (
+        False, True, False)
+    assert _parse(released_twin_config(_config("Qwen1.5-MoE-A2.7B"), **TWINS["Qwen1.5-MoE-A2.7B+sliding"][1])).sliding_window == 64
+    assert _parse(_config("Qwen2-57B-A14B")).sliding_window is None  # sliding_window set, use_sliding_window false
 
 
-@pytest.mark.parametrize("name", TWINS)
+@pytest.mark.parametrize("name", list(TWINS))
 def test_twin_single_rank_matches_transformers(local_controller, twins, name):  # noqa: F811
     ref = twins[name]
     twin_cfg = json.loads((ref.path / "config.json").read_text())
@@ -284,10 +300,9 @@ def test_twin_single_rank_matches_transformers(local_controller, twins, name):  
 def test_twins_tp2_ep2_match_transformers(make_controller, twins):
     """Every twin on one 4-worker plan (tp2 x ep2, real Ray workers): prefill logits 1e-4, greedy tokens equal."""
     ctl = make_controller({"tp": 2, "ep": 2})
-    for name in TWINS:
-        engine = LLMEngine.load(ctl, twins[name].path, dtype="float32", stop_at_eos=False, max_model_len=64,
-                                block_size=4)
+    for name, ref in twins.items():
+        engine = LLMEngine.load(ctl, ref.path, dtype="float32", stop_at_eos=False, max_model_len=64, block_size=4)
         try:
-            check_against_reference(engine, twins[name])
+            check_against_reference(engine, ref)
         finally:
             engine.close()
