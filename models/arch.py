@@ -9,7 +9,9 @@ this type, so adding a family never touches the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from tessera.models.fp8 import FP8Quantization
 from tessera.models.rope import RopeScaling, parse_rope, softmax_scale
 from tessera.config import ConfigError
 
@@ -56,6 +58,8 @@ class MoEArch:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # not implemented: contexts must fit inside it
     rope_scaling: RopeScaling | None = None  # None: plain RoPE; else YaRN (models.rope)
+    quantization: FP8Quantization | None = None  # block-FP8 checkpoint, dequantized on load (models.fp8)
+    mtp_layers: int = 0  # DeepSeek-V3 multi-token-prediction modules stored after the last layer; never run
 
     def __post_init__(self) -> None:
         if len(self.moe_layers) != self.num_layers:
@@ -98,6 +102,33 @@ class MoEArch:
         """KV-cache bytes of one token over all layers, on one rank holding every kv head."""
         heads, k, v = self.kv_geometry(self.num_kv_heads)
         return self.num_layers * heads * (k + v) * dtype_bytes
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A config.json key whose value tessera supports only within ``ok`` (an absent key is always fine:
+    the reference implementation's default applies); any other value is refused, naming the key, with ``fix``."""
+
+    key: str
+    ok: tuple[Any, ...]
+    fix: str
+
+
+def check_refusals(cfg: dict, rules: tuple[Refuse, ...]) -> None:
+    """Raise a ConfigError naming the first key of ``rules`` whose value tessera does not implement."""
+    arch = (cfg.get("architectures") or ["this model"])[0]
+    for rule in rules:
+        if rule.key in cfg and cfg[rule.key] not in rule.ok:
+            raise ConfigError(
+                f"{arch}: config.json sets {rule.key}={cfg[rule.key]!r}, which tessera does not implement "
+                f"(supported: {', '.join(repr(v) for v in rule.ok)}); {rule.fix}"
+            )
+
+
+# Keys every MoE family refuses the same way.
+COMMON_REFUSALS = (
+    Refuse("hidden_act", ("silu",), "the MLPs and experts are SwiGLU (silu); use a checkpoint whose hidden_act is silu"),
+)
 
 
 def rope_theta_of(cfg: dict) -> float:

@@ -12,9 +12,9 @@ stages may cut at any layer boundary (the dense prefix included).
 
 from __future__ import annotations
 
-from tessera.models.arch import MoEArch, dtype_of, eos_of
+from tessera.models.arch import COMMON_REFUSALS, MoEArch, Refuse, check_refusals, dtype_of, eos_of
+from tessera.models.fp8 import parse_quantization
 from tessera.models.rope import parse_rope
-from tessera.config import ConfigError
 
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
@@ -57,23 +57,64 @@ TP_PLAN = {
 }
 
 
+_NO_ATTENTION_BIAS = Refuse("attention_bias", (False,), "biases on the MLA projections (q_a/kv_a/o) are not "
+                            "implemented; use a checkpoint with attention_bias false")
+# Every release has 1; DeepSeek's own code would put MoE only on every freq-th layer, transformers ignores the key.
+_MOE_EVERY_LAYER = Refuse("moe_layer_freq", (1,), "MoE on every moe_layer_freq-th layer is not implemented (no "
+                          "release uses it and transformers, the reference, ignores it); use moe_layer_freq 1")
+# DeepSeek-V2: softmax scores, greedy or group-limited top-k, no renormalisation (what transformers implements).
+V2_REFUSALS = COMMON_REFUSALS + (
+    Refuse("scoring_func", ("softmax",), "DeepSeek-V2 routers score with softmax; sigmoid scoring is DeepSeek-V3's "
+           "(architectures DeepseekV3ForCausalLM)"),
+    Refuse("topk_method", ("greedy", "group_limited_greedy"), "use greedy or group_limited_greedy"),
+    Refuse("norm_topk_prob", (False,), "renormalised top-k weights on DeepSeek-V2 are not implemented (transformers "
+           "ignores the key, the original code applies it); use a checkpoint with norm_topk_prob false"),
+    _NO_ATTENTION_BIAS,
+    _MOE_EVERY_LAYER,
+)
+# DeepSeek-V3/R1: sigmoid scores + e_score_correction_bias, top-2-sum group limit ("noaux_tc").
+V3_REFUSALS = COMMON_REFUSALS + (
+    Refuse("scoring_func", ("sigmoid",), "DeepSeek-V3 routers score with sigmoid plus e_score_correction_bias"),
+    Refuse("topk_method", ("noaux_tc",), "DeepSeek-V3 routing is noaux_tc (bias-corrected, group-limited top-k)"),
+    _NO_ATTENTION_BIAS,
+    _MOE_EVERY_LAYER,
+)
+
+# Multi-token-prediction modules (num_nextn_predict_layers) sit after the last layer, at
+# model.layers.{num_hidden_layers + i}: a full MoE decoder layer plus these tensors. tessera,
+# like transformers, never runs them (they serve speculative decoding) and never loads them;
+# memory.footprint counts them, as the released parameter totals do (DeepSeek-V3: 671B + 14B).
+MTP_NAMES = {
+    "mtp_embed": _L + "embed_tokens.weight",  # a stored copy of the embedding
+    "mtp_enorm": _L + "enorm.weight",
+    "mtp_hnorm": _L + "hnorm.weight",
+    "mtp_eh_proj": _L + "eh_proj.weight",
+    "mtp_norm": _L + "shared_head.norm.weight",
+    "mtp_head": _L + "shared_head.head.weight",  # a stored copy of the LM head
+}
+
+
+def mtp_shapes(arch: MoEArch) -> dict[str, tuple[int, ...]]:
+    """Full shapes of one MTP module's own tensors (besides its decoder layer), from config.json alone."""
+    H, V = arch.hidden_size, arch.vocab_size
+    return {"mtp_embed": (V, H), "mtp_enorm": (H,), "mtp_hnorm": (H,), "mtp_eh_proj": (H, 2 * H),
+            "mtp_norm": (H,), "mtp_head": (V, H)}
+
+
 def parse_config(cfg: dict) -> MoEArch:
     arch = cfg["architectures"][0]
     v3 = "V3" in arch
+    check_refusals(cfg, V3_REFUSALS if v3 else V2_REFUSALS)
     heads = cfg["num_attention_heads"]
     layers = cfg["num_hidden_layers"]
     first_dense = cfg.get("first_k_dense_replace", 0)
-    freq = cfg.get("moe_layer_freq", 1) or 1
     experts = cfg.get("n_routed_experts") or 0
-    moe = tuple(experts > 0 and i >= first_dense and i % freq == 0 for i in range(layers))
+    moe = tuple(experts > 0 and i >= first_dense for i in range(layers))  # moe_layer_freq is 1 (refused otherwise)
     nope, rope = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
     if v3:
         router = "sigmoid_group"
     else:
-        method = cfg.get("topk_method", "greedy")
-        if method not in ("greedy", "group_limited_greedy"):
-            raise ConfigError(f"{arch}: topk_method {method!r} is not supported; use greedy or group_limited_greedy")
-        router = "softmax" if method == "greedy" else "softmax_group"
+        router = "softmax" if cfg.get("topk_method", "greedy") == "greedy" else "softmax_group"
     # The released V2/V3 checkpoints use YaRN (rope_scaling type "yarn", with mscale/mscale_all_dim).
     rope_theta, rope_scaling = parse_rope(cfg, supported=("default", "yarn"))
     return MoEArch(
@@ -112,4 +153,6 @@ def parse_config(cfg: dict) -> MoEArch:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         eos_token_ids=eos_of(cfg),
         rope_scaling=rope_scaling,
+        quantization=parse_quantization(cfg),
+        mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
     )

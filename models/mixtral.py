@@ -10,7 +10,8 @@ layer boundary.
 
 from __future__ import annotations
 
-from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of, sliding_window_of
+from tessera.models.arch import COMMON_REFUSALS, MoEArch, check_refusals, dtype_of, eos_of, rope_theta_of, sliding_window_of
+from tessera.models.fp8 import parse_quantization
 
 ARCHITECTURES = ("MixtralForCausalLM",)
 
@@ -40,6 +41,7 @@ TP_PLAN = {
 
 
 def parse_config(cfg: dict) -> MoEArch:
+    check_refusals(cfg, COMMON_REFUSALS)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     layers = cfg["num_hidden_layers"]
@@ -68,4 +70,5 @@ def parse_config(cfg: dict) -> MoEArch:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         eos_token_ids=eos_of(cfg),
         sliding_window=sliding_window_of(cfg),
+        quantization=parse_quantization(cfg),
     )

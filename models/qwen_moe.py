@@ -9,7 +9,10 @@ over tp like a dense MLP) and its scalar gate (replicated). The MoE block is
 
 from __future__ import annotations
 
-from tessera.models.arch import MoEArch, dtype_of, eos_of, rope_theta_of, sliding_window_of
+from tessera.models.arch import (
+    COMMON_REFUSALS, MoEArch, Refuse, check_refusals, dtype_of, eos_of, rope_theta_of, sliding_window_of,
+)
+from tessera.models.fp8 import parse_quantization
 
 ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
@@ -54,9 +57,17 @@ TP_PLAN = {
 }
 
 
+# Qwen3-MoE's attention_bias also adds a bias to o_proj, which the model math does not apply.
+QWEN3_REFUSALS = COMMON_REFUSALS + (
+    Refuse("attention_bias", (False,), "Qwen3-MoE attention biases (q/k/v and o_proj) are not implemented; "
+           "use a checkpoint with attention_bias false"),
+)
+
+
 def parse_config(cfg: dict) -> MoEArch:
     arch = cfg["architectures"][0]
     qwen3 = arch.startswith("Qwen3")
+    check_refusals(cfg, QWEN3_REFUSALS if qwen3 else COMMON_REFUSALS)
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     layers = cfg["num_hidden_layers"]
@@ -86,11 +97,12 @@ def parse_config(cfg: dict) -> MoEArch:
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         shared_intermediate=0 if qwen3 else int(cfg.get("shared_expert_intermediate_size") or 0),
         shared_gate=not qwen3 and bool(cfg.get("shared_expert_intermediate_size")),
-        qkv_bias=bool(cfg.get("qkv_bias", True)) if not qwen3 else bool(cfg.get("attention_bias", False)),
+        qkv_bias=not qwen3 and bool(cfg.get("qkv_bias", True)),  # Qwen2-MoE: q/k/v biases unless qkv_bias is false
         qk_norm=qwen3,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         dtype=dtype_of(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         eos_token_ids=eos_of(cfg),
         sliding_window=sliding_window_of(cfg),
+        quantization=parse_quantization(cfg),
     )
