@@ -226,6 +226,6 @@ def test_fp8_twin_tp2_matches_dequantized_reference(make_controller, fp8_twin):
         check_against_reference(engine, ref)
         file_bytes = (fp8 / "model.safetensors").stat().st_size
         # each rank reads its own slices (widened to whole blocks where tp cuts inside one), not the checkpoint
-        assert all(s["bytes_read"] < 0.75 * file_bytes for s in engine.shards)
+        assert all(s.bytes_read < 0.75 * file_bytes for s in engine.shards)
     finally:
         engine.close()
