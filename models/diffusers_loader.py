@@ -101,12 +101,6 @@ class DiffusersDir:
         if not cfg_file.is_file():
             raise ModelDirError(f"{cfg_file} is missing; the transformer sub-folder needs its config.json")
         cfg = _read_json(cfg_file, "transformer config")
-        for name, file in COMPONENT_CONFIGS.items():
-            if name in components:
-                data = _read_json(path / name / file, f"{name} component")
-                if name == "vae" and not isinstance(data.get("block_out_channels", [1]), list):
-                    raise ModelDirError(f"{path / name / file}: block_out_channels is "
-                                        f"{data['block_out_channels']!r}; it must be a list of channel counts")
         cls_name = cfg.get("_class_name", components["transformer"][1])
         family = FAMILY_BY_CLASS.get(cls_name)
         if family is None:
@@ -114,8 +108,24 @@ class DiffusersDir:
                 f"transformer class {cls_name!r} is not supported; tessera runs {', '.join(sorted(FAMILY_BY_CLASS))}"
             )
         opened = cls(path, meta.get("_class_name", "?"), family, components, cfg)
+        opened.check_components(require_folders=False)
         opened.check_weights()
         return opened
+
+    def check_components(self, require_folders: bool = True) -> None:
+        """Each component's config file (vae/config.json, scheduler/scheduler_config.json, text encoders) exists
+        and parses, so a pipeline missing one fails at load, naming the file, not at its first request.
+
+        ``require_folders=False`` (what :meth:`open` does) skips components whose whole folder is absent, so a
+        transformer-only directory still opens; the engine requires them all.
+        """
+        for name, file in COMPONENT_CONFIGS.items():
+            if name not in self.components or (not require_folders and not (self.path / name).is_dir()):
+                continue
+            data = _read_json(self.path / name / file, f"{name} component")
+            if name == "vae" and not isinstance(data.get("block_out_channels", [1]), list):
+                raise ModelDirError(f"{self.path / name / file}: block_out_channels is "
+                                    f"{data['block_out_channels']!r}; it must be a list of channel counts")
 
     # -- transformer weights -----------------------------------------------------------
 

@@ -239,6 +239,7 @@ DIFFUSION_FAULTS = [
      r"vae/config\.json is missing; the vae component needs it"),
     ("vae-config-invalid-json", lambda p: (p / "vae" / "config.json").write_text("{nope"), {},
      r"vae/config\.json is not valid JSON"),
+    ("vae-folder-missing", lambda p: shutil.rmtree(p / "vae"), {}, r"vae/config\.json is missing"),
     ("scheduler-config-missing", lambda p: (p / "scheduler" / "scheduler_config.json").unlink(), {},
      r"scheduler/scheduler_config\.json is missing"),
     ("transformer-config-missing", lambda p: (p / "transformer" / "config.json").unlink(), {},
