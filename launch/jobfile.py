@@ -52,7 +52,7 @@ TINY_MODEL_PREFIXES = ("tiny-moe:", "tiny-diffusion:")
 
 # The top-level keys a job file may have, with a one-line meaning (used in errors).
 JOB_KEYS: dict[str, str] = {
-    "name": "a name for logs and SLURM (default: the file name)",
+    "name": "a name for logs, files and SLURM (default: the file name): letters, digits, spaces, _ . , + @ = -",
     "task": "one of " + ", ".join(TASKS),
     "model": "checkpoint directory, or tiny-moe:<family> / tiny-diffusion:<family>",
     "plan": "degrees like {tp: 2, ep: 2} or 'tp=2,ep=2', or auto",
@@ -280,7 +280,7 @@ class JobFile:
         if isinstance(cluster, str) and cluster.strip().lower() in ("", "local", "none", "null"):
             cluster = None
         for key in ("model", "device", "log_level", "task"):
-            if data.get(key) is not None and not isinstance(data[key], str):
+            if data.get(key) is not None and not isinstance(data[key], (str, os.PathLike) if key == "model" else str):
                 raise ConfigError(f"{key} is {data[key]!r}; it must be a string ({JOB_KEYS[key]})")
         timeouts = data.get("timeouts") or {}
         if isinstance(timeouts, Mapping):

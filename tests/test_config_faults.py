@@ -396,6 +396,13 @@ def test_job_file_outputs_inside_the_root_are_kept(tmp_path, monkeypatch):
     assert JobFile.from_yaml(job).output == str(elsewhere / "r.json")
 
 
+def test_python_api_values_still_pass(tmp_path, monkeypatch):
+    """What the Python API hands over (a Path model, a ParallelPlan) is not mistaken for a wrong type."""
+    monkeypatch.chdir(tmp_path)
+    jf = JobFile.from_dict({"model": tmp_path, "plan": ParallelPlan({"tp": 2}), "name": "api job"})
+    assert jf.job.model == str(tmp_path) and jf.name == "api job"
+
+
 def test_job_name_from_an_odd_file_name_is_made_safe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = tmp_path / "my job (copy).yaml"
