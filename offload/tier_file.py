@@ -13,8 +13,10 @@ view the bytes with a wrong shape. The digest guards against accidents, not
 an attacker who can write the tier directory (keep it private to the user).
 
 The tier file's disk space is reserved (``posix_fallocate``) before the first
-group is written, so a disk that fills up meanwhile fails at once, naming the
-file, the bytes needed and the bytes free.
+group is written: a disk without room fails at once, before any byte is
+written, and one that other writers fill up meanwhile cannot fail the data
+write. Any ENOSPC/EDQUOT that still happens (a caller's size too small, the
+manifest) names the file, the bytes needed, written and free, and the fix.
 
 Writes are crash-safe: data goes to ``NAME.tier.tmp``, is fsynced and renamed,
 and the manifest is written (and renamed) last, so a half-written file never
