@@ -12,7 +12,7 @@ import difflib
 import enum
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -39,6 +39,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | T | None, where: str) -
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown {where} option {key!r}{hint}; known: {', '.join(known)}")
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in data and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{where}: {f.name} is required; add it (see {cls.__name__}'s documentation)")
     try:
         return cls(**dict(data))
     except ConfigError as err:
@@ -156,8 +159,8 @@ class LLMOptions:
         for name in ("block_size", "max_num_seqs", "max_prefill_tokens", "decode_steps"):
             _need_int(self, name, 1)
         _need_int(self, "num_kv_blocks", 0)
-        if not _is_number(self.step_timeout_s) or not self.step_timeout_s > 0:
-            raise ConfigError(f"step_timeout_s is {self.step_timeout_s!r}; it must be a number of seconds > 0")
+        if not _is_number(self.step_timeout_s) or not math.isfinite(self.step_timeout_s) or not self.step_timeout_s > 0:
+            raise ConfigError(f"step_timeout_s is {self.step_timeout_s!r}; it must be a finite number of seconds > 0")
         if self.moe_dispatch not in MOE_DISPATCH_MODES:
             raise ConfigError(f"moe_dispatch {self.moe_dispatch!r} is unknown; use one of {', '.join(MOE_DISPATCH_MODES)}")
         if self.expert_parallel_mode not in EXPERT_PARALLEL_MODES:
@@ -166,6 +169,13 @@ class LLMOptions:
         for name in ("record_routing", "stop_at_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} is {getattr(self, name)!r}; it must be true or false")
+        if self.placement_file is not None and not isinstance(self.placement_file, (str, Path)):
+            raise ConfigError(f"placement_file is {self.placement_file!r}; give the path of a `tessera place` output")
+        for name in ("expert_map", "expert_replicas"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__")):
+                raise ConfigError(f"{name} is {value!r}; give a list (one ep rank per expert, or one list per MoE "
+                                  "layer), or leave it out")
         if self.placement_file is not None and (self.expert_map is not None or self.expert_replicas is not None):
             raise ConfigError("give either placement_file or expert_map/expert_replicas, not both")
 
@@ -296,6 +306,7 @@ class PlanningHints:
         if self.world_size is not None:
             _need_int(self, "world_size", 1)
         if self.device_memory_gib is not None and (not _is_number(self.device_memory_gib)
+                                                   or not math.isfinite(self.device_memory_gib)
                                                    or not self.device_memory_gib > 0):
-            raise ConfigError(f"device_memory_gib is {self.device_memory_gib!r}; it must be a number > 0")
+            raise ConfigError(f"device_memory_gib is {self.device_memory_gib!r}; it must be a finite number > 0")
         _need_int(self, "kv_tokens", 0)

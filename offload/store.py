@@ -253,7 +253,7 @@ class TieredStore:
 
     def _open_or_write(self, name: str, nvme: Sequence[GroupSpec], fp: str, progress) -> TierFile:
         cfg = self.config
-        tf = TierFile.open(cfg.nvme_dir, name, fingerprint=fp)
+        tf = TierFile.open(cfg.nvme_dir, name, fingerprint=fp, on_corrupt=cfg.on_corrupt)
         if tf is not None and set(tf.groups) == {s.name for s in nvme}:
             if not cfg.verify_reads:
                 bad = tf.verify_all()

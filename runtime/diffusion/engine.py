@@ -55,6 +55,7 @@ class DiffusionEngine:
         if offload is not None:
             offload = from_mapping(OffloadConfig, offload, "offload")
         model = DiffusersDir.open(model_dir)
+        model.check_components()  # vae, scheduler, text encoders: a missing config fails here, not per request
         degrees = dict(controller.placement.plan.degrees)
         cls.check_plan(model, degrees, offload=offload)
         info = controller.collective_rpc(_r.load_runner, args=(ENGINE_ID, str(model.path), opts.dtype, offload))
