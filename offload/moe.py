@@ -94,7 +94,7 @@ class ExpertSink:
         self.writer: TierFileWriter | None = None
         self.tier = Tier.NVME if config.nvme_dir is not None else Tier.HOST
         if self.tier == Tier.NVME:
-            existing = TierFile.open(config.nvme_dir, name, fingerprint=fingerprint)
+            existing = TierFile.open(config.nvme_dir, name, fingerprint=fingerprint, on_corrupt=config.on_corrupt)
             if existing is None or set(existing.groups) != set(expected):
                 self.writer = TierFileWriter(
                     config.nvme_dir, name, fingerprint, sum(expected.values()), config.min_free_bytes
