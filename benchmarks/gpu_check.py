@@ -570,30 +570,34 @@ def bench_offload_decode(device, sizes: Sizes, scratch: Path, ceilings: dict[str
                                 offload=cfg)
         out["load_s"] = time.perf_counter() - started
         engine.generate(prompts, {"max_new_tokens": 4})  # warm-up
-        (before,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+        # H2D of the decode steps alone: a generation of N tokens less one of 1 token (the prefill), same prompt
+        (s0,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+        engine.generate(prompts, {"max_new_tokens": 1})
+        (s1,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
         run = _decode_run(engine, prompts, sizes.offload_new_tokens, 1)
-        (after,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+        (s2,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
         engine.close()
     _free(device)
-    h2d = after["store_h2d_bytes"] - before["store_h2d_bytes"]  # includes the prefill's copies
-    seconds = run["decode_s"] + run["prefill_s"]
-    per_token_s = 1 / run["tok_s"]
-    tokens = run["decode_tokens"] + 1
-    copy_s = (h2d / tokens) / (ceilings["h2d_pinned_GBps"] * 1e9) if ceilings.get("h2d_pinned_GBps") else None
+    h2d = max(0, (s2["store_h2d_bytes"] - s1["store_h2d_bytes"]) - (s1["store_h2d_bytes"] - s0["store_h2d_bytes"]))
+    per_token_bytes = h2d / run["decode_tokens"]
+    measured_s = run["decode_s"] / run["decode_tokens"]
     compute_s = 1 / base["tok_s"]
+    pinned = ceilings.get("h2d_pinned_GBps")
     out.update({
         "device_budget_bytes": budget, "weight_bytes": facts["total_bytes"], "tok_s": run["tok_s"],
-        "no_offload_tok_s": base["tok_s"], "h2d_bytes": h2d, "h2d_GBps": h2d / seconds / 1e9,
-        "cache_hit_rate": _delta_rate(before, after), "prefetch_precision": after.get("cache_prefetch_precision"),
-        "device_peak_bytes": after.get("store_device_peak"), "cuda_peak_allocated": after.get("store_cuda_peak_allocated"),
-        "waited_retirements": after.get("store_copier", {}).get("waited_retirements"),
+        "no_offload_tok_s": base["tok_s"], "decode_h2d_bytes_per_token": per_token_bytes,
+        "h2d_GBps": per_token_bytes / measured_s / 1e9, "cache_hit_rate": _delta_rate(s1, s2),
+        "prefetch_precision": s2.get("cache_prefetch_precision"), "device_peak_bytes": s2.get("store_device_peak"),
+        "cuda_peak_allocated": s2.get("store_cuda_peak_allocated"),
+        "waited_retirements": s2.get("store_copier", {}).get("waited_retirements"),
     })
-    if ceilings.get("h2d_pinned_GBps"):
-        out["h2d_vs_pinned_bound"] = out["h2d_GBps"] / ceilings["h2d_pinned_GBps"]
-    if copy_s:
-        hidden = compute_s + copy_s - per_token_s
-        out.update({"step_compute_s": compute_s, "step_copy_s": copy_s, "step_measured_s": per_token_s,
-                    "overlap": max(0.0, min(1.0, hidden / min(compute_s, copy_s)))})
+    if pinned:
+        out["h2d_vs_pinned_bound"] = out["h2d_GBps"] / pinned
+        copy_s = per_token_bytes / (pinned * 1e9)
+        out.update({"step_compute_s": compute_s, "step_copy_s": copy_s, "step_measured_s": measured_s})
+        if copy_s > 0:
+            hidden = compute_s + copy_s - measured_s
+            out["overlap"] = max(0.0, min(1.0, hidden / min(compute_s, copy_s)))
     return out
 
 
