@@ -291,7 +291,22 @@ def _disk_read(scratch: Path, nbytes: int) -> dict[str, Any]:
     finally:
         reader.close()
         path.unlink(missing_ok=True)
-    return {"disk_read_GBps": nbytes / seconds / 1e9, "disk_direct_io": reader.direct, "disk_bytes": nbytes}
+    return {"disk_read_GBps": nbytes / seconds / 1e9, "disk_direct_io": reader.direct, "disk_bytes": nbytes,
+            "disk_fs": _filesystem(scratch)}
+
+
+def _filesystem(path: Path) -> str | None:
+    """The file system type holding ``path`` (tmpfs would make the disk figure a memory figure)."""
+    best, kind = "", None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and str(path.resolve()).startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        return None
+    return kind
 
 
 # -- 3. tests --------------------------------------------------------------------------------
@@ -689,7 +704,8 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("d2d copy (read+write)", _fmt(get("ceilings", "d2d_copy_GBps"), " GB/s")),
         ("bf16 matmul", _fmt(get("ceilings", "bf16_matmul_TFLOPs"), " TFLOP/s")),
         ("h2d copy (pinned)", _fmt(get("ceilings", "h2d_pinned_GBps"), " GB/s")),
-        ("disk read (O_DIRECT, cold)", _fmt(get("ceilings", "disk_read_GBps"), " GB/s", 2)),
+        ("disk read (O_DIRECT, cold)", f"{_fmt(get('ceilings', 'disk_read_GBps'), ' GB/s', 2)} "
+                                       f"({get('ceilings', 'disk_fs')}, direct={get('ceilings', 'disk_direct_io')})"),
     ]
     tests = s.get("tests", {}).get("result") or {}
     if tests:
@@ -723,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the code paths in seconds")
     parser.add_argument("--budget-s", type=float, default=480.0, help="time for the whole run (default 480)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip (e.g. tests)")
-    parser.add_argument("--scratch", default=None, help="folder for checkpoints and the disk test (default: a temp dir)")
+    parser.add_argument("--scratch", default=None,
+                        help="folder on the disk to measure, for checkpoints and the disk test (default: the temp dir)")
     args = parser.parse_args(argv)
     if not args.out:
         parser.error("give the output folder: --out DIR (or set $OUT)")

@@ -132,8 +132,11 @@ class DefaultGroup:
             else:
                 # gloo serves CPU tensors; nccl CUDA ones (its communicator is created on first use).
                 backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-                # One rank never talks to another host: keep gloo's socket on loopback unless told otherwise.
+                # One rank never talks to another host: keep gloo's and NCCL's bootstrap sockets on loopback
+                # unless told otherwise.
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+                if "nccl" in backend:
+                    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
                 dist.init_process_group(
                     backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
                 )
