@@ -11,7 +11,8 @@ own bf16 error as the yardstick, at stated tolerances:
 - logits: the median error (max over the vocabulary, per position) is at most 1.5x transformers'
   own bf16 median error + 0.01, and the prompts with a position off by more than ``BF16_TOL``
   (0.125: 8 bf16 ulps at the logits' magnitude of 2-4; a router flip spoils the rest of its
-  prompt) are at most transformers' own count + max(2, 1/6 of the prompts);
+  prompt) are at most transformers' own count + max(2, 1/6 of the prompts); directly, tessera's
+  and transformers' bf16 logits differ by at most ``BF16_TOL / 2`` at the median position;
 - greedy: identical to transformers' tokens for ``STEPS`` steps, on the prompts (of a fixed seeded
   set) whose greedy choices are decisive in fp32: every step's top-1 vs top-2 margin >= ``MARGIN``.
   The prompts are chosen from transformers' fp32 run alone, never from tessera's output.
@@ -153,20 +154,23 @@ def test_bf16_matches_transformers_within_bf16_tolerance(gpu_controller, checkpo
         (facts,) = gpu_controller.collective_rpc(_placement_facts, args=(engine.key,))
         assert facts["devices"] == [DEVICE] and (facts["packed"] == 0 or DEVICE == "cpu")  # CPU bf16 packs
         prompts = _candidate_prompts()
-        ours, theirs = [], []
+        ours, theirs, between = [], [], []
         for prompt in prompts:
-            truth = _hf_logits(hf32, prompt)
-            ours.append((engine.score(prompt) - truth).abs().amax(-1))
-            theirs.append((_hf_logits(hf16, prompt) - truth).abs().amax(-1))
+            truth, mine, hf_bf16 = _hf_logits(hf32, prompt), engine.score(prompt), _hf_logits(hf16, prompt)
+            ours.append((mine - truth).abs().amax(-1))
+            theirs.append((hf_bf16 - truth).abs().amax(-1))
+            between.append((mine - hf_bf16).abs().amax(-1))
         flipped_ours = sum(bool((e > BF16_TOL).any()) for e in ours)
         flipped_theirs = sum(bool((e > BF16_TOL).any()) for e in theirs)
         assert flipped_ours <= flipped_theirs + max(2, len(prompts) // 6), (
             f"{family}: {flipped_ours} of {len(prompts)} prompts have a position off by more than {BF16_TOL} from fp32, "
             f"transformers' bf16 {flipped_theirs} (worst per prompt: {[round(e.max().item(), 3) for e in ours]}; "
             f"transformers: {[round(e.max().item(), 3) for e in theirs]})")
-        ours, theirs = torch.cat(ours), torch.cat(theirs)
+        ours, theirs, between = torch.cat(ours), torch.cat(theirs), torch.cat(between)
         assert ours.median() <= 1.5 * theirs.median() + 0.01, (
             f"{family}: median bf16 error {ours.median():.4f} vs transformers' {theirs.median():.4f}")
+        assert between.median() <= BF16_TOL / 2, (
+            f"{family}: tessera's and transformers' bf16 logits differ by {between.median():.4f} (median over positions)")
         decisive = []
         for prompt in prompts:
             tokens, margin = _hf_greedy(hf32, prompt)
