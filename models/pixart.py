@@ -214,10 +214,11 @@ class PixArtTransformer(nn.Module):
 
     def embed_time(self, timestep: torch.Tensor, batch: int, resolution=None, aspect_ratio=None):
         emb = self.adaln_single.emb
-        t = emb.timestep_embedder(timestep_embedding(timestep, 256))
+        dtype = emb.timestep_embedder.linear_1.weight.dtype  # sinusoids are fp32; a bf16 model takes bf16 (as diffusers)
+        t = emb.timestep_embedder(timestep_embedding(timestep, 256).to(dtype))
         if self.config.additional_conditions:
-            r = emb.resolution_embedder(timestep_embedding(resolution.flatten(), 256)).reshape(batch, -1)
-            a = emb.aspect_ratio_embedder(timestep_embedding(aspect_ratio.flatten(), 256)).reshape(batch, -1)
+            r = emb.resolution_embedder(timestep_embedding(resolution.flatten(), 256).to(dtype)).reshape(batch, -1)
+            a = emb.aspect_ratio_embedder(timestep_embedding(aspect_ratio.flatten(), 256).to(dtype)).reshape(batch, -1)
             t = t + torch.cat([r, a], dim=1)
         return self.adaln_single.linear(F.silu(t)), t
 

@@ -88,16 +88,20 @@ def _build_tokenizer(vocab_size: int, path: Path) -> None:
 
 
 def build_tiny_moe(family: str, path: str | Path, *, tokenizer: bool = False, seed: int = 0, dtype: str = "float32",
-                   **size: Any) -> Path:
+                   device: str = "cpu", **size: Any) -> Path:
     """Build (or reuse) a tiny random ``family`` checkpoint in ``path``; returns the path.
 
     ``size`` keys: hidden, layers, heads, kv_heads, experts, top_k, vocab, intermediate,
     moe_intermediate, head_dim, max_positions, rope_scaling, init_std (a larger std than transformers' 0.02 keeps
-    logits and router scores well separated, so greedy comparisons are not ties).
+    logits and router scores well separated, so greedy comparisons are not ties). ``device``: where the
+    random weights are drawn (``"cuda"`` builds GPU-sized benchmark checkpoints in seconds; the bytes
+    then differ from a CPU build with the same seed).
     """
     path = Path(path)
     marker = path / "tessera_tiny.json"
     wanted = {"family": family, "tokenizer": tokenizer, "seed": seed, "dtype": dtype, **size}
+    if device != "cpu":
+        wanted["device"] = device
     if marker.is_file() and json.loads(marker.read_text()) == wanted and (path / "model.safetensors").is_file():
         return path
     import torch
@@ -106,7 +110,8 @@ def build_tiny_moe(family: str, path: str | Path, *, tokenizer: bool = False, se
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = _config(family, size)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     with torch.no_grad():  # transformers inits some biases to zero; make them count
         for name, param in model.named_parameters():
             if name.endswith("e_score_correction_bias") or name.endswith("proj.bias"):

@@ -137,7 +137,8 @@ class ExpertSink:
     # the ExpertWeights interface used while loading
     def put(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         name = expert_group_name(layer, expert)
-        tensors = {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
+        # to host memory now: on CUDA the loader read them onto the device, where they must not pile up
+        tensors = {"gate_up": gate_up.to("cpu").contiguous(), "down": down.to("cpu").contiguous()}
         if group_nbytes(tensors) != self.expected.get(name):
             raise OffloadConfigError(f"expert {name!r} has an unexpected size; the checkpoint does not match its config")
         self.local.setdefault(layer, []).append(expert)

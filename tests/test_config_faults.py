@@ -7,7 +7,7 @@ fix. Checkpoint faults are raised on the driver before any worker is called
 (a counting controller proves it) unless the row says otherwise; after each
 one the same controller loads the good checkpoint and serves a request.
 
-The controller here is the in-process one-rank :class:`LocalController` (a
+The controller here is the in-process one-rank controller (a
 real ``Worker``, no Ray), so the table stays cheap; the one fault raised on
 the workers (a misshaped tensor) is also run on real Ray workers.
 """
@@ -271,11 +271,9 @@ DIFFUSION_FAULTS = [
 
 
 @pytest.fixture(scope="module")
-def diffusion_ctl(tiny_pixart_dir):
+def diffusion_ctl(tiny_pixart_dir, local_controller):
     """The in-process controller, warmed with one good image (text encoder and VAE loaded once)."""
-    from tessera.tests.llm_testing import LocalController
-
-    ctl = LocalController()
+    ctl = local_controller
     engine = DiffusionEngine.load(ctl, tiny_pixart_dir, progress=False)
     engine.generate_images("warm up", steps=1, height=32, width=32)
     engine.close()

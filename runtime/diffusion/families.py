@@ -81,8 +81,9 @@ class PixArtAdapter:
         extra = {}
         if self.model.config.additional_conditions:
             h, w = image_hw
-            extra = {"resolution": torch.tensor([[h, w]], dtype=torch.float32).repeat(b, 1),
-                     "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32).repeat(b, 1)}
+            dev = latent_rows.device
+            extra = {"resolution": torch.tensor([[h, w]], dtype=torch.float32, device=dev).repeat(b, 1),
+                     "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32, device=dev).repeat(b, 1)}
         timestep = t.reshape(1).expand(b)
         out = self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype), timestep, shard=shard,
                          text_mask=cond.tensors["mask"], self_attn=self_attn, stage=stage, **extra)

@@ -68,7 +68,8 @@ class FluxAdapter:
         timestep = t.reshape(1).expand(b).to(latent_rows.dtype) / 1000
         g = None
         if self.model.config.guidance_embeds:
-            g = torch.full((b,), float(guidance if guidance is not None else 3.5), dtype=latent_rows.dtype)
+            g = torch.full((b,), float(guidance if guidance is not None else 3.5), dtype=latent_rows.dtype,
+                           device=latent_rows.device)
         return self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype),
                           cond.tensors["pooled"].to(latent_rows.dtype), timestep, shard=shard, self_attn=self_attn,
                           guidance=g, stage=stage)

@@ -201,7 +201,8 @@ class DiffusionRunner:
         if req is None or self.step_index >= len(self.timesteps):
             raise RuntimeError("run_step called with no request in flight or after the last step; call begin_request")
         i = self.step_index
-        t = self.timesteps[i]
+        t = self.timesteps[i]  # stays on the CPU for the scheduler (it looks itself up in its CPU timesteps)
+        t_model = t.to(self.device) if isinstance(t, torch.Tensor) else t  # the model's input lives with its weights
         started, cpu_started = time.perf_counter(), time.process_time()
         before = self.counter.snapshot()["sent_bytes"]
         if self.attn is not None:
@@ -214,11 +215,11 @@ class DiffusionRunner:
             x_in = self.scheduler.scale_model_input(x_in, t)
         with torch.no_grad():
             if self.pipe is None:
-                pred = self.adapter.predict(x_in, self.text, t, self.shard, self_attn, (req.height, req.width),
+                pred = self.adapter.predict(x_in, self.text, t_model, self.shard, self_attn, (req.height, req.width),
                                             guidance=req.guidance_scale)
             else:  # stages overlap on micro-batches unless attention keeps per-layer state (stale patch K/V)
                 pred = self.pipe.predict(
-                    lambda rows, stage: self.adapter.predict(x_in[rows], self.text.select(rows), t, self.shard,
+                    lambda rows, stage: self.adapter.predict(x_in[rows], self.text.select(rows), t_model, self.shard,
                                                              self_attn, (req.height, req.width),
                                                              guidance=req.guidance_scale, stage=stage),
                     x_in, micro_batches=self.pipe.pp if self.sp == 1 or req.mode in ("exact", "ulysses") else 1)
@@ -269,10 +270,10 @@ class DiffusionRunner:
     def _decode(self, latents: torch.Tensor):
         from diffusers.image_processor import VaeImageProcessor
 
-        if self.vae is None:
-            self.vae = self.dir.load_component("vae").eval()
+        if self.vae is None:  # on rank 0's device, in fp32
+            self.vae = self.dir.load_component("vae").eval().to(self.device)
         with torch.no_grad():
-            image = self.vae.decode(self.adapter.to_vae(latents.float(), self.vae), return_dict=False)[0]
+            image = self.vae.decode(self.adapter.to_vae(latents.float().to(self.device), self.vae), return_dict=False)[0]
         return VaeImageProcessor(vae_scale_factor=self.vae_scale).postprocess(image, output_type="np")
 
 
