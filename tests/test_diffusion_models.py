@@ -61,16 +61,17 @@ def test_flux_matches_diffusers(guidance_embeds):
     assert (want - got).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
-def test_sd3_matches_diffusers(qk_norm):
+@pytest.mark.parametrize("qk_norm,dual", [(None, ()), ("rms_norm", ()), ("rms_norm", (0, 2))],
+                         ids=["sd3", "qk-norm", "sd3.5-dual-attention"])
+def test_sd3_matches_diffusers(qk_norm, dual):
     from diffusers import SD3Transformer2DModel
 
     from tessera.models.sd3 import SD3Config, SD3Transformer
 
-    ref = _perturb(SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+    ref = _perturb(SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3 if dual else 2,
                                          attention_head_dim=4, num_attention_heads=4, joint_attention_dim=12,
                                          caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-                                         pos_embed_max_size=24, qk_norm=qk_norm))
+                                         pos_embed_max_size=24, qk_norm=qk_norm, dual_attention_layers=dual))
     ref.pos_embed.pos_embed.data = SD3Transformer2DModel(  # the table is a fixed buffer, not a weight
         sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=4,
         caption_projection_dim=16, pos_embed_max_size=24).pos_embed.pos_embed
