@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-FAMILIES = ("pixart", "flux", "sd3")
+from tessera.models.diffusers_loader import FAMILIES, family_of
 
 
 def default_cache_dir() -> Path:
@@ -35,9 +35,7 @@ def build_tiny_diffusion(family: str, path: str | os.PathLike, *, layers: int = 
     """Write (once) a tiny random ``family`` pipeline directory at ``path`` and return it."""
     if family not in FAMILIES:
         raise ValueError(f"unknown diffusion family {family!r}; choose one of {', '.join(FAMILIES)}")
-    from tessera.models.diffusers_loader import FAMILIES as REGISTRY
-
-    module = REGISTRY[family]
+    module = FAMILIES[family]
     return _write(Path(path), lambda: module.tiny_pipeline(module.tiny_config(layers, heads, head_dim)), seed)
 
 
@@ -47,8 +45,6 @@ def build_tiny_twin(released: Mapping[str, Any], path: str | os.PathLike, *, see
     ``released`` is a published ``transformer/config.json``. The saved config keeps every key of it
     (class name included: PixArt-Sigma's generic ``Transformer2DModel``), with the family's tiny sizes.
     """
-    from tessera.models.diffusers_loader import family_of
-
     module = family_of(released)
     config = module.tiny_twin_config(released)
     return _write(Path(path), lambda: module.tiny_pipeline(config), seed, transformer_config=config)

@@ -44,9 +44,9 @@ from tessera.errors import ConfigError
 from tessera.models.diffusers_loader import Pieces
 from tessera.parallel.comm import GroupComm
 from tessera.parallel.counted import CommCounter
-from tessera.parallel.tensor import bias_kind, tp_slices
+from tessera.parallel.tensor import DIT_SHARD_KINDS, bias_kind, tp_slices
 
-DIT_KINDS = ("colwise", "rowwise", "colwise_gather", "rowwise_pieces")
+DIT_KINDS = ("colwise", "rowwise") + DIT_SHARD_KINDS  # the kinds a DiT's TP_PLAN may use
 
 
 def check_tp(heads: int, tp: int) -> None:

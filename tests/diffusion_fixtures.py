@@ -55,3 +55,16 @@ def tp_split_bytes(model_dir: str) -> tuple[int, int]:
         elif kind in ("rowwise", "rowwise_pieces"):
             split += mod.weight.numel() * mod.weight.element_size()
     return param_bytes(model), split
+
+
+class NoWorkers:
+    """A controller stand-in: the plan is there, but any call to a worker fails the test."""
+
+    def __init__(self, degrees):
+        from tessera.config import ParallelPlan
+        from tessera.memory.placement import Placement
+
+        self.placement = Placement(ParallelPlan(degrees), device="cpu")
+
+    def collective_rpc(self, *args, **kwargs):
+        raise AssertionError("a bad plan or request reached the workers")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from tessera.tests.diffusion_fixtures import NoWorkers as _NoWorkers
 from tessera.tests.diffusion_fixtures import engine_on, tiny_flux3, tiny_pixart, tiny_sd3  # noqa: F401
 from tessera.tests.diffusion_reference import (
     assert_latents_close,
@@ -106,19 +107,6 @@ def test_pixart_pp2_x_sp2(make_controller, tiny_pixart):
                            mode="displaced", warmup_steps=STEPS, output="latent")
     assert engine.last["comm_by_rank"][0]["by_kind"]["pp_activations"]["calls"] == STEPS * 4
     assert_latents_close(engine.last["latents"], exact)
-
-
-class _NoWorkers:
-    """A controller stand-in: the plan is there, but any call to a worker fails the test."""
-
-    def __init__(self, degrees):
-        from tessera.memory.placement import Placement
-        from tessera.config import ParallelPlan
-
-        self.placement = Placement(ParallelPlan(degrees), device="cpu")
-
-    def collective_rpc(self, *args, **kwargs):
-        raise AssertionError("a bad plan reached the workers")
 
 
 def test_bad_plans_fail_on_the_driver(tiny_pixart, tiny_flux3):

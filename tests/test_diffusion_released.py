@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tessera.errors import ConfigError
 from tessera.models.diffusers_loader import ModelDirError, build_transformer, family_of
@@ -112,13 +111,13 @@ def test_unsupported_flag_is_refused_before_workers_start(tmp_path):
     """The driver parses the config before any rpc: a controller whose workers must not be called."""
     from tessera.models.tiny_diffusion import build_tiny_diffusion
     from tessera.runtime.diffusion.engine import DiffusionEngine
-    from tessera.tests.test_diffusion_pp import _NoWorkers
+    from tessera.tests.diffusion_fixtures import NoWorkers
 
     path = build_tiny_diffusion("sd3", tmp_path / "sd3")
     cfg_file = path / "transformer" / "config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "qk_norm": "layer_norm"}))
     with pytest.raises(ConfigError, match="qk_norm='layer_norm'"):
-        DiffusionEngine.load(_NoWorkers({}), path)
+        DiffusionEngine.load(NoWorkers({}), path)
 
 
 # -- tiny twins against diffusers ---------------------------------------------------------------------------

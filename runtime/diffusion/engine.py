@@ -205,6 +205,7 @@ class DiffusionEngine:
         return {"family": self.dir.family, "plan": self.degrees,
                 "param_bytes_per_rank": [i.param_bytes for i in self.info],
                 "loaded_bytes_per_rank": [i.loaded_bytes for i in self.info],
+                "load_seconds_per_rank": [i.load_s for i in self.info],
                 "requests": len(self.history), "last": last}
 
     def close(self) -> None:

@@ -38,13 +38,9 @@ class WorkerInfo:
     """One rank's loaded shard: what it holds and what it read."""
 
     rank: int
-    family: str
-    param_bytes: int
-    loaded_bytes: int
+    param_bytes: int  # parameters held (a 1/tp share of the split linears, a pipeline stage's blocks)
+    loaded_bytes: int  # bytes read from the safetensors files: only this rank's slices
     load_s: float
-    uses_cfg: bool
-    heads: int
-    pp_stage: int | None = None
     blocks: tuple[int, int] | None = None  # [start, stop) of the blocks a pipeline stage holds
 
 

@@ -106,11 +106,8 @@ class DiffusionWorker:
 
     def describe(self) -> WorkerInfo:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return WorkerInfo(rank=self.worker.rank, family=self.dir.family, param_bytes=params,
-                          loaded_bytes=self.loaded["bytes_read"], load_s=self.load_s,
-                          uses_cfg=self.model.config.uses_cfg, heads=self.model.num_heads,
-                          pp_stage=self.pipe.stage if self.pipe is not None else None,
-                          blocks=self.pipe.block_range() if self.pipe is not None else None)
+        return WorkerInfo(rank=self.worker.rank, param_bytes=params, loaded_bytes=self.loaded["bytes_read"],
+                          load_s=self.load_s, blocks=self.pipe.block_range() if self.pipe is not None else None)
 
     # -- one request ---------------------------------------------------------------
 
