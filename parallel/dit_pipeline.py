@@ -4,9 +4,9 @@ Why: tensor parallel shards every block but all-reduces twice per block;
 pipeline stages instead hold a contiguous range of blocks each and exchange
 one activation "carry" per micro-batch per step, so a DiT that does not fit
 one device fits ``pp`` of them with little traffic. A family declares *what*
-may be cut (``parallel_spec.stage_blocks``: its block lists in forward order,
-cut as one sequence; ``embed`` / ``head``: the modules only the first / last
-stage holds) and writes its ``forward`` as three closures ``embed() ->
+may be cut (``STAGES``, a ``models.dit_family.StagePlan``: its block lists in
+forward order, cut as one sequence; ``embed`` / ``head``: the modules only the
+first / last stage holds) and writes its ``forward`` as three closures ``embed() ->
 carry``, ``body(carry) -> carry``, ``head(carry) -> output`` handed to a
 ``stage`` callable (``models/dit_layers.whole_model`` when unstaged). This
 file says *how*, in torchtitan-style steps:
@@ -40,18 +40,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tessera.errors import ConfigError
+from tessera.models.dit_family import StagePlan
 from tessera.models.dit_layers import OnOtherStage
 from tessera.parallel.counted import CommCounter
-from tessera.config import ConfigError
 
 
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+def block_lists(model: nn.Module, stages: StagePlan) -> list[nn.ModuleList]:
     """The family's stage-cuttable block lists, in forward order."""
-    return [getattr(model, name) for name in model.parallel_spec.stage_blocks]
+    return [getattr(model, name) for name in stages.blocks]
 
 
-def count_blocks(model: nn.Module) -> int:
-    return sum(len(blocks) for blocks in block_lists(model))
+def count_blocks(model: nn.Module, stages: StagePlan) -> int:
+    return sum(len(blocks) for blocks in block_lists(model, stages))
 
 
 def check_pp(num_blocks: int, pp: int) -> None:
@@ -122,12 +123,11 @@ def _drop(model: nn.Module, dotted: str) -> None:
         setattr(parent, child, OnOtherStage())
 
 
-def apply_pipeline_stages(model: nn.Module, stage: int, pp: int) -> range:
+def apply_pipeline_stages(model: nn.Module, stages: StagePlan, stage: int, pp: int) -> range:
     """Keep only ``stage``'s blocks (and embed/head where they belong) in ``model`` (meta); return its range."""
-    spec = model.parallel_spec
-    lists = block_lists(model)
+    lists = block_lists(model, stages)
     sizes = [_bytes(block) for blocks in lists for block in blocks]
-    mine = stage_ranges(sizes, pp, _named_bytes(model, spec.embed), _named_bytes(model, spec.head))[stage]
+    mine = stage_ranges(sizes, pp, _named_bytes(model, stages.embed), _named_bytes(model, stages.head))[stage]
     index = 0
     for blocks in lists:
         for i in range(len(blocks)):
@@ -135,10 +135,10 @@ def apply_pipeline_stages(model: nn.Module, stage: int, pp: int) -> range:
                 blocks[i] = OnOtherStage()
             index += 1
     if stage > 0:
-        for name in spec.embed:
+        for name in stages.embed:
             _drop(model, name)
     if stage < pp - 1:
-        for name in spec.head:
+        for name in stages.head:
             _drop(model, name)
     return mine
 
@@ -231,8 +231,8 @@ class DiTPipeline:
     def last(self) -> bool:
         return self.schedule.last
 
-    def prepare(self, model: nn.Module) -> None:
-        self.blocks = apply_pipeline_stages(model, self.stage, self.pp)
+    def prepare(self, model: nn.Module, stages: StagePlan) -> None:
+        self.blocks = apply_pipeline_stages(model, stages, self.stage, self.pp)
 
     def predict(self, run: Callable[[slice, StageSchedule], torch.Tensor | None], like: torch.Tensor,
                 micro_batches: int = 1) -> torch.Tensor:
@@ -257,5 +257,6 @@ class DiTPipeline:
             self.counter.add("pp_pred", pred.nbytes if self.last else 0, 0 if self.last else pred.nbytes)
         return pred
 
-    def describe(self) -> dict:
-        return {"pp_stage": self.stage, "blocks": [self.blocks.start, self.blocks.stop] if self.blocks else None}
+    def block_range(self) -> tuple[int, int] | None:
+        """``[start, stop)`` of the blocks this stage holds (after ``prepare``)."""
+        return (self.blocks.start, self.blocks.stop) if self.blocks else None
