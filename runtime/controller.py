@@ -70,6 +70,7 @@ class Controller:
         self.ranks: list[RankInfo] = []
         self.startup_timings: dict[str, float] = {}
         self._placement_groups: list[Any] = []
+        self._bundle_nodes: list[tuple[Any, int, str]] | None = None
         self._connected = False
         self._actor_runtime_env: dict[str, Any] | None = None
         self._started = False
@@ -95,7 +96,7 @@ class Controller:
         try:
             self._connect_ray()
             t1 = time.perf_counter()
-            bundle_nodes = self._reserve_bundles()
+            bundle_nodes = self._bundle_nodes = self._reserve_bundles()
             t2 = time.perf_counter()
             self._start_workers(bundle_nodes)
             t3 = time.perf_counter()
@@ -274,25 +275,39 @@ class Controller:
     def restart(self) -> "Controller":
         """Replace every worker with a fresh one: new actors, process group and mesh, same placement.
 
-        The recovery step after a :class:`WorkerDiedError`: the survivors of a
-        broken process group cannot be trusted (they may be stuck in a
-        collective), so all ranks are rebuilt. Engines reload their shards and
-        replay the requests that were in flight.
+        The recovery step after a fault: the survivors of a broken process group
+        cannot be trusted (they may be stuck in a collective, or stopped), so
+        every rank is killed at once (no graceful shutdown to wait for) and
+        restarted in the same placement-group bundles. Engines reload their
+        shards and replay the requests that were in flight. A failure here
+        leaves the controller restartable (the engines' recovery retries).
         """
+        if self._closed:
+            raise RuntimeError("controller is shut down; it cannot restart")
         log.warning("restarting all %d worker(s) of mesh %s", self.world_size, self.placement.plan)
-        self._release_workers()
+        t0 = time.perf_counter()
+        self._kill_workers()
         self._started = False
-        self._closed = False
-        return self.start()
+        try:
+            if self._bundle_nodes is None:
+                self._bundle_nodes = self._reserve_bundles()
+            t1 = time.perf_counter()
+            self._start_workers(self._bundle_nodes)
+            t2 = time.perf_counter()
+            self._init_distributed()
+            t3 = time.perf_counter()
+        except BaseException:
+            self._kill_workers()
+            raise
+        self.startup_timings = {"kill_s": t1 - t0, "worker_start_s": t2 - t1, "process_group_s": t3 - t2,
+                                "total_s": t3 - t0}
+        self._started = True
+        return self
 
-    def _release_workers(self) -> None:
+    def _kill_workers(self) -> None:
+        """Kill every worker actor now (SIGKILL through Ray: also a stopped or stuck process)."""
         import ray
 
-        if not ray.is_initialized():
-            return
-        if self.workers:
-            refs = [w.shutdown.remote() for w in self.workers]
-            ray.wait(refs, num_returns=len(refs), timeout=5.0)
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)
@@ -300,6 +315,17 @@ class Controller:
                 pass
         self.workers = []
         self.ranks = []
+
+    def _release_workers(self) -> None:
+        """Shut workers down (closing their engines, a bounded wait), then kill them and free the bundles."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self.workers:
+            refs = [w.shutdown.remote() for w in self.workers]
+            ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        self._kill_workers()
         from ray.util.placement_group import remove_placement_group
 
         for pg in self._placement_groups:
@@ -308,6 +334,7 @@ class Controller:
             except Exception:  # noqa: BLE001
                 log.warning("could not remove placement group %s", pg.id)
         self._placement_groups = []
+        self._bundle_nodes = None
 
     def shutdown(self) -> None:
         """Release workers, placement groups and (if started here) Ray; safe to call twice."""
@@ -386,6 +413,9 @@ class Controller:
                         errors[rank_of[ref]] = err.cause if getattr(err, "cause", None) is not None else err
                     except RayActorError:
                         pass
+                dead = [r for r, state in self.health(timeout_s=2.0).items() if state == "dead"]
+                if dead:  # a rank's error was its peer dying (a broken collective): report the death
+                    raise WorkerDiedError(self._death_message(dead[0], what, None), dead)
                 first_rank = min(errors)
                 raise RankError(
                     f"{what} failed on rank(s) {sorted(errors)}; rank {first_rank}: "
