@@ -297,7 +297,7 @@ class InProcessController:
     def _teardown(self, wait_s: float) -> None:
         calls, self._calls = self._calls, None
         if calls is not None and calls.alive:
-            done = calls.submit(_close_worker_store, self.worker)
+            done = calls.submit(_close_worker_engines, self.worker)
             try:
                 done.result(timeout=wait_s)
             except FutureTimeout:
@@ -370,17 +370,14 @@ def _ping() -> float:
     return time.time()
 
 
-def _close_worker_store(worker: Worker | None) -> None:
+def _close_worker_engines(worker: Worker | None) -> None:
     """What Worker.shutdown does for engines, without destroying the shared default group."""
     if worker is None:
         return
-    for value in list(worker.store.values()):
-        close = getattr(value, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - shutdown must not fail on one engine
-                log.exception("closing %r failed", value)
-    worker.store.clear()
+    for engine_id in list(worker.engines):
+        try:
+            worker.detach(engine_id)
+        except Exception:  # noqa: BLE001 - shutdown must not fail on one engine
+            log.exception("closing engine %r failed", engine_id)
     if worker.device.type == "cuda":
         torch.cuda.synchronize(worker.device)
