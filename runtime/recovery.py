@@ -77,8 +77,10 @@ class RecoveryRecord:
 
     @property
     def own_s(self) -> float:
-        """tessera's own time: everything but worker start (which is Ray's and the Python imports')."""
-        return self.detect_s + self.restart_s - self.worker_start_s + self.reload_s + self.replay_s
+        """tessera's own recovery time once the fault is known: restart without worker start (Ray starting
+        the actors and their Python imports), reload and replay. Detection is reported apart (``detect_s``):
+        a death is reported at once, a stall after the heartbeat or step deadline."""
+        return self.restart_s - self.worker_start_s + self.reload_s + self.replay_s
 
 
 @dataclass

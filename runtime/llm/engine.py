@@ -155,10 +155,11 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError(f"prompt is text but {self.model_dir} has no tokenizer.json; pass token ids instead")
             return list(self.tokenizer.encode(prompt).ids)
-        ids = list(prompt)
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-            raise ValueError("prompt must be a string or a sequence of integer token ids")
-        return ids
+        if not isinstance(prompt, Sequence) or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompt must be a string or a sequence of integer token ids, got "
+                             f"{type(prompt).__name__}" + (f" holding {next(type(t).__name__ for t in prompt if isinstance(t, bool) or not isinstance(t, int))}"
+                                                            if isinstance(prompt, Sequence) else ""))
+        return list(prompt)
 
     def _validate(self, ids: list[int], sampling) -> SamplingParams:
         if isinstance(sampling, Mapping):
@@ -286,7 +287,8 @@ class LLMEngine:
         units = sum(len(s.token_ids) for s in batch) * steps
         started = time.perf_counter()
         try:
-            results = self.controller.collective_rpc("call", args=call, timeout_s=self.deadline.seconds(units))
+            results = self.controller.collective_rpc("call", args=call, timeout_s=self.deadline.seconds(units),
+                                                     stall_s=self.options.recovery.stall_floor_s)
         except FAULTS as fault:
             fault.detect_s = time.perf_counter() - started
             raise

@@ -5,8 +5,8 @@ so a request samples the same tokens whatever else shares its batch, across
 replays and on whichever rank samples.
 
 Numerically safe for every input the engine accepts: logits are shifted by
-their maximum before the temperature divides them (any finite temperature > 0
-then gives finite scores: the best token 0, the others <= 0, possibly -inf),
+their maximum before the temperature divides them, in float64 (any finite
+temperature > 0 then gives the best token 0 and the others <= 0, possibly -inf),
 and a row that is not finite (a model producing NaN/inf) is reported as that
 request's error instead of a token.
 """
@@ -44,7 +44,9 @@ def sample(logits: torch.Tensor, specs: list[SampleSpec | None]) -> list[int]:
         if spec.temperature == 0.0:
             out.append(int(row.argmax()))
             continue
-        row = (row - row.max()) / spec.temperature  # the maximum is 0, others <= 0: exp never overflows
+        # In float64 (any Python temperature > 0 is a non-zero double): the maximum becomes 0 and the others
+        # <= 0 (or -inf), so exp never overflows and a tiny temperature is greedy, never NaN.
+        row = (row.double() - row.max()) / spec.temperature
         if 0 < spec.top_k < row.shape[0]:
             kth = row.topk(spec.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))
