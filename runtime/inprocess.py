@@ -323,8 +323,12 @@ class InProcessController:
         kwargs: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         ranks: Sequence[int] | None = None,
+        stall_s: float | None = None,
     ) -> list[Any]:
         """Run ``fn(worker, *args, **kwargs)`` (or worker method ``fn``) on the one rank; returns ``[result]``.
+
+        ``stall_s`` is accepted for the Controller's interface: in this process a call that stops is a
+        call that overruns ``timeout_s``.
 
         Raises what ``fn`` raised, or :class:`WaitTimeout` when it does not return in ``timeout_s``
         (default ``timeouts.call_s``).

@@ -27,6 +27,7 @@ from tessera.options import DiffusionOptions, OffloadConfig, from_mapping
 from tessera.runtime.diffusion.protocol import LoadSpec, RequestResult, StepResult, WorkerInfo
 from tessera.runtime.diffusion.request import DiffusionRequest, prompt_tuple
 from tessera.runtime.diffusion.worker import DiffusionWorker, load_worker, run_request
+from tessera.runtime.recovery import FAULTS, Recovery, StepDeadline
 
 ENGINE_ID = "diffusion"  # one diffusion model per set of workers: a new load replaces the old one
 
@@ -35,8 +36,12 @@ class DiffusionEngine:
     """Text-to-image on a started :class:`~tessera.runtime.controller.Controller`."""
 
     def __init__(self, controller: Any, model_dir: DiffusersDir, info: list[WorkerInfo],
-                 options: DiffusionOptions) -> None:
+                 options: DiffusionOptions, spec: LoadSpec) -> None:
         self.controller = controller
+        self.spec = spec
+        self.recovery = Recovery(controller, options.recovery, self._reload)
+        ceiling = getattr(getattr(controller, "timeouts", None), "call_s", 600.0)
+        self.deadline = StepDeadline(options.recovery, ceiling)
         self.dir = model_dir
         self.config = model_dir.module.parse(model_dir.transformer_config)
         self.defaults = model_dir.module.defaults(self.config)
@@ -68,7 +73,7 @@ class DiffusionEngine:
         cls.check_plan(model, degrees, offload=offload)
         spec = LoadSpec(model_dir=str(model.path), dtype=opts.dtype, offload=offload)
         info = controller.collective_rpc(load_worker, args=(ENGINE_ID, spec))
-        return cls(controller, model, info, opts)
+        return cls(controller, model, info, opts, spec)
 
     @staticmethod
     def check_plan(model: DiffusersDir, degrees: dict, offload: Any = None) -> None:
@@ -110,16 +115,8 @@ class DiffusionEngine:
         """
         req = self._request(prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps,
                             partial_fraction, negative_prompt, max_sequence_length, output, trace)
-        ctl = self.controller
         started = time.perf_counter()
-        if not self.options.progress:
-            # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times are
-            # measured there (slowest rank per step)
-            results: list[RequestResult] = ctl.collective_rpc("call", args=(ENGINE_ID, run_request, req))
-            per_step = [[r.steps[i] for r in results] for i in range(req.steps)]
-            step_s = [max(s.seconds for s in ranks) for ranks in per_step]
-        else:
-            per_step, step_s, results = self._run_with_bar(req)
+        per_step, step_s, results = self._run_recovering(req)
         step_bytes = [sum(s.sent_bytes for s in ranks) for ranks in per_step]
         step_cpu = [max(s.cpu_seconds for s in ranks) for ranks in per_step]  # the busiest rank per step
         head = results[0]
@@ -141,22 +138,59 @@ class DiffusionEngine:
 
         return [Image.fromarray((img * 255).round().clip(0, 255).astype("uint8")) for img in head.images]
 
-    def _run_with_bar(self, req: DiffusionRequest) -> tuple[list[list[StepResult]], list[float], list[RequestResult]]:
+    def _run_recovering(self, req: DiffusionRequest):
+        """Run ``req``; after a fault (a rank died, stalled or failed mid-loop) restart every rank, reload and
+        run it again from its seed: the same noise, the same schedule, so the same latents. A request that
+        cannot finish within the restart budget fails with :class:`~tessera.runtime.recovery.RecoveryFailed`."""
+        units = req.steps * len(req.prompts) * req.height * req.width
+        while True:
+            started = time.perf_counter()
+            try:
+                if not self.options.progress:
+                    # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times
+                    # are measured there (slowest rank per step)
+                    results: list[RequestResult] = self.controller.collective_rpc(
+                        "call", args=(ENGINE_ID, run_request, req), timeout_s=self.deadline.seconds(units),
+                        stall_s=self.options.recovery.stall_floor_s)
+                    per_step = [[r.steps[i] for r in results] for i in range(req.steps)]
+                    step_s = [max(s.seconds for s in ranks) for ranks in per_step]
+                else:
+                    per_step, step_s, results = self._run_with_bar(req, units)
+            except FAULTS as fault:
+                record = self.recovery.recover(fault, detect_s=time.perf_counter() - started)
+                replay_started = time.perf_counter()
+                self._replay_record = (record, replay_started)
+                continue
+            elapsed = time.perf_counter() - started
+            self.deadline.record(elapsed, units)
+            replay = getattr(self, "_replay_record", None)
+            if replay is not None:  # this run replayed the interrupted request
+                replay[0].replay_s = elapsed
+                self._replay_record = None
+            return per_step, step_s, results
+
+    def _reload(self) -> None:
+        """Rebuild every rank's shard on the restarted workers (Recovery's reload step)."""
+        self.info = self.controller.collective_rpc(load_worker, args=(ENGINE_ID, self.spec))
+
+    def _run_with_bar(self, req: DiffusionRequest, units: float) -> tuple[list[list[StepResult]], list[float],
+                                                                          list[RequestResult]]:
         """One rpc per step, timed here, with a live tqdm bar."""
         from tqdm.auto import tqdm
 
         ctl = self.controller
-        ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req))
+        per_call = self.deadline.seconds(units / req.steps)
+        ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req), timeout_s=per_call)
         bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
         per_step, step_s = [], []
         for _ in range(req.steps):
             t0 = time.perf_counter()
-            per_step.append(ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.step)))
+            per_step.append(ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.step), timeout_s=per_call))
             step_s.append(time.perf_counter() - t0)
             bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
             bar.update(1)
         bar.close()
-        return per_step, step_s, ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.end))
+        return per_step, step_s, ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.end), timeout_s=per_call)
 
     def _request(self, prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps, partial_fraction,
                  negative_prompt, max_sequence_length, output, trace) -> DiffusionRequest:
@@ -207,7 +241,7 @@ class DiffusionEngine:
                 "param_bytes_per_rank": [i.param_bytes for i in self.info],
                 "loaded_bytes_per_rank": [i.loaded_bytes for i in self.info],
                 "load_seconds_per_rank": [i.load_s for i in self.info],
-                "requests": len(self.history), "last": last}
+                "requests": len(self.history), "last": last, "recovery": self.recovery.summary()}
 
     def close(self) -> None:
         """Drop the model from every rank (the controller stays up)."""

@@ -34,7 +34,7 @@ from tessera.options import OffloadConfig
 from tessera.parallel.groups import LLMGroups, llm_groups
 from tessera.parallel.parallelize import parallelize_moe_stage
 from tessera.parallel.pipeline import micro_batches, run_pipeline
-from tessera.runtime.llm.sampler import SampleSpec, sample
+from tessera.runtime.llm.sampler import NOT_FINITE, SampleSpec, sample
 
 log = logging.getLogger("tessera.llm.runner")
 
@@ -74,7 +74,10 @@ class StepBatch:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What the result rank returns: per sequence, the tokens sampled (one per decode step run), and logits if asked."""
+    """What the result rank returns: per sequence, the tokens sampled (one per decode step run), and logits if asked.
+
+    A token equal to ``sampler.NOT_FINITE`` means that sequence's logits were not finite (its request fails alone).
+    """
 
     tokens: tuple[tuple[int, ...], ...]
     logits: tuple[torch.Tensor, ...] | None = None
@@ -193,7 +196,7 @@ class ModelRunner:
             tokens = self.step(StepBatch(step_seqs), every_rank_samples=True).tokens
             for i, (token,) in zip(active, tokens):
                 out[i].append(token)
-            active = [i for i in active if out[i][-1] not in stop_ids[i]]
+            active = [i for i in active if out[i][-1] not in stop_ids[i] and out[i][-1] != NOT_FINITE]
             if not active:
                 break
         return StepOutput(tuple(tuple(t) for t in out)) if self.returns_result else None

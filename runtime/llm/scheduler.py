@@ -28,6 +28,9 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
+    error: str | None = None
+    suspect: bool = False  # was in a step that faulted: runs alone next (the engine finds a poison request)
+    solo_faults: int = 0  # faults while running alone
 
     @property
     def finished(self) -> bool:
@@ -42,7 +45,7 @@ class Scheduled:
 
     @property
     def is_prefill(self) -> bool:
-        return self.start == 0
+        return self.start == 0 or len(self.token_ids) > 1
 
 
 class Scheduler:
@@ -64,7 +67,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Scheduled]:
-        batch = [Scheduled(r, (r.output[-1],), r.num_computed) for r in self.running]
+        # A running request feeds every token whose K/V is not cached yet: its last output token when
+        # decoding, or prompt + output after a recovery emptied the workers' caches.
+        batch = [Scheduled(r, tuple((r.prompt + r.output)[r.num_computed:]), r.num_computed) for r in self.running]
         prefill = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
