@@ -254,6 +254,13 @@ class Handle:
         engine = self._engine("diffusion", "generate_images")
         return engine.generate_images([prompts] if isinstance(prompts, str) else list(prompts), **options)
 
+    def offload_stats(self) -> list[dict[str, Any] | None]:
+        """Per rank: the offload tiers' counters (reads, bytes, cache hits, peaks); None where nothing is offloaded."""
+        self._check_open()
+        if self.engine is None:
+            raise ConfigError("offload_stats() needs a model; this handle was launched without one")
+        return self.engine.offload_stats()
+
     def check_mesh(self, payload_bytes: int = 1 << 16) -> dict[str, Any]:
         """Run the collectives check over every mesh dim; verify each value against the plan."""
         from tessera.runtime.diagnostics import check_mesh

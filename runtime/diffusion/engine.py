@@ -243,6 +243,10 @@ class DiffusionEngine:
                 "load_seconds_per_rank": [i.load_s for i in self.info],
                 "requests": len(self.history), "last": last, "recovery": self.recovery.summary()}
 
+    def offload_stats(self) -> list[dict | None]:
+        """Per rank: block-streaming counters (reads, bytes, device peak); None where the blocks are resident."""
+        return self.controller.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.offload_stats))
+
     def close(self) -> None:
         """Drop the model from every rank (the controller stays up)."""
         self.controller.collective_rpc("detach", args=(ENGINE_ID,))

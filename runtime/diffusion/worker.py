@@ -104,6 +104,10 @@ class DiffusionWorker:
             self.offloaded = None
         self.model = None
 
+    def offload_stats(self) -> dict | None:
+        """This rank's block-streaming counters (reads, bytes, peaks); None when the blocks are resident."""
+        return self.offloaded.stats() if self.offloaded is not None else None
+
     def describe(self) -> WorkerInfo:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return WorkerInfo(rank=self.worker.rank, param_bytes=params, loaded_bytes=self.loaded["bytes_read"],
