@@ -16,7 +16,8 @@ file says *how*, in torchtitan-style steps:
    stages' blocks become parameter-free ``OnOtherStage`` stand-ins and the
    embeddings / head are dropped where not needed, so the state dict, and
    hence what the loader reads from safetensors, is this stage's only.
-2. :class:`StageSchedule` (the ``stage`` callable): the first stage embeds,
+2. :class:`~tessera.parallel.pipeline.StageSchedule` (the ``stage`` callable, shared with the
+   language models): the first stage embeds,
    later ones ``recv`` the carry (hidden states plus the conditioning the
    blocks read, e.g. PixArt's ``t6`` and projected captions); every stage
    runs its blocks; the last applies the head, the others ``isend`` the carry.
@@ -33,18 +34,17 @@ stay inside a stage) and sp (K/V exchanges stay inside a stage).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tessera.errors import ConfigError
 from tessera.models.dit_family import StagePlan
 from tessera.models.dit_layers import OnOtherStage
 from tessera.memory.stages import check_stages, stage_ranges
 from tessera.parallel.counted import CommCounter
+from tessera.parallel.pipeline import StageSchedule
 
 
 def block_lists(model: nn.Module, stages: StagePlan) -> list[nn.ModuleList]:
@@ -103,62 +103,6 @@ def apply_pipeline_stages(model: nn.Module, stages: StagePlan, stage: int, pp: i
         for name in stages.head:
             _drop(model, name)
     return mine
-
-
-@dataclass
-class StageSchedule:
-    """The ``stage`` callable of a family's forward on a pipeline rank (one micro-batch per call)."""
-
-    stage: int
-    pp: int
-    prev_rank: int | None
-    next_rank: int | None
-    device: torch.device
-    counter: CommCounter | None = None
-    pending: list = field(default_factory=list)
-
-    @property
-    def first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def last(self) -> bool:
-        return self.stage == self.pp - 1
-
-    def __call__(self, embed: Callable, body: Callable, head: Callable):
-        carry = embed() if self.first else self.recv()
-        carry = body(carry)
-        if self.last:
-            return head(carry)
-        self.send(carry)
-        return None
-
-    def send(self, carry: dict[str, torch.Tensor]) -> None:
-        """Shapes first (they change with the request), then every tensor without waiting."""
-        meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in carry.items()]
-        dist.send_object_list([meta], dst=self.next_rank, device=self.device)
-        for tensor in carry.values():
-            tensor = tensor.contiguous()
-            self.pending.append((dist.isend(tensor, dst=self.next_rank), tensor))
-            if self.counter is not None:
-                self.counter.add("pp_activations", tensor.nbytes, 0)
-
-    def recv(self) -> dict[str, torch.Tensor]:
-        box: list[Any] = [None]
-        dist.recv_object_list(box, src=self.prev_rank, device=self.device)
-        carry = {}
-        for key, shape, dtype in box[0]:
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            dist.recv(tensor, src=self.prev_rank)
-            if self.counter is not None:
-                self.counter.add("pp_activations", 0, tensor.nbytes)
-            carry[key] = tensor
-        return carry
-
-    def wait(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
 
 
 class DiTPipeline:

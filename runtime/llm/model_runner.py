@@ -33,7 +33,7 @@ from tessera.models.registry import family_for
 from tessera.options import OffloadConfig
 from tessera.parallel.groups import LLMGroups, llm_groups
 from tessera.parallel.parallelize import parallelize_moe_stage
-from tessera.parallel.pipeline import micro_batches, run_pipeline
+from tessera.parallel.pipeline import StageSchedule, micro_batches
 from tessera.runtime.llm.sampler import NOT_FINITE, SampleSpec, sample
 
 log = logging.getLogger("tessera.llm.runner")
@@ -106,6 +106,7 @@ class ModelRunner:
     first: bool
     last: bool
     info: ShardInfo
+    schedule: StageSchedule
     stats: dict[str, float] = field(default_factory=lambda: {"steps": 0, "tokens": 0, "compute_s": 0.0})
 
     def describe(self) -> ShardInfo:
@@ -158,13 +159,12 @@ class ModelRunner:
             tokens.extend(sample(last.cpu(), [s.sample for s in chunk]))  # seeded CPU generators
 
         chunk_meta: dict[int, Any] = {}
-        chunks = micro_batches(list(batch.seqs), g.pp)
         with torch.inference_mode():
-            run_pipeline(
-                chunks, self.first, self.last, g.prev_rank, g.next_rank,
-                tokens_of=lambda c: sum(len(s.token_ids) for s in c), hidden=arch.hidden_size, dtype=dtype,
-                start=start, body=body, finish=finish,
-            )
+            for chunk in micro_batches(list(batch.seqs), g.pp):  # stages overlap on micro-batches of sequences
+                rows = sum(len(s.token_ids) for s in chunk)
+                self.schedule(lambda: {"h": start(chunk)}, lambda c: {"h": body(chunk, c["h"])},
+                              lambda c: finish(chunk, c["h"]), expect={"h": ((rows, arch.hidden_size), dtype)})
+            self.schedule.wait()
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(len(s.token_ids) for s in batch.seqs)
         self.stats["compute_s"] += time.perf_counter() - started
@@ -262,4 +262,5 @@ def load_runner(worker, spec: LoadSpec) -> ModelRunner:
         load_s=load_s,
         returns_result=last and groups.moe_rank == 0,
     )
-    return ModelRunner(spec, stage, groups, first, last, info)
+    schedule = StageSchedule(groups.pp_rank, groups.pp, groups.prev_rank, groups.next_rank, worker.device)
+    return ModelRunner(spec, stage, groups, first, last, info, schedule)
