@@ -146,8 +146,11 @@ class RecoveryPolicy:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} is {value!r}; it must be a finite number >= 0")
-        if self.stall_floor_s <= 0 or self.stall_factor < 1:
-            raise ConfigError("stall_floor_s must be > 0 and stall_factor >= 1 (a step may always take its usual time)")
+        if self.stall_floor_s <= 0:
+            raise ConfigError(f"stall_floor_s is {self.stall_floor_s!r}; it must be > 0 seconds")
+        if self.stall_factor < 1:
+            raise ConfigError(f"stall_factor is {self.stall_factor!r}; it must be >= 1 (a step may always take its "
+                              "usual time)")
 
 
 def _recovery(value: Any) -> RecoveryPolicy:
