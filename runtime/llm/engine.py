@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from tessera.memory.kv_cache import BlockAllocator
 from tessera.models.checkpoint import CheckpointError, read_config, weight_files
@@ -81,6 +81,8 @@ class LLMEngine:
         self._counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
                           "requests_finished": 0, "requests_failed": 0, "recoveries": 0}
         self.load_s = 0.0
+        # Called with "start", then "done" or "failed", around a recovery (a server reports /health "recovering").
+        self.on_recovery: Callable[[str], None] | None = None
 
     # -- loading ------------------------------------------------------------------------
 
@@ -181,6 +183,16 @@ class LLMEngine:
             )
         return sampling
 
+    def check_request(self, prompt, sampling=None) -> tuple[list[int], SamplingParams]:
+        """Tokenize and validate one request without queueing it: (token ids, SamplingParams), or ValueError.
+
+        Reads only what ``load`` fixed (tokenizer, vocabulary, context, cache
+        size), so a server may call it from another thread to answer a bad
+        request at once, before it joins the engine's queue.
+        """
+        ids = self._tokenize(prompt)
+        return ids, self._validate(ids, sampling)
+
     def add_request(self, prompt, sampling=None) -> str:
         """Queue one request; it joins the batch at the next step. Invalid requests fail alone.
 
@@ -219,7 +231,8 @@ class LLMEngine:
             mr.StepSeq(
                 s.token_ids, s.start, tuple(s.request.blocks),
                 SampleSpec(s.request.sampling.temperature, s.request.sampling.top_k, s.request.sampling.top_p,
-                           s.request.seed, len(s.request.output)),
+                           s.request.seed, len(s.request.output))
+                if s.samples else None,  # a prefill chunk that does not end its prompt samples nothing
             )
             for s in batch
         )
@@ -249,6 +262,7 @@ class LLMEngine:
         out = []
         for s, new_tokens in zip(batch, per_seq):
             r = s.request
+            r.num_computed = s.start + len(s.token_ids)  # also after a chunk that sampled nothing
             for i, token in enumerate(new_tokens):
                 r.num_computed = s.start + len(s.token_ids) + i
                 r.output.append(token)
@@ -266,7 +280,7 @@ class LLMEngine:
     def _decode_steps(self, batch) -> int:
         """How many decode steps the next call may run: >1 only when every sequence decodes,
         nothing waits to join, there is one pipeline stage, and every sequence has that many tokens left."""
-        if self.options.decode_steps == 1 or self.scheduler.waiting or any(s.is_prefill for s in batch):
+        if self.options.decode_steps == 1 or self.scheduler.has_prefill() or any(s.is_prefill for s in batch):
             return 1
         if self.controller.placement.plan.degree("pp") != 1:
             return 1
@@ -287,18 +301,28 @@ class LLMEngine:
         (request seed, token index), so the replayed tokens are identical.
         """
         log.warning("%s; restarting the workers and replaying %d request(s) in flight", err, len(batch))
-        self.controller.restart()
-        self.shards = self.controller.collective_rpc("attach", args=(self.key, mr.load_runner, self._load_spec))
-        rebuild = tuple(
-            mr.StepSeq(tuple(s.request.prompt + s.request.output[:-1]), 0, tuple(s.request.blocks),
-                       SampleSpec(0.0, 0, 1.0, s.request.seed, 0))
-            for s in batch
-            if not s.is_prefill
-        )
-        if rebuild:
-            self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.step, mr.StepBatch(rebuild)),
-                                           timeout_s=self.options.step_timeout_s)
-        self._counters["recoveries"] += 1
+        if self.on_recovery is not None:
+            self.on_recovery("start")
+        try:
+            self.controller.restart()
+            self.shards = self.controller.collective_rpc("attach", args=(self.key, mr.load_runner, self._load_spec))
+            # Every running request's cached tokens (a decoding one: prompt + output[:-1]; one part-way through a
+            # chunked prefill: its first num_computed prompt tokens), also those the failed step did not include.
+            rebuild = tuple(
+                mr.StepSeq(tuple((r.prompt + r.output)[: r.num_computed]), 0, tuple(r.blocks), None)
+                for r in self.scheduler.running
+                if r.num_computed > 0
+            )
+            if rebuild:
+                self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.step, mr.StepBatch(rebuild)),
+                                               timeout_s=self.options.step_timeout_s)
+            self._counters["recoveries"] += 1
+        except BaseException:
+            if self.on_recovery is not None:
+                self.on_recovery("failed")
+            raise
+        if self.on_recovery is not None:
+            self.on_recovery("done")
 
     def result(self, request_id: str) -> GenerationResult:
         if request_id in self.errors:
