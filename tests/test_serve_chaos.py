@@ -69,6 +69,7 @@ async def _run(url: str, on_token=None) -> list[tuple[list[int], str, str]]:
         return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
 
 
+@pytest.mark.slow
 def test_two_worker_kills_under_50_streams_lose_and_repeat_nothing(server):
     want = asyncio.run(_run(server.url))
     assert all(len(ids) == 12 + i % 19 or reason == "stop" for i, (ids, _, reason) in enumerate(want))

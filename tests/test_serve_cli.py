@@ -132,6 +132,7 @@ def ray_head():
     yield from ray_head_fixture()
 
 
+@pytest.mark.slow
 def test_ray_job_submit_serves_and_ray_job_stop_removes_it(ray_head, model_dir, tmp_path):
     port = free_port()
     (tmp_path / "job.yaml").write_text(f"model: {model_dir}\nplan: {{ep: 2}}\nengine: {{max_model_len: 128}}\n")

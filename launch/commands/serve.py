@@ -70,7 +70,8 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         auth = " (API key required)" if options.api_key else ""
-        print(f"tessera serve: {handle.model} ({handle.kind}) ready at {handle.url}{auth}", flush=True)
+        where = "" if options.host in ("127.0.0.1", "localhost") else f", listening on {options.host}:{options.port}"
+        print(f"tessera serve: {handle.model} ({handle.kind}) ready at {handle.url}{where}{auth}", flush=True)
         print(f"tessera serve: try `curl {handle.url}/v1/models`; stop with Ctrl-C or SIGTERM", flush=True)
         while not stop.wait(1.0):
             pass

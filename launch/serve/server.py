@@ -44,11 +44,9 @@ def prepare(jobfile: JobFile) -> tuple[JobFile, str, Any]:
         raise ConfigError("tessera serve runs on Ray Serve, so it cannot use cluster 'inprocess'; leave cluster out "
                           "(embedded Ray), or give a Ray address")
     kind = model_kind(job.model)
-    task = "generate" if kind == "llm" else "images"
-    if jobfile.task not in ("mesh", task):
-        raise ConfigError(f"the job's task is {jobfile.task!r} but {job.model!r} is a {kind} model; use task {task}")
     model_dir = materialise_model(job.model)
-    jobfile = replace(jobfile, task=task, job=replace(job, model=model_dir))
+    # The model decides what is served (engine options of the other kind are refused here, by JobFile).
+    jobfile = replace(jobfile, task="generate" if kind == "llm" else "images", job=replace(job, model=model_dir))
     placement = plan_placement(jobfile.job)  # a plan that cannot work is refused here, before Ray and Serve start
     return jobfile, kind, placement
 
@@ -165,7 +163,10 @@ def start(jobfile: JobFile, options: ServeOptions, runtime_env: Mapping[str, Any
                                                                   "seed", "mode")} if kind == "diffusion" else None
         # The job travels as its mapping (what SLURM scripts embed too): Serve pickles the arguments with plain
         # pickle, which the frozen plan's mapping refuses.
-        app = make_deployment(options).bind(jobfile.to_dict(), options, image_defaults)
+        job_data = jobfile.to_dict()
+        job_data.pop("output", None)  # a batch run's output paths mean nothing to a server (and are
+        job_data.get("images", {}).pop("output_dir", None)  # confined to the driver's folder, not the replica's)
+        app = make_deployment(options).bind(job_data, options, image_defaults)
         serve.run_many([serve.RunTarget(target=app, name=options.app_name, route_prefix="/")],
                        wait_for_applications_running=False)
         _wait_running(options.app_name, options.ready_timeout_s)
