@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from tessera.memory.kv_cache import BlockAllocator
 from tessera.models.checkpoint import CheckpointError, read_config, weight_files
@@ -88,6 +88,8 @@ class LLMEngine:
         self.recovery = Recovery(controller, options.recovery, self._reload)
         self.deadline = StepDeadline(options.recovery, options.step_timeout_s)
         self.broken: str | None = None  # set when recovery gave up: every request then fails with this reason
+        # Called with "start", then "done" or "failed", around a recovery (a server reports /health "recovering").
+        self.on_recovery: Callable[[str], None] | None = None
 
     # -- loading ------------------------------------------------------------------------
 
@@ -189,6 +191,28 @@ class LLMEngine:
             )
         return sampling
 
+    def check_request(self, prompt, sampling=None) -> tuple[list[int], SamplingParams]:
+        """Tokenize and validate one request without queueing it: (token ids, SamplingParams), or ValueError.
+
+        Reads only what ``load`` fixed (tokenizer, vocabulary, context, cache
+        size), so a server may call it from another thread to answer a bad
+        request at once, before it joins the engine's queue.
+        """
+        ids = self._tokenize(prompt)
+        return ids, self._validate(ids, sampling)
+
+    def check_request(self, prompt, sampling=None) -> tuple[list[int], SamplingParams]:
+        """Tokenize and validate one request without queueing it: (token ids, SamplingParams), or ValueError.
+
+        Reads only what ``load`` fixed (tokenizer, vocabulary, context, cache
+        size), so a server may call it from another thread to answer a bad
+        request at once, before it joins the engine's queue.
+        """
+        if self.broken is not None:
+            raise ValueError(self.broken)
+        ids = self._tokenize(prompt)
+        return ids, self._validate(ids, sampling)
+
     def add_request(self, prompt, sampling=None) -> str:
         """Queue one request; it joins the batch at the next step. Invalid requests fail alone.
 
@@ -197,10 +221,7 @@ class LLMEngine:
         """
         request_id = f"req-{next(self._ids)}"
         try:
-            if self.broken is not None:
-                raise ValueError(self.broken)
-            ids = self._tokenize(prompt)
-            params = self._validate(ids, sampling)
+            ids, params = self.check_request(prompt, sampling)
         except (ValueError, TypeError) as err:
             prompt_ids = [t for t in prompt if isinstance(t, int)] if isinstance(prompt, (list, tuple)) else []
             self.errors[request_id] = GenerationResult(request_id, prompt_ids, [], None, "error", str(err))
@@ -274,7 +295,8 @@ class LLMEngine:
             mr.StepSeq(
                 s.token_ids, s.start, tuple(s.request.blocks),
                 SampleSpec(s.request.sampling.temperature, s.request.sampling.top_k, s.request.sampling.top_p,
-                           s.request.seed, len(s.request.output)),
+                           s.request.seed, len(s.request.output))
+                if s.samples else None,  # a prefill chunk that does not end its prompt samples nothing
             )
             for s in batch
         )
@@ -310,6 +332,7 @@ class LLMEngine:
         out = []
         for s, new_tokens in zip(batch, output.tokens):
             r = s.request
+            r.num_computed = s.start + len(s.token_ids)  # also after a chunk that sampled nothing
             for i, token in enumerate(new_tokens):
                 if token == NOT_FINITE:
                     self._fail(r, "the model's logits for this request were not finite (NaN or inf): the checkpoint's "
@@ -334,7 +357,7 @@ class LLMEngine:
     def _decode_steps(self, batch) -> int:
         """How many decode steps the next call may run: >1 only when every sequence decodes,
         nothing waits to join, there is one pipeline stage, and every sequence has that many tokens left."""
-        if self.options.decode_steps == 1 or self.scheduler.waiting or any(s.is_prefill for s in batch):
+        if self.options.decode_steps == 1 or self.scheduler.has_prefill() or any(s.is_prefill for s in batch):
             return 1
         if self.controller.placement.plan.degree("pp") != 1:
             return 1
@@ -357,20 +380,28 @@ class LLMEngine:
         """
         log.warning("%s; restarting the workers and replaying %d request(s) in flight", fault,
                     len(self.scheduler.running))
+        self._tell("start")
         try:
             self.recovery.recover(fault, detect_s=getattr(fault, "detect_s", 0.0))
         except RecoveryFailed as failed:
             self.broken = f"the workers could not be recovered: {failed}"
-            self._fail_all(self.broken)
-            return
         except Exception as err:  # noqa: BLE001 - e.g. the placement cannot be satisfied any more
             self.broken = f"the workers could not be restarted: {type(err).__name__}: {err}"
+        if self.broken is not None:
             self._fail_all(self.broken)
+            self._tell("failed")
             return
         for r in self.scheduler.running:
-            r.num_computed = 0  # the new workers' caches are empty: the next step recomputes prompt + output
+            # The new workers' caches are empty: each request feeds prompt + output again (in prefill-budget
+            # chunks, like any prompt) before it decodes on.
+            r.num_computed = 0
         self._replaying = True
         self._counters["recoveries"] += 1
+        self._tell("done")
+
+    def _tell(self, state: str) -> None:
+        if self.on_recovery is not None:
+            self.on_recovery(state)
 
     def _reload(self) -> None:
         """Attach this model's shards to the restarted workers (Recovery's reload step)."""

@@ -63,7 +63,7 @@ class StepSeq:
     token_ids: tuple[int, ...]
     start: int
     block_table: tuple[int, ...]
-    sample: SampleSpec | None  # None: no token wanted (not used by the engine today)
+    sample: SampleSpec | None  # None: no token wanted (a prefill chunk that does not end its prompt; a KV rebuild)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class StepBatch:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What the result rank returns: per sequence, the tokens sampled (one per decode step run), and logits if asked.
+    """What the result rank returns: per sequence, the tokens sampled (one per decode step run; none for a
+    sequence that asked for none), and logits if asked.
 
     A token equal to ``sampler.NOT_FINITE`` means that sequence's logits were not finite (its request fails alone).
     """
@@ -128,7 +129,7 @@ class ModelRunner:
         st, g = self.stage, self.groups
         arch = st.arch
         dtype = next(iter(st.params.values()))["attn_norm"].dtype if st.params else torch.float32
-        tokens: list[int] = []
+        tokens: list[tuple[int, ...]] = []
         logits_out: list[torch.Tensor] = []
 
         def start(chunk):
@@ -156,7 +157,9 @@ class ModelRunner:
                 logits_out.extend(logits[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
             elif batch.return_logits == "last":
                 logits_out.extend(last)
-            tokens.extend(sample(last.cpu(), [s.sample for s in chunk]))  # seeded CPU generators
+            wanted = [i for i, s in enumerate(chunk) if s.sample is not None]
+            drawn = iter(sample(last[wanted].cpu(), [chunk[i].sample for i in wanted]) if wanted else [])  # seeded CPU generators
+            tokens.extend((next(drawn),) if s.sample is not None else () for s in chunk)
 
         chunk_meta: dict[int, Any] = {}
         with torch.inference_mode():
@@ -171,7 +174,7 @@ class ModelRunner:
         if not (self.returns_result or every_rank_samples):
             return None
         logits = tuple(t.cpu().clone() for t in logits_out) if batch.return_logits != "none" else None
-        return StepOutput(tuple((t,) for t in tokens), logits)
+        return StepOutput(tuple(tokens), logits)
 
     def decode_steps(self, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]) -> StepOutput | None:
         """Up to ``steps`` decode steps in one call, so the driver is not on the per-token path.
