@@ -17,9 +17,7 @@ output tokens/s over the span from the first arrival to the last completion, TTF
 repeats the median and the spread (min..max). Load averages are recorded before and after every
 measurement; figures taken with a 1-minute load above the core count are labelled ``under_load``.
 
-Images: a tiny PixArt server (no batching across requests yet, issue 13 item 4) at 1 and 4 concurrent
-clients, against the same images made by the engine's Python API one at a time (the bound of a server that
-runs requests one by one).
+Images (request batching against one-at-a-time and diffusers) are ``bench_serve_images``.
 
 Writes ``benchmarks/results/serve.json``.
 """
@@ -234,53 +232,6 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-# -- images ---------------------------------------------------------------------------------------------------
-
-
-def bench_images(requests: int, size: int, steps: int) -> dict[str, Any]:
-    import httpx
-
-    import tessera
-    from tessera.launch.demo_moe import cache_dir
-    from tessera.models.tiny_diffusion import build_tiny_diffusion
-
-    pixart = str(build_tiny_diffusion("pixart", cache_dir() / "bench-serve-pixart"))
-    body = {"prompt": "a red square", "size": f"{size}x{size}", "steps": steps, "seed": 0}
-    out: dict[str, Any] = {"model": "tiny pixart", "plan": "sp=2", "size": size, "steps": steps,
-                           "requests": requests}
-    with tessera.launch(pixart, plan={"sp": 2}, engine_options={"progress": False}) as handle:
-        handle.generate_images(["warm up"], steps=steps, height=size, width=size)
-        t0 = time.perf_counter()
-        for i in range(requests):
-            handle.generate_images([f"a red square {i}"], steps=steps, height=size, width=size, seed=i)
-        out["python_api_images_per_s"] = requests / (time.perf_counter() - t0)
-    server = tessera.serve(pixart, plan={"sp": 2}, port=free_port(), engine_options={"progress": False})
-    try:
-        httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=300).raise_for_status()
-
-        async def clients(n: int) -> float:
-            async with httpx.AsyncClient(timeout=600) as http:
-                todo = list(range(requests))
-
-                async def worker():
-                    while todo:
-                        i = todo.pop()
-                        r = await http.post(f"{server.url}/v1/images/generations", json={**body, "seed": i,
-                                                                                          "prompt": f"a red square {i}"})
-                        r.raise_for_status()
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*(worker() for _ in range(n)))
-                return requests / (time.perf_counter() - t0)
-
-        for n in (1, 4):
-            out[f"server_images_per_s_{n}_clients"] = asyncio.run(clients(n))
-    finally:
-        server.shutdown()
-    out["ratio_server_4_clients_vs_python_api"] = out["server_images_per_s_4_clients"] / out["python_api_images_per_s"]
-    return out
-
-
 # -- main -----------------------------------------------------------------------------------------------------
 
 
@@ -293,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per rate and repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--systems", default="tessera,transformers")
-    p.add_argument("--no-images", action="store_true")
-    p.add_argument("--image-requests", type=int, default=8)
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/serve.json)")
     args = p.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -376,10 +325,6 @@ def main(argv: list[str] | None = None) -> int:
         "transformers_threads": args.threads, "rates": rates, "requests_per_rate": args.requests,
         "repeats": args.repeats, "startup": startup, "per_rate": per_rate,
     }
-    if not args.no_images:
-        log(f"images; load {loadavg()}")
-        payload["images"] = {**bench_images(args.image_requests, 64, 4), "load_after": loadavg()}
-        print(json.dumps(payload["images"], indent=1))
     path = args.out or None
     if path is None:
         write_result("serve", payload)

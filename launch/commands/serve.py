@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--max-waiting", type=int, default=256,
                        help="requests that may wait to start before new ones get 429 (default 256)")
     group.add_argument("--retry-after", type=float, default=1.0, help="seconds a 429 asks clients to wait (default 1)")
+    group.add_argument("--max-image-batch", type=int, default=8,
+                       help="images one denoising loop may hold: concurrent image requests of one size, step count, "
+                       "mode and guidance share it (default 8; 1 runs each request alone)")
     group.add_argument("--app-name", default="tessera", help="the Ray Serve application name (default tessera)")
     group.add_argument("--ready-timeout", type=float, default=900.0,
                        help="seconds starting (loading the model included) may take (default 900)")
@@ -63,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
     jobfile = jobfile_from_args(args)
     options = ServeOptions(host=args.host, port=args.port, api_key=read_api_key(args.api_key_file),
                            served_model_name=args.served_model_name, max_waiting=args.max_waiting,
-                           retry_after_s=args.retry_after, app_name=args.app_name, ready_timeout_s=args.ready_timeout)
+                           retry_after_s=args.retry_after, app_name=args.app_name, ready_timeout_s=args.ready_timeout,
+                           max_image_batch=args.max_image_batch)
     stop = threading.Event()
     handle = start(jobfile, options)  # a SIGTERM meanwhile ends it through Ray's own handler (SystemExit, cleaned up)
     try:

@@ -66,7 +66,8 @@ class TesseraServer:
             self.model_info = {"max_model_len": handle.engine.options.max_model_len}
             self.state = lambda: self.loop.state
         else:
-            self.loop = ImageService(handle.engine, options.max_waiting, options.retry_after_s).start()
+            self.loop = ImageService(handle.engine, options.max_waiting, options.retry_after_s,
+                                     max_batch_images=options.max_image_batch).start()
             self.metrics = ServeMetrics(self.loop.snapshot)
             self.service = self.loop
             self.model_info = {}

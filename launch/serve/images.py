@@ -2,19 +2,19 @@
 
 Like the language-model loop, one thread owns the engine (its calls block
 and it is not thread-safe); requests queue (bounded: 429 when full) and run
-in arrival order. Today every request runs alone: its ``n`` images are one
-call of the public ``DiffusionEngine.generate_images`` (one denoising loop
-over a batch of ``n``).
+in arrival order.
 
-Where batching across requests slots in (issue 13, item 4): ``_next_batch``
-takes the head of the queue and, once the engine can run requests with
-their own seeds in one loop, every queued request with the same
-:func:`batch_key` (size, steps, mode, guidance) up to a cap; ``_run_batch``
-then makes one engine call for the batch and hands each request its own
-images. Nothing else changes: the queue, the 429, the futures and the
-metrics already work per request. (For batched images to equal the images
-made alone, the engine must draw each request's noise from its own seed, not
-one batch-shaped draw.)
+Request batching: concurrent requests that can share a denoising loop (the
+same :func:`batch_key`: size, steps, mode, guidance, negative prompt) run as
+one batch of up to ``max_batch_images`` images: ``_next_batch`` takes the
+head of the queue and every queued request with its key that fits, and
+``_run_batch`` makes one ``DiffusionEngine.generate_images`` call and hands
+each request its own images. A request arriving while a loop runs joins the
+next one. Each image's noise is drawn alone from its own seed (image ``i`` of
+a request uses ``seed + i``), so a request's images do not depend on what it
+was batched with: they equal the request run alone (to the fp32 rounding of
+a larger batch's matmuls). If a batch fails, its requests run alone, so a
+request that fails inside the engine fails alone.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class ImageJob:
 
 
 def batch_key(job: ImageJob) -> tuple:
-    """Requests with equal keys could share one denoising loop (item 4)."""
-    return (job.width, job.height, job.steps, job.mode, job.guidance_scale)
+    """Requests with equal keys share one denoising loop."""
+    return (job.width, job.height, job.steps, job.mode, job.guidance_scale, job.negative_prompt)
 
 
 @dataclass(eq=False)
@@ -66,8 +66,10 @@ class _Pending:
 class ImageService:
     """The loop around one DiffusionEngine: ``await generate(job)`` -> PNG bytes per image."""
 
-    def __init__(self, engine, max_waiting: int = 64, retry_after_s: float = 1.0, rate_window_s: float = 30.0) -> None:
+    def __init__(self, engine, max_waiting: int = 64, retry_after_s: float = 1.0, rate_window_s: float = 30.0,
+                 max_batch_images: int = 8) -> None:
         self.engine = engine
+        self.max_batch_images = max_batch_images
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         self.rate_window_s = rate_window_s
@@ -118,29 +120,57 @@ class ImageService:
     # -- the loop ------------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[_Pending]:
-        """The requests of the next engine call: today the oldest one alone (see the module docstring)."""
+        """The oldest request and every waiting one that can share its loop, up to ``max_batch_images`` images."""
         with self._lock:
-            while self._queue:
-                head = self._queue.popleft()
-                if not head.cancelled:
-                    return [head]
-        return []
+            while self._queue and self._queue[0].cancelled:
+                self._queue.popleft()
+            if not self._queue:
+                return []
+            head = self._queue.popleft()
+            batch, images, key = [head], head.job.n, batch_key(head.job)
+            for p in list(self._queue):
+                if not p.cancelled and batch_key(p.job) == key and images + p.job.n <= self.max_batch_images:
+                    self._queue.remove(p)
+                    batch.append(p)
+                    images += p.job.n
+            return batch
+
+    def _generate(self, batch: list[_Pending]) -> list[Any]:
+        """One denoising loop for the batch; each request's PNGs (its images drawn from seed, seed + 1, ...)."""
+        head = batch[0].job
+        prompts = [p.job.prompt for p in batch for _ in range(p.job.n)]
+        seeds = [p.job.seed + i for p in batch for i in range(p.job.n)]
+        images = self.engine.generate_images(
+            prompts, steps=head.steps, height=head.height, width=head.width, guidance_scale=head.guidance_scale,
+            seed=seeds, mode=head.mode, negative_prompt=head.negative_prompt)
+        out, at = [], 0
+        for p in batch:
+            out.append([_png(im) for im in images[at:at + p.job.n]])
+            at += p.job.n
+        return out
 
     def _run_batch(self, batch: list[_Pending]) -> None:
-        for p in batch:
-            j = p.job
-            try:
-                images = self.engine.generate_images(
-                    [j.prompt] * j.n, steps=j.steps, height=j.height, width=j.width, guidance_scale=j.guidance_scale,
-                    seed=j.seed, mode=j.mode, negative_prompt=j.negative_prompt)
-                result: Any = [_png(im) for im in images]
+        try:
+            results: list[Any] = self._generate(batch)
+        except Exception as err:  # noqa: BLE001 - find the request that fails: each runs alone
+            if len(batch) == 1:
+                results = [err]
+            else:
+                log.warning("a batch of %d image requests failed (%s); running them one at a time", len(batch), err)
+                results = []
+                for p in batch:
+                    try:
+                        results += self._generate([p])
+                    except Exception as alone:  # noqa: BLE001 - this request fails alone
+                        results.append(alone)
+        for p, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                log.warning("image request failed: %s: %s", type(result).__name__, result)
+                self._totals["requests_failed"] += 1
+            else:
                 self._totals["images"] += len(result)
                 self._totals["requests_finished"] += 1
                 self._done.append((time.monotonic(), len(result)))
-            except Exception as err:  # noqa: BLE001 - the request fails alone
-                log.warning("image request failed: %s: %s", type(err).__name__, err)
-                self._totals["requests_failed"] += 1
-                result = err
             p.loop.call_soon_threadsafe(_settle, p.future, result)
         self._totals["batches"] += 1
 

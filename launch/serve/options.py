@@ -57,6 +57,8 @@ class ServeOptions:
     ``retry_after_s``: the wait a 429 suggests. ``max_ongoing_requests``: Ray Serve's cap of
     concurrent requests in the replica (above it Serve queues in its proxy; keep it above
     ``max_waiting`` plus the engine's ``max_num_seqs``, so the 429 is tessera's).
+    ``max_image_batch``: images one denoising loop may hold (concurrent image requests of one size,
+    step count, mode and guidance share a loop); 1 runs every request alone.
     ``app_name``: the Ray Serve application's name. ``ready_timeout_s``: how long starting may take
     (loading the model included). ``shutdown_timeout_s``: how long a graceful stop may take.
     """
@@ -68,6 +70,7 @@ class ServeOptions:
     max_waiting: int = 256
     retry_after_s: float = 1.0
     max_ongoing_requests: int = 4096
+    max_image_batch: int = 8
     app_name: str = "tessera"
     ready_timeout_s: float = 900.0
     shutdown_timeout_s: float = 60.0
@@ -99,7 +102,7 @@ class ServeOptions:
                               "_ . : / @ + -")
         if not isinstance(self.app_name, str) or not _APP.fullmatch(self.app_name):
             raise ConfigError(f"app_name {self.app_name!r}: use up to 64 letters, digits, _ and -")
-        for name in ("max_waiting", "max_ongoing_requests"):
+        for name in ("max_waiting", "max_ongoing_requests", "max_image_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_waiting" else 1):
                 raise ConfigError(f"{name} is {value!r}; it must be an integer >= {0 if name == 'max_waiting' else 1}")

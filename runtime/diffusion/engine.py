@@ -102,7 +102,8 @@ class DiffusionEngine:
                                   "holds only its blocks: use pp or offload, not both")
 
     def generate_images(self, prompts: str | Sequence[str], *, steps: int | None = None, height: int = 64,
-                        width: int = 64, guidance_scale: float | None = None, seed: int = 0, mode: str = "exact",
+                        width: int = 64, guidance_scale: float | None = None, seed: int | Sequence[int] = 0,
+                        mode: str = "exact",
                         warmup_steps: int = 1, partial_fraction: float = 0.25,
                         negative_prompt: str | Sequence[str] | None = "", max_sequence_length: int | None = None,
                         output: str = "image", trace: bool = False) -> list:
@@ -112,6 +113,9 @@ class DiffusionEngine:
         ``warmup_steps``: exact steps before displaced/partial start using stale K/V.
         ``partial_fraction``: share of each neighbour band refreshed per step in "partial" mode.
         ``steps``, ``guidance_scale``, ``max_sequence_length``: the family's pipeline defaults when None.
+        ``seed``: one seed (one batch-shaped noise draw, as diffusers with one generator), or one per prompt
+        (each prompt's noise drawn alone: its image does not depend on what it is batched with; concurrent
+        requests that share a size, step count, mode and guidance run as one batch this way).
         """
         req = self._request(prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps,
                             partial_fraction, negative_prompt, max_sequence_length, output, trace)
@@ -122,6 +126,7 @@ class DiffusionEngine:
         head = results[0]
         self.last = {
             "mode": req.mode, "steps": req.steps, "height": req.height, "width": req.width,
+            "batch": len(req.prompts),
             "seconds": time.perf_counter() - started, "step_seconds": step_s, "step_cpu_seconds": step_cpu,
             "sent_bytes_per_step": step_bytes,
             "sent_bytes_total": sum(r.comm.sent_bytes for r in results),
@@ -203,7 +208,8 @@ class DiffusionEngine:
         d = self.defaults
         req = DiffusionRequest(
             prompts=prompts, negative_prompts=negatives, steps=d.steps if steps is None else steps, height=height,
-            width=width, guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale, seed=seed,
+            width=width, guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=seed if isinstance(seed, int) or not isinstance(seed, Sequence) else tuple(seed),
             mode=mode, warmup_steps=warmup_steps, partial_fraction=partial_fraction,
             max_sequence_length=d.max_sequence_length if max_sequence_length is None else max_sequence_length,
             output=output, trace=trace,

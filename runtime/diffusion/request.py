@@ -45,7 +45,7 @@ class DiffusionRequest:
     height: int = 64
     width: int = 64
     guidance_scale: float = 4.5
-    seed: int = 0
+    seed: int | tuple[int, ...] = 0  # one seed (a batch-shaped draw, as diffusers), or one per prompt
     mode: str = "exact"
     warmup_steps: int = 1
     partial_fraction: float = 0.25
@@ -72,8 +72,11 @@ class DiffusionRequest:
         if not _is_real(self.guidance_scale) or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r} "
                              "(<= 1 runs without classifier-free guidance)")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+        seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
+        if not seeds or any(not _is_int(s) or not 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"seed must be an integer in [0, 2**64 - 1] (or one per prompt), got {self.seed!r}")
+        if isinstance(self.seed, tuple) and len(self.seed) != len(self.prompts):
+            raise ValueError(f"{len(self.seed)} seeds for {len(self.prompts)} prompts; give one seed, or one per prompt")
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not _is_int(self.max_sequence_length) or self.max_sequence_length < 1:
@@ -86,6 +89,21 @@ class DiffusionRequest:
         if not _is_real(self.partial_fraction) or not math.isfinite(self.partial_fraction):
             raise ValueError(f"partial_fraction must be a number in (0, 1], got {self.partial_fraction!r}")
         self.patch_config()  # validates warmup_steps / partial_fraction
+
+    def noise(self, channels: int, height: int, width: int):
+        """The initial latents [prompts, channels, height, width] in fp32 on the CPU.
+
+        One seed: one batch-shaped draw (diffusers' ``randn_tensor`` with one CPU generator). One seed per
+        prompt: each prompt's row drawn alone from its seed, so a prompt's image does not depend on the
+        others it is batched with (what request batching relies on).
+        """
+        import torch
+
+        if isinstance(self.seed, tuple):
+            return torch.cat([torch.randn((1, channels, height, width), dtype=torch.float32,
+                                          generator=torch.Generator().manual_seed(s)) for s in self.seed])
+        return torch.randn((len(self.prompts), channels, height, width), dtype=torch.float32,
+                           generator=torch.Generator().manual_seed(self.seed))
 
     @property
     def guided(self) -> bool:

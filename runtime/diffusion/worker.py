@@ -159,8 +159,7 @@ class DiffusionWorker:
         # Same noise as diffusers' randn_tensor with a CPU generator, then this rank's rows.
         self.scheduler = self._fresh_scheduler()
         self.timesteps = self.pipeline.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
-        shape = (len(req.prompts), self.pipeline.latent_channels, lat_h, lat_w)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(req.seed), dtype=torch.float32)
+        noise = req.noise(self.pipeline.latent_channels, lat_h, lat_w)
         sigma0 = float(getattr(self.scheduler, "init_noise_sigma", 1.0))
         self.latents = (noise[:, :, self.rows] * sigma0).to(self.device, self.dtype)
         self.attn = self._attention(req)
