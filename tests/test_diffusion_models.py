@@ -189,24 +189,27 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("bad,match", BAD_REQUESTS, ids=[f"{next(iter(b))}={b[next(iter(b))]!r}" for b, _ in BAD_REQUESTS])
-def test_bad_requests_are_refused_before_any_worker_runs(tiny_pixart, bad, match):
+def _driver_only_engine(path):
+    """A DiffusionEngine whose controller has no workers: only driver-side validation can run."""
     from tessera.options import DiffusionOptions
     from tessera.runtime.diffusion.engine import DiffusionEngine
+    from tessera.runtime.diffusion.protocol import LoadSpec
     from tessera.tests.diffusion_fixtures import NoWorkers
 
-    engine = DiffusionEngine(NoWorkers({}), DiffusersDir.open(tiny_pixart), [], DiffusionOptions(progress=False))
+    return DiffusionEngine(NoWorkers({}), DiffusersDir.open(path), [], DiffusionOptions(progress=False),
+                           LoadSpec(str(path)))
+
+
+@pytest.mark.parametrize("bad,match", BAD_REQUESTS, ids=[f"{next(iter(b))}={b[next(iter(b))]!r}" for b, _ in BAD_REQUESTS])
+def test_bad_requests_are_refused_before_any_worker_runs(tiny_pixart, bad, match):
+    engine = _driver_only_engine(tiny_pixart)
     kw = {"prompts": "a cat", "steps": 2, "height": 32, "width": 32, **bad}
     with pytest.raises(ValueError, match=match):
         engine.generate_images(kw.pop("prompts"), **kw)
 
 
 def test_image_beyond_the_sd3_position_table_is_refused_on_the_driver(tiny_sd3):
-    from tessera.options import DiffusionOptions
-    from tessera.runtime.diffusion.engine import DiffusionEngine
-    from tessera.tests.diffusion_fixtures import NoWorkers
-
-    engine = DiffusionEngine(NoWorkers({}), DiffusersDir.open(tiny_sd3), [], DiffusionOptions(progress=False))
+    engine = _driver_only_engine(tiny_sd3)
     # tiny SD3: VAE factor 2 x patch 2, a 32-patch table: 128 pixels a side at most
     with pytest.raises(ValueError, match="exceeds this SD3 checkpoint's position table"):
         engine.generate_images("a cat", steps=1, height=132, width=64)
