@@ -106,10 +106,10 @@ def server_rates(model_dir: str, n: int, size: int, steps: int, guidance: float,
     import httpx
 
     import tessera
-    from tessera.tests.serve_testing import free_port
+    from tessera.launch.local_cluster import free_ports
 
     body = {"size": f"{size}x{size}", "steps": steps, "guidance_scale": guidance}
-    server = tessera.serve(model_dir, plan={"sp": 2}, port=free_port(), engine_options={"progress": False},
+    server = tessera.serve(model_dir, plan={"sp": 2}, port=free_ports(1)[0], engine_options={"progress": False},
                            max_image_batch=max_image_batch)
     out: dict[str, Any] = {"max_image_batch": max_image_batch}
     try:
