@@ -10,14 +10,15 @@ What is measured (each a few seconds; under two minutes in all on 2 cores):
   and with 2 x the cores (oversubscribed, as 4 workers on 2 cores run), fitted to ``alpha + bytes / beta``;
 - the NVMe (tier file) read rate with O_DIRECT and several requests in flight;
 - the framework's own time: tessera's LLM engine on one in-process rank, decoding three tiny models that
-  differ in layers and experts per token, fitted to ``step + layers x (layer + top_k x expert)``.
+  differ in layers and experts per token, fitted to ``step + layers x (layer + top_k x expert)``; and the
+  driver's call per step (a no-op ``collective_rpc`` to 1 and to 2 x cores Ray workers).
 
 The result is a cluster file in the ``clusters/hardware`` schema, written to
 ``memory.hardware.calibration_path()`` (``$TESSERA_CALIBRATION``, else
 ``$TESSERA_CACHE/calibration/<host>.yaml``): the figures belong to this machine, and the planner's
 local cluster (``tessera plan MODEL`` without ``--cluster``, or ``--cluster local``) reads them.
-The driver's per-call cost (a Ray fan-out) is not measured here: the file keeps the figures measured
-on these machines (PLATFORM.md: ~0.7 ms per call, ~0.6 ms per extra rank).
+Collectives are timed between *busy* ranks (a small matmul between two collectives, less the same matmul
+alone), so ranks that share cores or wait for an unscheduled peer pay here what they pay in the engine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Callable
 GB = 1e9
 SHM_SIZES = (4 << 10, 64 << 10, 512 << 10)
 GLOO_SIZES = (4 << 10, 1 << 20, 8 << 20)
-CALL_US, CALL_PER_RANK_US = 700.0, 600.0  # Ray fan-out on these machines (PLATFORM.md), not measured here
+CALL_US, CALL_PER_RANK_US = 700.0, 600.0  # Ray fan-out on these machines (PLATFORM.md), when Ray cannot be measured
 TINY = {"hidden": 64, "heads": 4, "kv_heads": 2, "experts": 8, "vocab": 512, "intermediate": 128,
         "moe_intermediate": 64, "init_std": 0.02}
 TINY_MODELS = {"l2k2": {"layers": 2, "top_k": 2}, "l8k2": {"layers": 8, "top_k": 2}, "l8k6": {"layers": 8, "top_k": 6}}
@@ -108,14 +109,28 @@ def stream_bps(dtype: str, mib: int = 64, seconds: float | None = None) -> float
     return best
 
 
-def _timed_collective(op: Callable[[], Any], barrier: Callable[[], Any], iters: int) -> float:
-    barrier()
+def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: Callable[[], Any], iters: int,
+                      rounds: int = 3) -> float:
+    """What one collective adds to a step of busy ranks: per iteration, ``work`` (a small matmul, as a layer
+    between two collectives) then ``op``, less the same ``work`` alone on every rank at once; the best of
+    ``rounds`` of each (other jobs on the machine only ever slow a round), and never less than the collective
+    timed on its own. Ranks that share cores, or wait for a peer the OS has not scheduled yet, pay for it
+    here, as they do in the engine."""
+
+    def loop(fn: Callable[[], Any]) -> float:
+        barrier()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - start) / iters
+
     op()
-    barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        op()
-    return (time.perf_counter() - start) / iters
+    alone = both = only = float("inf")
+    for _ in range(rounds):
+        only = min(only, loop(op))
+        alone = min(alone, loop(work))
+        both = min(both, loop(lambda: (work(), op())))
+    return max(both - alone, only)  # never below the collective on its own
 
 
 def _rank_main(rank: int, world: int, port: int, out: Any, stream: bool) -> None:
@@ -139,14 +154,16 @@ def _rank_main(rank: int, world: int, port: int, out: Any, stream: bool) -> None
 
         comm = GroupComm.attach(dist.group.WORLD)
         barrier = dist.barrier
+        w, x = torch.randn(256, 1024), torch.randn(1, 1024)  # ~0.1 ms of a layer's matmul between collectives
+        work = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
         shm, gloo = {}, {}
         if comm.shm is not None:
             for size in SHM_SIZES:
                 t = torch.ones(size // 4)
-                shm[size] = _timed_collective(lambda: comm.all_reduce(t), barrier, 60 if size < 1 << 17 else 20)
+                shm[size] = _timed_collective(lambda: comm.all_reduce(t), work, barrier, 30 if size < 1 << 17 else 10)
         for size in GLOO_SIZES:
             t = torch.ones(size // 4)
-            gloo[size] = _timed_collective(lambda: dist.all_reduce(t), barrier, 30 if size < 1 << 20 else 6)
+            gloo[size] = _timed_collective(lambda: dist.all_reduce(t), work, barrier, 12 if size < 1 << 20 else 3)
         result["shm"], result["gloo"] = shm, gloo
         out.put(result)
     finally:
@@ -191,13 +208,14 @@ def run_ranks(world: int, stream: bool, timeout_s: float = 150.0) -> list[dict[s
 
 def fit_link(times: dict[int, float], ranks: int) -> tuple[float, float]:
     """(alpha s, bandwidth bytes/s) of ``t = alpha + 2 (p-1)/p * n / bandwidth``: the bandwidth from the two
-    largest messages (where bytes dominate), alpha from the smallest (where latency does)."""
+    largest messages (where bytes dominate), alpha from the smallest (where latency does); a noisy point
+    (a larger message faster than a smaller one) cannot make either negative or alpha above any time seen."""
     sizes = sorted(times)
     factor = 2 * (ranks - 1) / ranks
     lo, hi = (sizes[-2], sizes[-1]) if len(sizes) > 1 else (0, sizes[0])
     dt = times[hi] - (times[lo] if lo else 0.0)
     bandwidth = factor * (hi - lo) / dt if dt > 0 else factor * hi / times[hi]
-    alpha = max(0.0, times[sizes[0]] - factor * sizes[0] / bandwidth)
+    alpha = max(0.0, min(times[sizes[0]] - factor * sizes[0] / bandwidth, min(times.values())))
     return alpha, bandwidth
 
 
@@ -244,6 +262,36 @@ def nvme_read_bps(folder: Path, mib: int = 256, threads: int = 4, chunk: int = 1
 # -- the framework's own time ----------------------------------------------------------------------------------
 
 
+def _noop(worker: Any) -> int:
+    return worker.rank
+
+
+def ray_call_s(worlds: tuple[int, ...], calls: int = 60) -> dict[int, float]:
+    """Median seconds of one driver call fanned out to ``world`` Ray workers (a no-op ``collective_rpc``):
+    what every engine step pays the controller. One embedded Ray for all, stopped at the end."""
+    from tessera.config import ParallelPlan
+    from tessera.memory.placement import Placement
+    from tessera.runtime.controller import Controller
+    from tessera.runtime.ray_env import RayConnection
+
+    out = {}
+    RayConnection.acquire()
+    try:
+        for world in worlds:
+            with Controller(Placement(ParallelPlan({"dp": world} if world > 1 else {}))) as ctl:
+                for _ in range(10):
+                    ctl.collective_rpc(_noop)
+                times = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    ctl.collective_rpc(_noop)
+                    times.append(time.perf_counter() - t)
+                out[world] = sorted(times)[len(times) // 2]
+    finally:
+        RayConnection.release()
+    return out
+
+
 class _InProcess:
     """A one-rank controller in this process (no Ray): what the engine's single-rank plan runs on."""
 
@@ -266,7 +314,7 @@ class _InProcess:
         return []
 
 
-def decode_step_s(model_dir: Path, new_tokens: int = 33, repeats: int = 3) -> float:
+def decode_step_s(model_dir: Path, new_tokens: int = 33, repeats: int = 4) -> float:
     """Seconds per decode step of ``model_dir`` at batch 1 on one in-process rank (best of ``repeats``)."""
     import torch
 
@@ -344,6 +392,14 @@ def measure(cache: Path, echo: Callable[[str], None] = print) -> Measurements:
     m.nvme_read_bps = nvme_read_bps(cache / "calibration")
     echo(f"  NVMe (tier file) reads: {m.nvme_read_bps / GB:.2f} GB/s")
     m.overheads, m.decode_steps_s = framework_overheads(cache, m, echo)
+    try:
+        calls = ray_call_s((1, max(2, 2 * cores)))
+        hi = max(calls)
+        m.overheads["call_s"] = calls[1]
+        m.overheads["call_per_rank_s"] = max(0.0, (calls[hi] - calls[1]) / (hi - 1))
+        echo(f"  driver calls (Ray fan-out): {calls[1] * 1e3:.2f} ms to 1 worker, {calls[hi] * 1e3:.2f} ms to {hi}")
+    except ImportError:  # Ray is a dependency; without it keep the figures measured on these machines
+        echo("  driver calls: Ray is not importable here; keeping the PLATFORM.md figures")
     m.seconds = time.perf_counter() - started
     return m
 
@@ -406,8 +462,10 @@ def to_cluster_mapping(m: Measurements) -> dict[str, Any]:
                  "nvme_read_gbs": round(m.nvme_read_bps / GB, 4), "nvme_gib": round(_free_bytes() / 2**30, 1)},
         "links": {"intra_node": intra},
         "overheads": {"step_us": round(m.overheads["step_s"] * 1e6, 1), "layer_us": round(m.overheads["layer_s"] * 1e6, 1),
-                      "expert_us": round(m.overheads["expert_s"] * 1e6, 1), "call_us": CALL_US,
-                      "call_per_rank_us": CALL_PER_RANK_US, "overlaps_compute": False},
+                      "expert_us": round(m.overheads["expert_s"] * 1e6, 1),
+                      "call_us": round(m.overheads.get("call_s", CALL_US * 1e-6) * 1e6, 1),
+                      "call_per_rank_us": round(m.overheads.get("call_per_rank_s", CALL_PER_RANK_US * 1e-6) * 1e6, 1),
+                      "overlaps_compute": False},
     }
 
 

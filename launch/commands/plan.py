@@ -69,7 +69,7 @@ def _is_model_dir(value: str | None) -> bool:
 
 
 def _cost_mode(args: argparse.Namespace) -> bool:
-    if _is_model_dir(args.job):
+    if _is_model_dir(args.job) or (args.job or "").startswith(("tiny-moe:", "tiny-diffusion:")):
         return True
     cluster_file = bool(args.cluster) and Path(args.cluster).suffix in (".yaml", ".yml")
     return not args.job and bool(args.model) and (cluster_file or bool(args.workload or args.objective))
