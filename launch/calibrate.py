@@ -3,8 +3,8 @@
 What is measured (each a few seconds; under two minutes in all on 2 cores):
 
 - matmul FLOP/s of one rank (one thread, as Ray workers run) per dtype, large enough to be compute-bound;
-- the rate at which a matmul streams weights (a batch-1 ``linear`` over a weight larger than the caches),
-  alone and with every core's rank doing it at once (the node's memory bus);
+- the rate at which a matmul streams weights (a batch-1 ``linear`` over a weight larger than the caches)
+  on one thread, and the node's memory bus (a streaming read with every core) that busy ranks share;
 - collectives between processes of this node: ``all_reduce`` through tessera's shared-memory path
   (``parallel.shm_comm``, what CPU ranks of one node use) and through gloo (larger messages), with 2 ranks
   and with 2 x the cores (oversubscribed, as 4 workers on 2 cores run), fitted to ``alpha + bytes / beta``;
@@ -50,7 +50,7 @@ class Measurements:
     host_memory_bytes: int
     gemm_flops: dict[str, float] = field(default_factory=dict)
     stream_bps: dict[str, float] = field(default_factory=dict)  # one rank alone
-    node_stream_bps: dict[str, float] = field(default_factory=dict)  # all cores' ranks at once, summed
+    node_stream_bps: dict[str, float] = field(default_factory=dict)  # "bus": streaming read with every core
     links: dict[str, dict[str, float]] = field(default_factory=dict)
     nvme_read_bps: float = 0.0
     overheads: dict[str, float] = field(default_factory=dict)
@@ -85,9 +85,8 @@ def gemm_flops(dtype: str, n: int = 512) -> float:
     return 2 * n * 1024 * 1024 / seconds
 
 
-def stream_bps(dtype: str, mib: int = 64, seconds: float | None = None) -> float:
-    """Weight bytes per second a batch-1 ``linear`` reads (the decode case): the fastest of 12 calls, or with
-    ``seconds`` the best 0.1-s window of that long (ranks run it at once; other jobs only slow a window)."""
+def stream_bps(dtype: str, mib: int = 64) -> float:
+    """Weight bytes per second a batch-1 ``linear`` reads (the decode case): the fastest of 12 calls."""
     import torch
 
     t = getattr(torch, dtype)
@@ -95,18 +94,20 @@ def stream_bps(dtype: str, mib: int = 64, seconds: float | None = None) -> float
     rows = mib * (1 << 20) // (cols * torch.tensor([], dtype=t).element_size())
     w = torch.randn(rows, cols, dtype=t)
     x = torch.randn(1, cols, dtype=t)
-    run = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-    if seconds is None:
-        return w.numel() * w.element_size() / _best(run, 12)
-    run()
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 0.1:
-            run()
-            n += 1
-        best = max(best, n * w.numel() * w.element_size() / (time.perf_counter() - start))
-    return best
+    return w.numel() * w.element_size() / _best(lambda: torch.nn.functional.linear(x, w), 12)
+
+
+def bus_bps(threads: int, mib: int = 256) -> float:
+    """The node's memory bus: bytes/s of a streaming read (``sum``) with ``threads`` threads, best of 8."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = torch.ones(mib * (1 << 20) // 4)
+        return t.numel() * 4 / _best(t.sum, 8)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: Callable[[], Any], iters: int,
@@ -133,8 +134,8 @@ def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: C
     return max(both - alone, only)  # never below the collective on its own
 
 
-def _rank_main(rank: int, world: int, port: int, out: Any, stream: bool) -> None:
-    """One calibration process: concurrent weight streaming, then shm and gloo all_reduce timings."""
+def _rank_main(rank: int, world: int, port: int, out: Any) -> None:
+    """One calibration process: shm and gloo all_reduce timings between busy ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     import datetime
 
@@ -146,15 +147,11 @@ def _rank_main(rank: int, world: int, port: int, out: Any, stream: bool) -> None
                             timeout=datetime.timedelta(seconds=120))
     try:
         result: dict[str, Any] = {"rank": rank}
-        if stream:
-            for dtype in ("bfloat16", "float32"):
-                dist.barrier()
-                result[f"stream_{dtype}"] = stream_bps(dtype, seconds=0.8)
         from tessera.parallel.comm import GroupComm
 
         comm = GroupComm.attach(dist.group.WORLD)
         barrier = dist.barrier
-        w, x = torch.randn(256, 1024), torch.randn(1, 1024)  # ~0.1 ms of a layer's matmul between collectives
+        w, x = torch.randn(1024, 1024), torch.randn(1, 1024)  # a layer's matmul (~0.3 ms) between collectives
         work = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
         shm, gloo = {}, {}
         if comm.shm is not None:
@@ -176,12 +173,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, stream: bool, timeout_s: float = 150.0) -> list[dict[str, Any]]:
+def run_ranks(world: int, timeout_s: float = 150.0) -> list[dict[str, Any]]:
     """Start ``world`` calibration processes, wait (bounded) for their figures, stop them by pid."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue, stream), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results = []
@@ -314,30 +311,35 @@ class _InProcess:
         return []
 
 
-def decode_step_s(model_dir: Path, new_tokens: int = 33, repeats: int = 4) -> float:
-    """Seconds per decode step of ``model_dir`` at batch 1 on one in-process rank (best of ``repeats``)."""
+def decode_steps_s(model_dirs: dict[str, Path], new_tokens: int = 25, rounds: int = 5) -> dict[str, float]:
+    """Seconds per decode step of each model at batch 1 on one in-process rank: the models take turns for
+    ``rounds`` rounds (so a burst of load from other jobs hits them alike) and each keeps its fastest."""
     import torch
 
     from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    engines = {}
     try:
-        engine = LLMEngine.load(_InProcess(), model_dir, dtype="bfloat16", stop_at_eos=False, max_model_len=96,
-                                max_num_seqs=1)
-        try:
-            ids = list(range(3, 19))
+        for name, path in model_dirs.items():
+            engines[name] = LLMEngine.load(_InProcess(), path, dtype="bfloat16", stop_at_eos=False, max_model_len=96,
+                                           max_num_seqs=1)
+        ids = list(range(3, 19))
+        for engine in engines.values():
             engine.generate(ids, SamplingParams(max_new_tokens=9))
-            best = float("inf")
-            for _ in range(repeats):
+        best = {name: float("inf") for name in engines}
+        for _ in range(rounds):
+            for name, engine in engines.items():
                 before = dict(engine.stats())
                 engine.generate(ids, SamplingParams(max_new_tokens=new_tokens))
                 after = engine.stats()
-                best = min(best, (after["decode_s"] - before["decode_s"]) / (after["decode_tokens"] - before["decode_tokens"]))
-            return best
-        finally:
-            engine.close()
+                step = (after["decode_s"] - before["decode_s"]) / (after["decode_tokens"] - before["decode_tokens"])
+                best[name] = min(best[name], step)
+        return best
     finally:
+        for engine in engines.values():
+            engine.close()
         torch.set_num_threads(threads)
 
 
@@ -374,13 +376,11 @@ def measure(cache: Path, echo: Callable[[str], None] = print) -> Measurements:
                  f"{m.stream_bps[dtype] / GB:.2f} GB/s (one thread)")
     finally:
         torch.set_num_threads(threads)
+    m.node_stream_bps["bus"] = bus_bps(cores)
+    echo(f"  memory bus (streaming read, {cores} threads): {m.node_stream_bps['bus'] / GB:.1f} GB/s")
     for world in sorted({2, 2 * cores}):
         echo(f"  collectives between {world} processes ...")
-        results = run_ranks(world, stream=(world == max(2, cores)))
-        r0 = results[0]
-        if world == max(2, cores):
-            for dtype in ("bfloat16", "float32"):
-                m.node_stream_bps[dtype] = sum(r[f"stream_{dtype}"] for r in results) * cores / world
+        r0 = run_ranks(world)[0]
         for path in ("shm", "gloo"):
             times = {int(k): v for k, v in r0[path].items()}
             if times:
@@ -407,11 +407,11 @@ def measure(cache: Path, echo: Callable[[str], None] = print) -> Measurements:
 def framework_overheads(cache: Path, m: Measurements, echo: Callable[[str], None]) -> tuple[dict, dict]:
     from tessera.models.tiny_moe import build_tiny_moe
 
-    steps, device = {}, {}
-    for name, size in TINY_MODELS.items():
-        path = build_tiny_moe("qwen3_moe", cache / "calibration" / f"tiny-{name}", dtype="bfloat16", **TINY, **size)
-        steps[name] = decode_step_s(path)
-        device[name] = _tiny_device_s(path, m)
+    paths = {name: build_tiny_moe("qwen3_moe", cache / "calibration" / f"tiny-{name}", dtype="bfloat16", **TINY, **size)
+             for name, size in TINY_MODELS.items()}
+    steps = decode_steps_s(paths)
+    device = {name: _tiny_device_s(path, m) for name, path in paths.items()}
+    for name in paths:
         echo(f"    tiny model {name}: {steps[name] * 1e3:.2f} ms per decode step")
     fitted = fit_overheads(steps, device)
     echo(f"  framework: {fitted['step_s'] * 1e6:.0f} us per step, {fitted['layer_s'] * 1e6:.0f} us per layer, "
@@ -458,7 +458,7 @@ def to_cluster_mapping(m: Measurements) -> dict[str, Any]:
                    "compute_tflops": {k: round(v / 1e12, 6) for k, v in m.gemm_flops.items()},
                    "memory_bandwidth_gbs": {k: round(v / GB, 4) for k, v in m.stream_bps.items()}},
         "node": {"cores": m.cores, "host_memory_gib": round(mem_gib, 3),
-                 "memory_bandwidth_gbs": round(m.node_stream_bps.get("bfloat16", 0) / GB, 4) or None,
+                 "memory_bandwidth_gbs": round(m.node_stream_bps.get("bus", 0) / GB, 4) or None,
                  "nvme_read_gbs": round(m.nvme_read_bps / GB, 4), "nvme_gib": round(_free_bytes() / 2**30, 1)},
         "links": {"intra_node": intra},
         "overheads": {"step_us": round(m.overheads["step_s"] * 1e6, 1), "layer_us": round(m.overheads["layer_s"] * 1e6, 1),

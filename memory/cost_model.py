@@ -299,6 +299,8 @@ class RankRates:
 
 
 def rank_rates(cluster: ClusterSpec, profile: ModelProfile, ranks_on_node: int) -> RankRates:
+    """Rates of one rank while ``ranks_on_node`` ranks of its node are busy at once (CPU: they share the cores
+    and the memory bus; GPUs are independent)."""
     d, node = cluster.device, cluster.node
     flops = d.flops(profile.weight_dtype)
     bandwidth = d.bandwidth(profile.weight_dtype)
@@ -370,13 +372,15 @@ def _expert_share(profile: ModelProfile, ep: int, tp: int) -> tuple[float, float
 
 
 def lm_weight_bytes(profile: ModelProfile, layers: tuple[int, ...], tp: int, ep: int, first: bool, last: bool) -> int:
+    """Weights one rank of a stage holds: tp-split projections, replicated norms and routers, its experts'
+    slices, the embedding split over tp (first stage) and the LM head over ep x tp (last stage)."""
     held, frac = _expert_share(profile, ep, tp) if profile.num_experts else (0, 0.0)
     kv = _kv_share(profile, tp)
     total = 0.0
     for i in layers:
         l = profile.layers[i]
         total += l.split_bytes / tp + l.kv_bytes_w * kv + l.replicated_bytes + held * l.expert_bytes * frac
-    total += (profile.first_bytes / tp if first else 0) + (profile.last_bytes / tp if last else 0)
+    total += (profile.first_bytes / tp if first else 0) + (profile.last_bytes / (tp * ep) if last else 0)
     return int(total)
 
 
@@ -425,14 +429,23 @@ def _lm_layer_time(profile: ModelProfile, l: LayerProfile, tokens: int, ctx: flo
     return out.plus(StepTime(offload_s=offload, comm=tuple(comm)))
 
 
+def busy_ranks(plan: ParallelPlan, cluster: ClusterSpec, micro_batches: int) -> int:
+    """Ranks of the first node computing at the same time: with fewer micro-batches than stages, only
+    ``m / pp`` of the stages work at once (the others wait for their activations)."""
+    on_node = min(plan.world_size, cluster.devices_per_node)
+    pp = plan.degree("pp")
+    return max(1, math.ceil(on_node * min(micro_batches, pp) / pp))
+
+
 def _lm_pass(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan, tokens_per_seq: int, seqs: int,
-             ctx: float, rates: RankRates, offload_frac: float, offload_rate: float, decode: bool) -> StepTime:
+             ctx: float, offload_frac: float, offload_rate: float, decode: bool) -> StepTime:
     """One engine step over ``seqs`` sequences of ``tokens_per_seq`` new tokens each (decode: 1)."""
     pp, tp, ep = plan.degree("pp"), plan.degree("tp"), plan.degree("ep")
     dpn = cluster.devices_per_node
     tp_group = group_layout(plan, ("tp",), dpn)
     moe_group = group_layout(plan, ("ep", "tp"), dpn)
     m = min(pp, seqs)
+    rates = rank_rates(cluster, profile, busy_ranks(plan, cluster, m))
     tokens = math.ceil(seqs / m) * tokens_per_seq
     stages = stage_layers(profile, pp)
     worst = None
@@ -441,12 +454,15 @@ def _lm_pass(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan, to
         for i in layers:
             t = t.plus(_lm_layer_time(profile, profile.layers[i], tokens, ctx, tp, ep, rates, cluster, tp_group,
                                       moe_group, offload_frac, offload_rate))
-        if s == pp - 1:  # LM head on the last tokens of each sequence, vocab split over tp, logits gathered
-            heads = math.ceil(seqs / m)
-            t = t.plus(roofline(2 * heads * profile.last_params / tp, profile.last_bytes / tp, rates))
-            if tp > 1:
-                t = t.plus(StepTime(comm=((f"tp all-reduce (tp={tp})", collective_s(
-                    "all_gather", tp_group, heads * profile.vocab * 4, cluster)),)))
+        if s == 0 and tp > 1:  # the embedding's vocabulary is split over tp: its rows are summed
+            t = t.plus(StepTime(comm=((f"tp all-reduce (tp={tp})", collective_s(
+                "all_reduce", tp_group, tokens * profile.hidden * profile.act_bytes, cluster)),)))
+        if s == pp - 1:  # LM head on each sequence's last token, vocab split over the ep x tp group, gathered
+            heads, group = math.ceil(seqs / m), moe_group.size
+            t = t.plus(roofline(2 * heads * profile.last_params / group, profile.last_bytes / group, rates))
+            if group > 1:
+                t = t.plus(StepTime(comm=((f"logits all-gather (ep x tp={group})", collective_s(
+                    "all_gather", moe_group, heads * profile.vocab * 4, cluster)),)))
         if worst is None or t.total_s > worst.total_s:
             worst = t
     assert worst is not None
@@ -566,14 +582,12 @@ def estimate_lm(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan,
         elif offload:
             memory, off_frac, off_rate = _lm_memory(profile, cluster, plan, seqs, workload, offload=True)
     waves = math.ceil(wanted / seqs)
-    ranks_on_node = min(plan.world_size, cluster.devices_per_node)
-    rates = rank_rates(cluster, profile, ranks_on_node)
     ctx = workload.context + workload.new_tokens / 2  # mean cached length over the decode
-    decode = _lm_pass(profile, cluster, plan, 1, seqs, ctx, rates, off_frac, off_rate, decode=True)
+    decode = _lm_pass(profile, cluster, plan, 1, seqs, ctx, off_frac, off_rate, decode=True)
     chunk_seqs = max(1, min(seqs, MAX_PREFILL_TOKENS // max(workload.context, 1)))
     chunks = math.ceil(seqs / chunk_seqs)
     prefill = _lm_pass(profile, cluster, plan, min(workload.context, MAX_PREFILL_TOKENS), chunk_seqs,
-                       workload.context / 2, rates, off_frac, off_rate, decode=False)
+                       workload.context / 2, off_frac, off_rate, decode=False)
     prefill = prefill.scaled(chunks * max(1, math.ceil(workload.context / MAX_PREFILL_TOKENS)))
     wave_s = prefill.total_s + workload.new_tokens * decode.total_s
     request_s = waves * wave_s  # the last request of the batch
@@ -618,10 +632,10 @@ def estimate_dit(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan
     n_local = math.ceil(n / sp)
     d, act = profile.hidden, profile.act_bytes
     dpn = cluster.devices_per_node
-    rates = rank_rates(cluster, profile, min(plan.world_size, dpn))
     tp_group, sp_group = group_layout(plan, ("tp",), dpn), group_layout(plan, ("sp",), dpn)
     stages = stage_layers(profile, pp)
     m = min(pp, samples)
+    rates = rank_rates(cluster, profile, busy_ranks(plan, cluster, m))
     per = math.ceil(samples / m)
     budget = cluster.device.budget_bytes
     worst_t: StepTime | None = None

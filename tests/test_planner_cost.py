@@ -134,6 +134,21 @@ def test_pixart_sigma_transformer_config_alone_plans(tmp_path, clusters):
     assert throughput.best.metrics["images_per_s"] > result.best.metrics["images_per_s"]
 
 
+def test_a_live_inventory_becomes_a_cluster(tmp_path, monkeypatch):
+    """Ray (or this machine) gives counts and memory; GPUs take their preset's rates, CPUs the calibration."""
+    from tessera.memory.hardware import cluster_from_inventory
+    from tessera.memory.inventory import ClusterInventory, NodeInventory
+
+    gpus = ClusterInventory("cuda", tuple(NodeInventory(f"10.0.0.{i}", 8, 80 * 10**9) for i in range(2)), "ray cluster",
+                            "H200")
+    spec = cluster_from_inventory(gpus)
+    assert spec.nodes == 2 and spec.devices_per_node == 8 and spec.device.model.startswith("H200")
+    assert spec.device.memory_bytes == 80 * 10**9 and spec.inter_node is not None and "ray cluster" in spec.source
+    monkeypatch.setenv("TESSERA_CALIBRATION", str(tmp_path / "missing.yaml"))
+    cpus = cluster_from_inventory(ClusterInventory("cpu", (NodeInventory("local", 4, 4 * GiB),), "local host memory"))
+    assert cpus.device.kind == "cpu" and cpus.devices_per_node == 4 and "uncalibrated" in cpus.source
+
+
 # -- the cost model's parts ------------------------------------------------------------------------------------------
 
 
