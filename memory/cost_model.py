@@ -34,7 +34,8 @@ checked against them, ``benchmarks/bench_planner.py``):
   layer, per routed expert run, per step and per call, from the cluster file
   (measured by ``tessera plan --calibrate`` on CPU). On GPU they hide under
   device time (the larger counts); on CPU they add. CPU ranks beyond the
-  node's cores share them (everything on the rank slows by ranks / cores).
+  node's cores share them (compute slows by busy ranks / cores; collectives
+  take the latency calibrated for that many ranks).
 - **Tiers**: weights beyond the device budget go to host memory, then NVMe
   (only with ``offload``); each step then moves the off-device bytes its
   tokens need at the host-to-device or NVMe rate (no overlap assumed).
@@ -228,10 +229,13 @@ class PlanEstimate:
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Where the ranks of one mesh-dim group sit: ``size`` ranks over ``nodes`` nodes."""
+    """Where the ranks of one mesh-dim group sit: ``size`` ranks over ``nodes`` nodes. ``crowd``: the ranks
+    that share one node's cores (CPU); a collective waits for every member to be scheduled, so with more
+    ranks than cores its latency is that of the crowd, not of the group alone (0: not crowded)."""
 
     size: int
     nodes: int
+    crowd: int = 0
 
     @property
     def per_node(self) -> int:
@@ -260,15 +264,16 @@ def _layout(degrees: tuple[tuple[str, int], ...], dims: tuple[str, ...], devices
 
 def collective_s(kind: str, layout: GroupLayout, nbytes: float, cluster: ClusterSpec) -> float:
     """Seconds of one collective over ``layout``: ``all_reduce`` (ring), ``all_to_all`` / ``all_gather``
-    (``nbytes``: what one rank sends / receives in all), ``p2p``. Across nodes it is hierarchical. CPU ranks
-    sharing cores need no extra factor: the calibration measures alpha with that many ranks."""
+    (``nbytes``: what one rank sends / receives in all), ``p2p``. Across nodes it is hierarchical. On CPU
+    nodes with more ranks than cores the latency is the calibrated one for that many ranks (``crowd``)."""
     p = layout.size
     if p <= 1 or nbytes <= 0:
         return 0.0
+    crowd = layout.crowd if cluster.device.kind == "cpu" and layout.crowd > cluster.node.cores else 0
 
     def on(link: LinkSpec, ranks: int, n: float, factor: float) -> float:
         link = link.for_bytes(n)
-        return link.alpha(ranks) + factor * n / link.bandwidth
+        return link.alpha(max(ranks, crowd)) + factor * n / link.bandwidth
 
     intra, inter = cluster.intra_node, cluster.inter_node or cluster.intra_node
     if kind == "p2p":
@@ -442,9 +447,12 @@ def _lm_pass(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan, to
     """One engine step over ``seqs`` sequences of ``tokens_per_seq`` new tokens each (decode: 1)."""
     pp, tp, ep = plan.degree("pp"), plan.degree("tp"), plan.degree("ep")
     dpn = cluster.devices_per_node
-    tp_group = group_layout(plan, ("tp",), dpn)
-    moe_group = group_layout(plan, ("ep", "tp"), dpn)
     m = min(pp, seqs)
+    # compute: only stages with work share the cores; collectives: every rank process on the node takes
+    # part in the scheduling (waiting stages and Ray's threads still wake up), so all of them are the crowd
+    crowd = min(plan.world_size, dpn)
+    tp_group = replace(group_layout(plan, ("tp",), dpn), crowd=crowd)
+    moe_group = replace(group_layout(plan, ("ep", "tp"), dpn), crowd=crowd)
     rates = rank_rates(cluster, profile, busy_ranks(plan, cluster, m))
     tokens = math.ceil(seqs / m) * tokens_per_seq
     stages = stage_layers(profile, pp)
@@ -469,8 +477,8 @@ def _lm_pass(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan, to
     step = worst.scaled(m)
     if pp > 1:
         pipe = group_layout(plan, ("pp",), dpn)
-        p2p = collective_s("p2p", GroupLayout(2, 2 if pipe.nodes > 1 else 1), tokens * profile.hidden * profile.act_bytes,
-                           cluster)
+        p2p = collective_s("p2p", GroupLayout(2, 2 if pipe.nodes > 1 else 1, crowd),
+                           tokens * profile.hidden * profile.act_bytes, cluster)
         step = step.plus(StepTime(bubble_s=(pp - 1) * worst.total_s, comm=(("pipeline send/recv", (m + pp - 1) * p2p),)))
     ov = cluster.overheads
     per_call = 1 if (pp > 1 or not decode) else DECODE_STEPS_PER_CALL
@@ -632,9 +640,11 @@ def estimate_dit(profile: ModelProfile, cluster: ClusterSpec, plan: ParallelPlan
     n_local = math.ceil(n / sp)
     d, act = profile.hidden, profile.act_bytes
     dpn = cluster.devices_per_node
-    tp_group, sp_group = group_layout(plan, ("tp",), dpn), group_layout(plan, ("sp",), dpn)
     stages = stage_layers(profile, pp)
     m = min(pp, samples)
+    crowd = min(plan.world_size, dpn)  # as for language models: every rank process is in the crowd
+    tp_group = replace(group_layout(plan, ("tp",), dpn), crowd=crowd)
+    sp_group = replace(group_layout(plan, ("sp",), dpn), crowd=crowd)
     rates = rank_rates(cluster, profile, busy_ranks(plan, cluster, m))
     per = math.ceil(samples / m)
     budget = cluster.device.budget_bytes
