@@ -110,28 +110,37 @@ def bus_bps(threads: int, mib: int = 256) -> float:
         torch.set_num_threads(old)
 
 
-def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: Callable[[], Any], iters: int,
-                      rounds: int = 3) -> float:
-    """What one collective adds to a step of busy ranks: per iteration, ``work`` (a small matmul, as a layer
-    between two collectives) then ``op``, less the same ``work`` alone on every rank at once; the best of
-    ``rounds`` of each (other jobs on the machine only ever slow a round), and never less than the collective
-    timed on its own. Ranks that share cores, or wait for a peer the OS has not scheduled yet, pay for it
-    here, as they do in the engine."""
+def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: Callable[[], Any],
+                      round_s: float = 0.15, rounds: int = 3) -> float:
+    """What one collective adds to a step of busy ranks: per iteration, ``work`` (a matmul the size of a
+    layer's, between two collectives) then ``op``, less ``work`` alone on every rank at once, and never less
+    than ``op`` alone. Each is timed over rounds of ``round_s`` (as long as an engine's timed generation, so
+    that a rank the OS deschedules makes its peers wait as often here as there); the median of ``rounds``."""
+    import statistics
+
+    import torch.distributed as dist
 
     def loop(fn: Callable[[], Any]) -> float:
         barrier()
+        # every rank runs the same number of iterations (collectives must match): rank 0's estimate, broadcast
         start = time.perf_counter()
-        for _ in range(iters):
+        for _ in range(4):
             fn()
-        return (time.perf_counter() - start) / iters
+        count = [max(4, min(2000, int(round_s / max((time.perf_counter() - start) / 4, 1e-6))))]
+        dist.broadcast_object_list(count, src=0)
+        barrier()
+        start = time.perf_counter()
+        for _ in range(count[0]):
+            fn()
+        return (time.perf_counter() - start) / count[0]
 
     op()
-    alone = both = only = float("inf")
+    only, alone, both = [], [], []
     for _ in range(rounds):
-        only = min(only, loop(op))
-        alone = min(alone, loop(work))
-        both = min(both, loop(lambda: (work(), op())))
-    return max(both - alone, only)  # never below the collective on its own
+        only.append(loop(op))
+        alone.append(loop(work))
+        both.append(loop(lambda: (work(), op())))
+    return max(statistics.median(both) - statistics.median(alone), statistics.median(only))
 
 
 def _rank_main(rank: int, world: int, port: int, out: Any) -> None:
@@ -157,10 +166,10 @@ def _rank_main(rank: int, world: int, port: int, out: Any) -> None:
         if comm.shm is not None:
             for size in SHM_SIZES:
                 t = torch.ones(size // 4)
-                shm[size] = _timed_collective(lambda: comm.all_reduce(t), work, barrier, 30 if size < 1 << 17 else 10)
+                shm[size] = _timed_collective(lambda: comm.all_reduce(t), work, barrier)
         for size in GLOO_SIZES:
             t = torch.ones(size // 4)
-            gloo[size] = _timed_collective(lambda: dist.all_reduce(t), work, barrier, 12 if size < 1 << 20 else 3)
+            gloo[size] = _timed_collective(lambda: dist.all_reduce(t), work, barrier)
         result["shm"], result["gloo"] = shm, gloo
         out.put(result)
     finally:
