@@ -110,7 +110,7 @@ def bus_bps(threads: int, mib: int = 256) -> float:
         torch.set_num_threads(old)
 
 
-def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: Callable[[], Any],
+def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], group: Any = None,
                       round_s: float = 0.15, rounds: int = 3) -> float:
     """What one collective adds to a step of busy ranks: per iteration, ``work`` (a matmul the size of a
     layer's, between two collectives) then ``op``, less ``work`` alone on every rank at once, and never less
@@ -120,6 +120,11 @@ def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: C
 
     import torch.distributed as dist
 
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+
+    def barrier() -> None:
+        dist.barrier(group=group)
+
     def loop(fn: Callable[[], Any]) -> float:
         barrier()
         # every rank runs the same number of iterations (collectives must match): rank 0's estimate, broadcast
@@ -127,7 +132,7 @@ def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: C
         for _ in range(4):
             fn()
         count = [max(4, min(2000, int(round_s / max((time.perf_counter() - start) / 4, 1e-6))))]
-        dist.broadcast_object_list(count, src=0)
+        dist.broadcast_object_list(count, src=src, group=group)
         barrier()
         start = time.perf_counter()
         for _ in range(count[0]):
@@ -143,8 +148,35 @@ def _timed_collective(op: Callable[[], Any], work: Callable[[], Any], barrier: C
     return max(statistics.median(both) - statistics.median(alone), statistics.median(only))
 
 
+def collective_timings(comm: Any, group: Any = None) -> dict[str, dict[int, float]]:
+    """``all_reduce`` seconds by size between busy ranks of ``group``: through tessera's ``GroupComm``
+    (shared memory on one CPU node, when it attached) and through the backend (gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    w, x = torch.randn(1024, 1024), torch.randn(1, 1024)  # a layer's matmul (~0.3 ms) between collectives
+    work = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    shm, gloo = {}, {}
+    if comm.shm is not None:
+        for size in SHM_SIZES:
+            t = torch.ones(size // 4)
+            shm[size] = _timed_collective(lambda: comm.all_reduce(t), work, group)
+    for size in GLOO_SIZES:
+        t = torch.ones(size // 4)
+        gloo[size] = _timed_collective(lambda: dist.all_reduce(t, group=group), work, group)
+    return {"shm": shm, "gloo": gloo}
+
+
+def _worker_collectives(worker: Any) -> dict[str, dict[int, float]]:
+    """On a tessera worker (a Ray actor, as engines run): its tp group's collectives."""
+    import torch
+
+    torch.set_num_threads(1)
+    return collective_timings(worker.comm("tp"), worker.group("tp"))
+
+
 def _rank_main(rank: int, world: int, port: int, out: Any) -> None:
-    """One calibration process: shm and gloo all_reduce timings between busy ranks."""
+    """One calibration process without Ray: shm and gloo all_reduce timings between busy ranks."""
     os.environ.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     import datetime
 
@@ -155,23 +187,9 @@ def _rank_main(rank: int, world: int, port: int, out: Any) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        result: dict[str, Any] = {"rank": rank}
         from tessera.parallel.comm import GroupComm
 
-        comm = GroupComm.attach(dist.group.WORLD)
-        barrier = dist.barrier
-        w, x = torch.randn(1024, 1024), torch.randn(1, 1024)  # a layer's matmul (~0.3 ms) between collectives
-        work = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-        shm, gloo = {}, {}
-        if comm.shm is not None:
-            for size in SHM_SIZES:
-                t = torch.ones(size // 4)
-                shm[size] = _timed_collective(lambda: comm.all_reduce(t), work, barrier)
-        for size in GLOO_SIZES:
-            t = torch.ones(size // 4)
-            gloo[size] = _timed_collective(lambda: dist.all_reduce(t), work, barrier)
-        result["shm"], result["gloo"] = shm, gloo
-        out.put(result)
+        out.put({"rank": rank, **collective_timings(GroupComm.attach(dist.group.WORLD))})
     finally:
         dist.destroy_process_group()
 
@@ -272,19 +290,20 @@ def _noop(worker: Any) -> int:
     return worker.rank
 
 
-def ray_call_s(worlds: tuple[int, ...], calls: int = 60) -> dict[int, float]:
-    """Median seconds of one driver call fanned out to ``world`` Ray workers (a no-op ``collective_rpc``):
-    what every engine step pays the controller. One embedded Ray for all, stopped at the end."""
+def ray_measurements(worlds: tuple[int, ...], calls: int = 60) -> tuple[dict[int, float], dict[int, dict]]:
+    """On Ray workers, as engines run: the median seconds of one driver call fanned out to ``world`` workers
+    (a no-op ``collective_rpc``: what every engine step pays the controller), and the collectives of a
+    ``tp=world`` group. One embedded Ray for all, stopped at the end."""
     from tessera.config import ParallelPlan
     from tessera.memory.placement import Placement
     from tessera.runtime.controller import Controller
     from tessera.runtime.ray_env import RayConnection
 
-    out = {}
+    call_s, links = {}, {}
     RayConnection.acquire()
     try:
         for world in worlds:
-            with Controller(Placement(ParallelPlan({"dp": world} if world > 1 else {}))) as ctl:
+            with Controller(Placement(ParallelPlan({"tp": world} if world > 1 else {}))) as ctl:
                 for _ in range(10):
                     ctl.collective_rpc(_noop)
                 times = []
@@ -292,10 +311,12 @@ def ray_call_s(worlds: tuple[int, ...], calls: int = 60) -> dict[int, float]:
                     t = time.perf_counter()
                     ctl.collective_rpc(_noop)
                     times.append(time.perf_counter() - t)
-                out[world] = sorted(times)[len(times) // 2]
+                call_s[world] = sorted(times)[len(times) // 2]
+                if world > 1:
+                    links[world] = ctl.collective_rpc(_worker_collectives, timeout_s=300)[0]
     finally:
         RayConnection.release()
-    return out
+    return call_s, links
 
 
 class _InProcess:
@@ -387,28 +408,29 @@ def measure(cache: Path, echo: Callable[[str], None] = print) -> Measurements:
         torch.set_num_threads(threads)
     m.node_stream_bps["bus"] = bus_bps(cores)
     echo(f"  memory bus (streaming read, {cores} threads): {m.node_stream_bps['bus'] / GB:.1f} GB/s")
-    for world in sorted({2, 2 * cores}):
-        echo(f"  collectives between {world} processes ...")
-        r0 = run_ranks(world)[0]
+    worlds = tuple(sorted({2, 2 * cores}))
+    try:
+        echo(f"  on Ray workers: driver calls and collectives between {' and '.join(map(str, worlds))} ranks ...")
+        calls, links = ray_measurements((1, *worlds))
+        hi = max(worlds)
+        m.overheads["call_s"] = calls[1]
+        m.overheads["call_per_rank_s"] = max(0.0, (calls[hi] - calls[1]) / (hi - 1))
+        echo(f"    driver calls (Ray fan-out): {calls[1] * 1e3:.2f} ms to 1 worker, {calls[hi] * 1e3:.2f} ms to {hi}")
+    except ImportError:  # Ray is a dependency; without it, plain processes (and PLATFORM.md's call figures)
+        echo("  Ray is not importable here: collectives between plain processes")
+        links = {world: run_ranks(world)[0] for world in worlds}
+    for world, r0 in sorted(links.items()):
         for path in ("shm", "gloo"):
             times = {int(k): v for k, v in r0[path].items()}
             if times:
                 alpha, bw = fit_link(times, world)
                 m.links.setdefault(path, {})[f"alpha_{world}_s"] = alpha
                 m.links[path][f"bandwidth_{world}"] = bw
-                echo(f"    {path}: alpha {alpha * 1e6:.0f} us, {bw / GB:.2f} GB/s "
-                     f"(all_reduce 4 KiB: {min(times.values()) * 1e6:.0f} us)")
+                echo(f"    {path}, {world} ranks: alpha {alpha * 1e6:.0f} us, {bw / GB:.2f} GB/s")
     m.nvme_read_bps = nvme_read_bps(cache / "calibration")
     echo(f"  NVMe (tier file) reads: {m.nvme_read_bps / GB:.2f} GB/s")
-    m.overheads, m.decode_steps_s = framework_overheads(cache, m, echo)
-    try:
-        calls = ray_call_s((1, max(2, 2 * cores)))
-        hi = max(calls)
-        m.overheads["call_s"] = calls[1]
-        m.overheads["call_per_rank_s"] = max(0.0, (calls[hi] - calls[1]) / (hi - 1))
-        echo(f"  driver calls (Ray fan-out): {calls[1] * 1e3:.2f} ms to 1 worker, {calls[hi] * 1e3:.2f} ms to {hi}")
-    except ImportError:  # Ray is a dependency; without it keep the figures measured on these machines
-        echo("  driver calls: Ray is not importable here; keeping the PLATFORM.md figures")
+    fitted, m.decode_steps_s = framework_overheads(cache, m, echo)
+    m.overheads.update(fitted)
     m.seconds = time.perf_counter() - started
     return m
 
