@@ -157,8 +157,10 @@ class Timeouts:
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"timeout {name} is {value!r}; every timeout must be a number of seconds > 0")
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not value > 0):
+                raise ConfigError(f"timeout {name} is {value!r}; every timeout must be a finite number of seconds > 0 "
+                                  f"(e.g. {name}: 120)")
 
 
 def check_plan_and_resources(config: Any) -> None:
@@ -170,8 +172,9 @@ def check_plan_and_resources(config: Any) -> None:
         object.__setattr__(config, "plan", ParallelPlan.parse(config.plan))
     if config.device not in DEVICE_KINDS:
         raise ConfigError(f"device {config.device!r} is not supported; use one of {', '.join(DEVICE_KINDS)}")
-    if not config.cpus_per_rank > 0:
-        raise ConfigError(f"cpus_per_rank is {config.cpus_per_rank}; it must be > 0 (e.g. 1)")
+    cpus = config.cpus_per_rank
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not math.isfinite(cpus) or not cpus > 0:
+        raise ConfigError(f"cpus_per_rank is {cpus!r}; it must be a finite number > 0 (e.g. 1)")
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,12 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         check_plan_and_resources(self)
+        for name in ("model", "cluster"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"JobSpec.{name} is {value!r}; it must be a string or None")
+        if not isinstance(self.plan_auto, bool):
+            raise ConfigError(f"JobSpec.plan_auto is {self.plan_auto!r}; it must be true or false")
         if self.log_level is not None:
             level = str(self.log_level).upper()
             if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -12,7 +12,7 @@ import difflib
 import enum
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -39,6 +39,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | T | None, where: str) -
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown {where} option {key!r}{hint}; known: {', '.join(known)}")
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in data and f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{where}: {f.name} is required; add it (see {cls.__name__}'s documentation)")
     try:
         return cls(**dict(data))
     except ConfigError as err:
@@ -114,6 +117,47 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class RecoveryPolicy:
+    """What an engine does when a worker dies, stalls or fails mid-step.
+
+    Every fault restarts all ranks and replays what was in flight from the
+    driver's state. ``max_restarts`` faults within ``window_s`` are recovered;
+    one more fails the requests in flight (clearly) instead. Retries wait
+    ``backoff_s``, doubled per consecutive attempt up to ``max_backoff_s``.
+    After a fault the requests of the failed step run one at a time once; a
+    request that faults alone ``poison_faults`` times is failed alone.
+    A step that does not answer within ``max(stall_floor_s, stall_factor x`` the
+    slowest recent step of its size ``)`` is a stall: its ranks are killed and
+    recovered like a death.
+    """
+
+    max_restarts: int = 5
+    window_s: float = 300.0
+    backoff_s: float = 0.25
+    max_backoff_s: float = 8.0
+    poison_faults: int = 2
+    stall_floor_s: float = 10.0
+    stall_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_restarts", "poison_faults"):
+            _need_int(self, name, 1)
+        for name in ("window_s", "backoff_s", "max_backoff_s", "stall_floor_s", "stall_factor"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} is {value!r}; it must be a finite number >= 0")
+        if self.stall_floor_s <= 0:
+            raise ConfigError(f"stall_floor_s is {self.stall_floor_s!r}; it must be > 0 seconds")
+        if self.stall_factor < 1:
+            raise ConfigError(f"stall_factor is {self.stall_factor!r}; it must be >= 1 (a step may always take its "
+                              "usual time)")
+
+
+def _recovery(value: Any) -> RecoveryPolicy:
+    return from_mapping(RecoveryPolicy, value, "recovery")
+
+
+@dataclass(frozen=True)
 class LLMOptions:
     """Options of the MoE language-model engine (``LLMEngine.load``).
 
@@ -147,8 +191,10 @@ class LLMOptions:
     expert_map: Any = None
     expert_replicas: Any = None
     placement_file: str | None = None
+    recovery: RecoveryPolicy = RecoveryPolicy()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "recovery", _recovery(self.recovery))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.max_model_len is not None:
@@ -156,8 +202,8 @@ class LLMOptions:
         for name in ("block_size", "max_num_seqs", "max_prefill_tokens", "decode_steps"):
             _need_int(self, name, 1)
         _need_int(self, "num_kv_blocks", 0)
-        if not _is_number(self.step_timeout_s) or not self.step_timeout_s > 0:
-            raise ConfigError(f"step_timeout_s is {self.step_timeout_s!r}; it must be a number of seconds > 0")
+        if not _is_number(self.step_timeout_s) or not math.isfinite(self.step_timeout_s) or not self.step_timeout_s > 0:
+            raise ConfigError(f"step_timeout_s is {self.step_timeout_s!r}; it must be a finite number of seconds > 0")
         if self.moe_dispatch not in MOE_DISPATCH_MODES:
             raise ConfigError(f"moe_dispatch {self.moe_dispatch!r} is unknown; use one of {', '.join(MOE_DISPATCH_MODES)}")
         if self.expert_parallel_mode not in EXPERT_PARALLEL_MODES:
@@ -166,6 +212,13 @@ class LLMOptions:
         for name in ("record_routing", "stop_at_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} is {getattr(self, name)!r}; it must be true or false")
+        if self.placement_file is not None and not isinstance(self.placement_file, (str, Path)):
+            raise ConfigError(f"placement_file is {self.placement_file!r}; give the path of a `tessera place` output")
+        for name in ("expert_map", "expert_replicas"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__")):
+                raise ConfigError(f"{name} is {value!r}; give a list (one ep rank per expert, or one list per MoE "
+                                  "layer), or leave it out")
         if self.placement_file is not None and (self.expert_map is not None or self.expert_replicas is not None):
             raise ConfigError("give either placement_file or expert_map/expert_replicas, not both")
 
@@ -176,8 +229,10 @@ class DiffusionOptions:
 
     dtype: str = "float32"
     progress: bool = True
+    recovery: RecoveryPolicy = RecoveryPolicy()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "recovery", _recovery(self.recovery))
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if not isinstance(self.progress, bool):
@@ -296,6 +351,7 @@ class PlanningHints:
         if self.world_size is not None:
             _need_int(self, "world_size", 1)
         if self.device_memory_gib is not None and (not _is_number(self.device_memory_gib)
+                                                   or not math.isfinite(self.device_memory_gib)
                                                    or not self.device_memory_gib > 0):
-            raise ConfigError(f"device_memory_gib is {self.device_memory_gib!r}; it must be a number > 0")
+            raise ConfigError(f"device_memory_gib is {self.device_memory_gib!r}; it must be a finite number > 0")
         _need_int(self, "kv_tokens", 0)

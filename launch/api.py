@@ -31,6 +31,13 @@ from tessera.runtime.ray_env import RayConnection
 
 log = logging.getLogger("tessera.launch")
 
+INPROCESS = "inprocess"  # cluster value: one rank served in this process, no Ray (tessera.runtime.inprocess)
+
+
+def is_inprocess(cluster: str | None) -> bool:
+    return isinstance(cluster, str) and cluster.strip().lower() == INPROCESS
+
+
 def resolve_address(cluster: str | None) -> str | None:
     """``None``: embedded Ray, unless ``RAY_ADDRESS`` names a cluster (as inside
     ``ray job submit`` and the SLURM scripts); ``"auto"`` or ``HOST:PORT`` otherwise."""
@@ -116,13 +123,34 @@ def materialise_model(model: str) -> str:
     return model
 
 
-def plan_placement(job: JobSpec) -> Placement:
+def plan_placement(job: JobSpec, inventory: Any = None) -> Placement:
     """The planner's Placement for ``job`` (degrees chosen for ``plan: auto``, else checked)."""
     if job.plan_auto or job.model:
         from tessera.memory.planner import plan_job  # reads safetensors headers (imports torch)
 
-        return plan_job(job)
+        return plan_job(job, inventory=inventory)
     return Placement.from_job(job)
+
+
+def plan_inprocess(job: JobSpec, min_nodes: int = 1) -> Placement:
+    """The one-rank Placement of ``cluster="inprocess"``: planned for this process's one device, or refused."""
+    from tessera.memory.inventory import detect_inventory
+
+    if min_nodes > 1:
+        raise ConfigError(f"cluster {INPROCESS!r} runs one rank in this process; min_nodes={min_nodes} needs a Ray "
+                          "cluster (cluster=None, 'auto' or an address)")
+    if job.plan.world_size != 1:
+        raise ConfigError(
+            f"cluster {INPROCESS!r} runs exactly one rank in this process, but plan {job.plan} has "
+            f"{job.plan.world_size} ranks; use a one-rank plan (or plan auto), or a Ray cluster (cluster=None for an "
+            "embedded one, 'auto' or an address) for more ranks"
+        )
+    # The planner sees one device: this GPU (cuda), or this host's memory (cpu).
+    inventory = detect_inventory(job.device, replace(job.planning, world_size=1)) if job.plan_auto or job.model else None
+    placement = plan_placement(job, inventory)
+    if placement.world_size != 1:  # pragma: no cover - one device cannot yield more ranks
+        raise ConfigError(f"the planner chose plan {placement.plan} ({placement.world_size} ranks) for one device")
+    return placement
 
 
 # -- the handle -----------------------------------------------------------------------
@@ -153,8 +181,9 @@ class Handle:
     """
 
     def __init__(self, job: JobSpec, placement: Placement, controller: Controller, engine: Any,
-                 engine_kind: str | None, model_dir: str | None, timings: LaunchTimings) -> None:
+                 engine_kind: str | None, model_dir: str | None, timings: LaunchTimings, uses_ray: bool = True) -> None:
         self.job = job
+        self.uses_ray = uses_ray  # False for cluster="inprocess": no Ray connection to release
         self.placement = placement
         self.controller = controller
         self.engine = engine
@@ -225,6 +254,13 @@ class Handle:
         engine = self._engine("diffusion", "generate_images")
         return engine.generate_images([prompts] if isinstance(prompts, str) else list(prompts), **options)
 
+    def offload_stats(self) -> list[dict[str, Any] | None]:
+        """Per rank: the offload tiers' counters (reads, bytes, cache hits, peaks); None where nothing is offloaded."""
+        self._check_open()
+        if self.engine is None:
+            raise ConfigError("offload_stats() needs a model; this handle was launched without one")
+        return self.engine.offload_stats()
+
     def check_mesh(self, payload_bytes: int = 1 << 16) -> dict[str, Any]:
         """Run the collectives check over every mesh dim; verify each value against the plan."""
         from tessera.runtime.diagnostics import check_mesh
@@ -250,7 +286,8 @@ class Handle:
             try:
                 self.controller.shutdown()
             finally:
-                RayConnection.release()
+                if self.uses_ray:
+                    RayConnection.release()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -296,7 +333,9 @@ def launch(
     or ``None`` (workers and mesh only). ``plan``: degrees (``{"tp": 2}``,
     ``"tp=2,ep=2"``, a ParallelPlan) or ``"auto"`` (tessera.memory.planner).
     ``cluster``: ``None`` (embedded Ray, or ``$RAY_ADDRESS`` when set),
-    ``"auto"`` or a GCS address. ``offload``: an :class:`~tessera.options.OffloadConfig`
+    ``"auto"`` or a GCS address; ``"inprocess"``: one rank served in this
+    process with no Ray (:mod:`tessera.runtime.inprocess`; a plan of more
+    than one rank is refused). ``offload``: an :class:`~tessera.options.OffloadConfig`
     or a dict of its fields (``{"device_budget_bytes": "768MiB", "nvme_dir": ...}``).
     ``engine_options``: :class:`~tessera.options.LLMOptions` /
     :class:`~tessera.options.DiffusionOptions` or a dict of their fields.
@@ -330,6 +369,8 @@ def launch(
 def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, num_cpus: int | None = None) -> Handle:
     """Launch a validated JobFile (what ``tessera run`` and :func:`launch` both do)."""
     job = jobfile.job
+    if is_inprocess(job.cluster):
+        return _launch_inprocess(jobfile)
     address = resolve_address(job.cluster)
     # The mesh check needs no engine: a model given with task mesh is not loaded.
     kind = model_kind(job.model) if job.model and jobfile.task != "mesh" else None
@@ -366,3 +407,96 @@ def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, n
         ray_connect_s=t_connected - t2, wait_nodes_s=t3 - t_connected, model_s=t1 - t0, plan_s=t2 - t1, workers_s=t4 - t3, engine_load_s=t5 - t4
     )
     return Handle(job, placement, controller, engine, kind if engine is not None else None, model_dir, timings)
+
+
+def _launch_inprocess(jobfile: JobFile) -> Handle:
+    """``cluster="inprocess"``: plan for one device, serve the rank in this process (no Ray), load the engine."""
+    from tessera.runtime.inprocess import InProcessController
+
+    job = jobfile.job
+    kind = model_kind(job.model) if job.model and jobfile.task != "mesh" else None
+    if jobfile.task == "mesh" and job.model and not job.plan_auto:
+        job = replace(job, model=None)
+    t0 = time.perf_counter()
+    model_dir = materialise_model(job.model) if job.model and kind else job.model
+    if model_dir != job.model:
+        job = replace(job, model=model_dir)
+    t1 = time.perf_counter()
+    placement = plan_inprocess(job, jobfile.min_nodes)
+    t2 = time.perf_counter()
+    controller = InProcessController(placement, timeouts=job.timeouts, log_level=job.log_level)
+    try:
+        controller.start()
+        t3 = time.perf_counter()
+        engine = _engine_class(kind).load(controller, model_dir, job.engine, offload=job.offload) if kind else None
+        t4 = time.perf_counter()
+    except BaseException:
+        controller.shutdown()
+        raise
+    timings = LaunchTimings(ray_connect_s=0.0, wait_nodes_s=0.0, model_s=t1 - t0, plan_s=t2 - t1, workers_s=t3 - t2,
+                            engine_load_s=t4 - t3)
+    return Handle(job, controller.placement, controller, engine, kind if engine is not None else None, model_dir,
+                  timings, uses_ray=False)
+
+
+def serve(
+    model: str | None = None,
+    plan: str | Mapping[str, int] | Any = "auto",
+    cluster: str | None = None,
+    *,
+    job: JobFile | str | os.PathLike[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_waiting: int = 256,
+    device: str = "cpu",
+    offload: Mapping[str, Any] | OffloadConfig | None = None,
+    cpus_per_rank: float = 1.0,
+    timeouts: Timeouts | None = None,
+    log_level: str | None = None,
+    engine_options: Mapping[str, Any] | LLMOptions | DiffusionOptions | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+    num_cpus: int | None = None,
+    **server_options: Any,
+) -> Any:
+    """Serve a model over an OpenAI-compatible HTTP API on Ray Serve; returns a running ``ServeHandle``.
+
+    The job is given like :func:`launch` (``model``, ``plan``, ``cluster``,
+    ``engine_options``, ...) or as a job file (``job``: a path or a JobFile).
+    ``host``/``port``: where the API listens (127.0.0.1 unless asked; any
+    other address needs ``api_key``, which clients send as ``Authorization:
+    Bearer KEY``). ``max_waiting``: requests that may wait to start before
+    new ones get 429. More :class:`~tessera.launch.serve.options.ServeOptions`
+    fields may be given as keywords. ``handle.url`` is the base URL;
+    ``handle.shutdown()`` (or ``with``) stops the server, its engine and its
+    workers.
+    """
+    from tessera.launch.serve.options import ServeOptions
+    from tessera.launch.serve.server import start
+
+    options = ServeOptions(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+                           max_waiting=max_waiting, **server_options)
+    if job is not None:
+        if model is not None:
+            raise ConfigError("give the model either in the job file (job=...) or as model=..., not both")
+        jobfile = job if isinstance(job, JobFile) else JobFile.from_yaml(job)
+    else:
+        if model is None:
+            raise ConfigError("serve() needs a model: a checkpoint directory, tiny-moe:<family> or "
+                              "tiny-diffusion:<family> (or job=PATH of a job file)")
+        data: dict[str, Any] = {"model": model, "plan": plan if not hasattr(plan, "degrees") else dict(plan.degrees),
+                                "device": device, "cpus_per_rank": cpus_per_rank}
+        if cluster is not None:
+            data["cluster"] = cluster
+        if log_level is not None:
+            data["log_level"] = log_level
+        if offload is not None:
+            data["offload"] = offload
+        if engine_options is not None:
+            data["engine"] = engine_options
+        data["task"] = "generate" if model_kind(model) == "llm" else "images"
+        jobfile = JobFile.from_dict(data)
+        if timeouts is not None:
+            jobfile = jobfile.with_overrides(timeouts=timeouts)
+    return start(jobfile, options, runtime_env=runtime_env, num_cpus=num_cpus)

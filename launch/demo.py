@@ -72,25 +72,20 @@ SECTIONS: list[tuple[str, Callable[[], object]]] = [
 
 
 def run_demo(only: list[str] | None = None) -> int:
-    import ray
-
     started = time.perf_counter()
     names = [n for n, _ in SECTIONS]
     unknown = [n for n in (only or []) if n not in names]
     if unknown:
         raise ValueError(f"unknown demo section(s) {unknown}; choose from {names}")
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        from tessera.runtime.ray_env import embedded_ray_kwargs
+    from tessera.runtime.ray_env import RayConnection
 
-        ray.init(**embedded_ray_kwargs(8, "tessera-demo-", namespace="tessera-demo"))
+    RayConnection.acquire(num_cpus=8)  # an embedded Ray with token auth, shared by every section
     try:
         for name, section in SECTIONS:
             if only and name not in only:
                 continue
             section()
     finally:
-        if own_ray:
-            ray.shutdown()
+        RayConnection.release()
     print(f"== demo finished in {time.perf_counter() - started:.1f}s")
     return 0

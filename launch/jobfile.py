@@ -20,8 +20,10 @@ Example ``job.yaml``::
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import MISSING, dataclass, field, fields, replace
+import re
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,7 +52,7 @@ TINY_MODEL_PREFIXES = ("tiny-moe:", "tiny-diffusion:")
 
 # The top-level keys a job file may have, with a one-line meaning (used in errors).
 JOB_KEYS: dict[str, str] = {
-    "name": "a name for logs and SLURM (default: the file name)",
+    "name": "a name for logs, files and SLURM (default: the file name): letters, digits, spaces, _ . , + @ = -",
     "task": "one of " + ", ".join(TASKS),
     "model": "checkpoint directory, or tiny-moe:<family> / tiny-diffusion:<family>",
     "plan": "degrees like {tp: 2, ep: 2} or 'tp=2,ep=2', or auto",
@@ -68,8 +70,58 @@ JOB_KEYS: dict[str, str] = {
     "mesh": "payload_bytes of the collectives check",
     "min_nodes": "wait until the Ray cluster has this many nodes before placing",
     "wait_nodes_s": "how long to wait for min_nodes (default 180)",
-    "output": "path of a JSON file to write the result to",
+    "output": "path of a JSON file to write the result to (inside the output root: see output_root())",
 }
+
+IMAGE_MODES = ("exact", "displaced", "partial", "ulysses")  # tessera.runtime.diffusion.request.MODES
+# A job name becomes a file name (.tessera/slurm/<name>.sbatch, <name>-images/) and a SLURM job name:
+# no path separators, no leading dot, no control or shell characters.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9 _.,+@=-]{0,99}")
+OUTPUT_ROOT_ENV = "TESSERA_OUTPUT_ROOT"
+
+
+def output_root() -> Path:
+    """The directory job outputs may be written under: ``$TESSERA_OUTPUT_ROOT``, else the current directory.
+
+    Why a root: a job file may come from someone else (a shared repository, a
+    ``ray job`` submission); its ``output:`` must not be able to overwrite
+    ``~/.bashrc`` or anything else outside the directory the job runs in.
+    """
+    return Path(os.environ.get(OUTPUT_ROOT_ENV) or os.getcwd()).expanduser().resolve()
+
+
+def confine_output(value: Any, key: str, example: str = "results/out.json") -> str:
+    """``value`` as an absolute path inside :func:`output_root` (symlinks resolved), or a ConfigError naming ``key``."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"{key} is {value!r}; give a path such as {example}")
+    text = str(value)
+    if any(ord(c) < 32 for c in text):
+        raise ConfigError(f"{key} {text!r} contains a control character (newline, tab, ...); give a plain path")
+    root = output_root()
+    path = Path(text)
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ConfigError(
+            f"{key} {text!r} resolves to {resolved}, outside the output root {root}; write outputs under it "
+            f"(a relative path such as {example}), or set {OUTPUT_ROOT_ENV} to a directory that may receive them"
+        )
+    return str(resolved)
+
+
+def check_name(name: Any) -> str:
+    """A job name usable as a file name and a SLURM job name; a ConfigError naming the rule otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"job name {name!r} is not allowed: use up to 100 letters, digits, spaces and _ . , + @ = -, starting "
+            "with a letter, digit or _ (it names files such as .tessera/slurm/<name>.sbatch, so no / or leading .)"
+        )
+    return name
+
+
+def safe_name(text: str) -> str:
+    """A valid job name made from arbitrary text (a job file's stem): other characters become '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9 _.,+@=-]", "-", text).lstrip(" .,+@=-")[:100]
+    return cleaned or "tessera-job"
 
 
 @dataclass(frozen=True)
@@ -89,10 +141,15 @@ class ImageOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"images.{name} is {value!r}; it must be a positive integer")
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            raise ConfigError(f"images.guidance_scale is {self.guidance_scale!r}; it must be a number >= 0")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"images.seed is {self.seed!r}; it must be an integer")
+        if (isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float))
+                or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0):
+            raise ConfigError(f"images.guidance_scale is {self.guidance_scale!r}; it must be a finite number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"images.seed is {self.seed!r}; it must be an integer >= 0")
+        if self.mode not in IMAGE_MODES:
+            raise ConfigError(f"images.mode is {self.mode!r}; use one of {', '.join(IMAGE_MODES)}")
+        if self.output_dir is not None:
+            object.__setattr__(self, "output_dir", confine_output(self.output_dir, "images.output_dir", "results/images"))
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {
@@ -126,6 +183,11 @@ class JobFile:
     output: str | None = None
 
     def __post_init__(self) -> None:
+        check_name(self.name)
+        if not isinstance(self.stream, bool):
+            raise ConfigError(f"stream is {self.stream!r}; it must be true or false")
+        if self.output is not None:
+            object.__setattr__(self, "output", confine_output(self.output, "output"))
         if self.task not in TASKS:
             raise ConfigError(
                 f"task {self.task!r} is unknown; use one of: " + "; ".join(f"{k} ({v})" for k, v in TASKS.items())
@@ -147,9 +209,10 @@ class JobFile:
                               f"it takes {want}")
         if isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int) or self.min_nodes < 1:
             raise ConfigError(f"min_nodes is {self.min_nodes!r}; it must be an integer >= 1")
-        if not (isinstance(self.wait_nodes_s, (int, float)) and self.wait_nodes_s > 0):
+        if not (isinstance(self.wait_nodes_s, (int, float)) and math.isfinite(self.wait_nodes_s) and self.wait_nodes_s > 0):
             raise ConfigError(f"wait_nodes_s is {self.wait_nodes_s!r}; it must be a number of seconds > 0")
-        if not isinstance(self.mesh_payload_bytes, int) or self.mesh_payload_bytes < 4:
+        if (isinstance(self.mesh_payload_bytes, bool) or not isinstance(self.mesh_payload_bytes, int)
+                or self.mesh_payload_bytes < 4):
             raise ConfigError(f"mesh.payload_bytes is {self.mesh_payload_bytes!r}; it must be an integer >= 4")
 
     @property
@@ -182,7 +245,7 @@ class JobFile:
         if not isinstance(data, Mapping):
             raise ConfigError(f"job file {str(path)!r} must hold a mapping of keys (task, model, plan, ...)")
         data = dict(data)
-        data.setdefault("name", path.stem)
+        data.setdefault("name", safe_name(path.stem))
         try:
             return cls.from_dict(data, base_dir=path.parent)
         except ConfigError as err:
@@ -212,8 +275,13 @@ class JobFile:
                 raise ConfigError(f"task {task!r} loads no engine, so it takes no engine options; drop the engine key")
             engine = from_mapping(options_type, data["engine"], "engine")
         cluster = data.get("cluster")
+        if cluster is not None and not isinstance(cluster, str):
+            raise ConfigError(f"cluster is {cluster!r}; give local, auto or a Ray address such as 10.0.0.1:6379")
         if isinstance(cluster, str) and cluster.strip().lower() in ("", "local", "none", "null"):
             cluster = None
+        for key in ("model", "device", "log_level", "task"):
+            if data.get(key) is not None and not isinstance(data[key], (str, os.PathLike) if key == "model" else str):
+                raise ConfigError(f"{key} is {data[key]!r}; it must be a string ({JOB_KEYS[key]})")
         timeouts = data.get("timeouts") or {}
         if isinstance(timeouts, Mapping):
             known_timeouts = {f.name for f in fields(Timeouts)}
@@ -244,15 +312,20 @@ class JobFile:
         prompts = data.get("prompts") or ()
         if isinstance(prompts, str):
             prompts = (prompts,)
+        if not isinstance(prompts, (list, tuple)):
+            raise ConfigError(f"prompts is {prompts!r}; give a list of strings, e.g. prompts: [\"Hello\"]")
+        sampling = data.get("sampling") or {}
+        if not isinstance(sampling, Mapping):
+            raise ConfigError("sampling must be a mapping, e.g. sampling: {max_new_tokens: 8, temperature: 0}")
         return cls(
             job=job,
             task=task,
-            name=str(data.get("name", "tessera-job")),
+            name=data.get("name", "tessera-job"),
             prompts=tuple(prompts),
-            sampling=dict(data.get("sampling") or {}),
-            stream=bool(data.get("stream", False)),
+            sampling=dict(sampling),
+            stream=data.get("stream", False),
             images=ImageOptions(**dict(images)),
-            mesh_payload_bytes=int(mesh.get("payload_bytes", 1 << 16)),
+            mesh_payload_bytes=mesh.get("payload_bytes", 1 << 16),
             min_nodes=data.get("min_nodes", 1),
             wait_nodes_s=_number(data.get("wait_nodes_s", 180.0), "wait_nodes_s"),
             output=data.get("output"),
@@ -324,14 +397,18 @@ def _changed_fields(options: Any) -> dict[str, Any]:
     out = {}
     for f in fields(options):
         value = getattr(options, f.name)
-        if f.default is MISSING or value != f.default:
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                               else MISSING)
+        if default is MISSING or value != default:
+            if is_dataclass(value):
+                value = _changed_fields(value)
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} is {value!r}; it must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} is {value!r}; it must be a finite number")
     return float(value)
 
 

@@ -7,13 +7,18 @@ submission id is printed at once, the driver's logs are followed, and the
 exit status is the job's (0 only for SUCCEEDED). The job's driver runs
 ``tessera run`` on the head node, where ``RAY_ADDRESS`` points at the cluster.
 
-Token auth: Ray's client sends ``RAY_AUTH_TOKEN`` (with ``RAY_AUTH_MODE=token``)
-from the environment, so set both when the cluster uses token auth.
+Token auth: Ray's client sends its token (``RAY_AUTH_TOKEN``, or the file in
+``RAY_AUTH_TOKEN_PATH``) only in token mode; when a token is given and
+``RAY_AUTH_MODE`` is unset, tessera sets ``RAY_AUTH_MODE=token`` for its own
+client (a token given is a token meant to be used). A cluster that refuses the
+request for lack of a token fails with a message that says what to export.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import shlex
 import time
 import uuid
@@ -87,6 +92,30 @@ class Outcome:
     seconds: float
 
 
+def explicit_token_mode() -> None:
+    """Token mode for this process's Ray client when the user gave a token but no mode (Ray would not send it)."""
+    if os.environ.get("RAY_AUTH_MODE") is None and (os.environ.get("RAY_AUTH_TOKEN")
+                                                    or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        from tessera.runtime.ray_env import reset_ray_token_cache
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        reset_ray_token_cache()  # Ray caches the mode it read at import
+
+
+def _auth_refused(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return any(k in text for k in ("401", "unauthorized", "authentication", "auth token", "unauthenticated"))
+
+
+def _auth_error(address: str, err: BaseException) -> ConfigError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return ConfigError(
+        f"the Ray cluster at {address} refused the request for lack of a valid token ({first}); it uses token "
+        "authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the cluster's token> (or "
+        "RAY_AUTH_TOKEN_PATH=<a 0600 file holding it>), then submit again"
+    )
+
+
 def submit(sub: Submission, echo: Callable[[str], None] = print, note: Callable[[str], None] = print) -> Outcome:
     """Submit, print the id, follow logs until the job ends (or ``timeout_s``)."""
     import logging
@@ -100,9 +129,15 @@ def submit(sub: Submission, echo: Callable[[str], None] = print, note: Callable[
             logging.getLogger(name).setLevel(logging.WARNING)
     entrypoint, runtime_env, jobfile = sub.resolve()
     started = time.monotonic()
-    client = JobSubmissionClient(sub.address)
-    submission_id = sub.submission_id or f"tessera-{jobfile.name}-{uuid.uuid4().hex[:8]}"
-    client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+    explicit_token_mode()
+    submission_id = sub.submission_id or f"tessera-{re.sub(r'[^A-Za-z0-9_.-]', '-', jobfile.name)}-{uuid.uuid4().hex[:8]}"
+    try:
+        client = JobSubmissionClient(sub.address)
+        client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+    except Exception as err:  # noqa: BLE001 - only an auth refusal is rewritten; the rest propagates as is
+        if _auth_refused(err):
+            raise _auth_error(sub.address, err) from None
+        raise
     note(f"tessera submit: submitted {submission_id} to {sub.address}: {entrypoint}")
     if not sub.follow:
         return Outcome(submission_id, "PENDING", "submitted; not followed", time.monotonic() - started)

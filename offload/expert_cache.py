@@ -143,8 +143,8 @@ class ExpertCache:
                     self.counters["misses"] += 1
                     self._admit(k, prefetched=False, required=True)
             out = {}
-            for k in keys:
-                out[k[1]] = self._entries[k].wait().tensors
+            for k in keys:  # on CUDA the compute stream waits for each copy (GPU-side) before using it
+                out[k[1]] = self._entries[k].wait().ready().tensors
             self._prefetch_next(layer, ids, hidden)
             return out
 
@@ -237,6 +237,8 @@ class ExpertCache:
         k = self.predict_top_k or len(ids)  # default: as many as this layer used
         if self.gate is not None:
             scores = self.gate.scores(nxt, hidden)
+            if scores is not None:
+                scores = scores.cpu()  # the router ran where the hidden state is; ranking happens here
             if scores is not None and not self.predict_top_k:
                 k = max(k, int((scores > 0).sum()))  # every expert the next router would pick
         if self.affinity is not None:

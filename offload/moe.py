@@ -94,7 +94,7 @@ class ExpertSink:
         self.writer: TierFileWriter | None = None
         self.tier = Tier.NVME if config.nvme_dir is not None else Tier.HOST
         if self.tier == Tier.NVME:
-            existing = TierFile.open(config.nvme_dir, name, fingerprint=fingerprint)
+            existing = TierFile.open(config.nvme_dir, name, fingerprint=fingerprint, on_corrupt=config.on_corrupt)
             if existing is None or set(existing.groups) != set(expected):
                 self.writer = TierFileWriter(
                     config.nvme_dir, name, fingerprint, sum(expected.values()), config.min_free_bytes
@@ -137,7 +137,8 @@ class ExpertSink:
     # the ExpertWeights interface used while loading
     def put(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
         name = expert_group_name(layer, expert)
-        tensors = {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
+        # to host memory now: on CUDA the loader read them onto the device, where they must not pile up
+        tensors = {"gate_up": gate_up.to("cpu").contiguous(), "down": down.to("cpu").contiguous()}
         if group_nbytes(tensors) != self.expected.get(name):
             raise OffloadConfigError(f"expert {name!r} has an unexpected size; the checkpoint does not match its config")
         self.local.setdefault(layer, []).append(expert)

@@ -11,8 +11,15 @@ are enforced, and their peaks are what really existed.
 On a CPU-only machine the device tier is a budgeted region of host memory:
 NVMe reads land directly in device-tier buffers, and host-tier groups are
 charged to the device budget while in use (no copy is needed on CPU).
-On CUDA, NVMe reads land in page-locked host staging buffers (host tier) and
-are copied to device tensors (device tier).
+On CUDA the host tier is page-locked memory, NVMe reads land in page-locked
+(registered) staging buffers (charged to the host tier), and groups reach the
+device through :class:`~tessera.offload.h2d.DeviceCopier`: copies on a side
+stream, ordered by events, so a prefetch overlaps compute; a released group's
+device memory is freed, and refunded to the device budget, only after the
+compute stream has passed its uses. The device budget is checked against
+what the GPU can still give (``torch.cuda.mem_get_info`` plus the caching
+allocator's free blocks) when the store is built, and the stats report CUDA's
+own allocation counters next to the budget's.
 
 Which group goes to which tier is the planner's decision (``tiers=``); when
 none is given, :func:`assign_tiers` applies a simple documented default.
@@ -29,12 +36,13 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from tessera.offload.aio import Reader, make_reader
-from tessera.offload.buffers import BufferPool
+from tessera.offload.buffers import BufferPool, PinnedAllocator
+from tessera.offload.h2d import DeviceCopier
 from tessera.options import OffloadConfig, Tier
 from tessera.offload.errors import BudgetError, CorruptTierFileError, OffloadError
 from tessera.offload.tier_file import (
@@ -119,23 +127,41 @@ def assign_tiers(
 
 
 class WeightHandle:
-    """A group's tensors in the device tier while in use. ``release()`` (or ``with``) gives the bytes back."""
+    """A group's tensors in the device tier while in use. ``release()`` (or ``with``) gives the bytes back.
 
-    __slots__ = ("name", "tensors", "nbytes", "_release", "_lock")
+    On CUDA the tensors may still be in flight on the copy stream: call :meth:`ready` on the
+    stream that computes with them first (the expert cache and the layer streamer do).
+    """
 
-    def __init__(self, name: str, tensors: Tensors, nbytes: int, release: Callable[[], None] | None) -> None:
+    __slots__ = ("name", "tensors", "nbytes", "_release", "_lock", "_event", "_copier", "_consumer")
+
+    def __init__(self, name: str, tensors: Tensors, nbytes: int, release: Callable[[], None] | None,
+                 event: Any = None, copier: DeviceCopier | None = None) -> None:
         self.name = name
         self.tensors = tensors
         self.nbytes = nbytes
         self._release = release
         self._lock = threading.Lock()
+        self._event = event  # the copy's completion (CUDA), None when the tensors are usable now
+        self._copier = copier  # frees the device tensors in stream order (CUDA copies only)
+        self._consumer = None
+
+    def ready(self) -> "WeightHandle":
+        """Order the current stream after this group's copy (a GPU-side wait; no-op on CPU); returns self."""
+        if self._event is not None and self._copier is not None:
+            self._consumer = self._copier.wait(self._event)
+        return self
 
     def release(self) -> None:
         with self._lock:
             fn, self._release = self._release, None
         if fn is not None:
-            self.tensors = {}
-            fn()
+            tensors, self.tensors = self.tensors, {}
+            if self._copier is not None and self._copier.cuda:
+                # Device memory goes back (and is refunded) once the consumer's kernels are done with it.
+                self._copier.retire(tensors, fn, self.nbytes, self._consumer)
+            else:
+                fn()
 
     @property
     def released(self) -> bool:
@@ -184,6 +210,9 @@ class TieredStore:
         self.counters = {"fetches": 0, "reads": 0, "bytes_read": 0, "read_s": 0.0, "repaired": 0, "h2d_bytes": 0}
         self._lock = threading.Lock()
         self._check_budgets()
+        self.copier = DeviceCopier(self.device)
+        if self.device.type == "cuda":
+            self._check_cuda_room()
         if external_resident_bytes:
             self.budgets[Tier.DEVICE].reserve(external_resident_bytes, "weights kept resident by the caller")
         self.reader: Reader | None = None
@@ -206,7 +235,8 @@ class TieredStore:
         alloc = self.reader.alloc if self.reader else None
         free = self.reader.free if self.reader else None
         if on_cuda:
-            self.staging = BufferPool(self.budgets[Tier.HOST], alloc, free) if alloc else None
+            pinned = PinnedAllocator(alloc, free) if alloc else None  # NVMe -> pinned staging -> device
+            self.staging = BufferPool(self.budgets[Tier.HOST], pinned.alloc, pinned.free) if pinned else None
             self.device_pool = None
         else:
             self.staging = None
@@ -218,7 +248,9 @@ class TieredStore:
                 self._resident[n] = tensors
             elif t == Tier.HOST:
                 self.budgets[Tier.HOST].reserve(self.specs[n].nbytes, f"host group {n!r}")
-                self._host[n] = {k: v.detach().to("cpu").contiguous() for k, v in self.specs[n].load().items()}
+                host = {k: v.detach().to("cpu").contiguous() for k, v in self.specs[n].load().items()}
+                # page-locked on CUDA: copies from it run asynchronously on the copy stream
+                self._host[n] = {k: v.pin_memory() for k, v in host.items()} if on_cuda else host
         self._closed = False
 
     # -- build-time checks ---------------------------------------------------------
@@ -251,9 +283,21 @@ class TieredStore:
                     f"buffer ({staging} bytes); raise host_budget_bytes or move groups to NVMe (set nvme_dir)"
                 )
 
+    def _check_cuda_room(self) -> None:
+        """Refuse a device budget larger than what this GPU can still give the store."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        needed = self.config.device_budget_bytes - self.external_resident_bytes  # resident bytes are allocated already
+        if needed > free + cached:
+            raise BudgetError(
+                f"device budget {self.config.device_budget_bytes} bytes ({self.external_resident_bytes} of them resident "
+                f"already) needs {needed} more bytes on {self.device}, but the GPU has {free} free of {total} (plus "
+                f"{cached} cached by PyTorch); lower device_budget_bytes or free GPU memory"
+            )
+
     def _open_or_write(self, name: str, nvme: Sequence[GroupSpec], fp: str, progress) -> TierFile:
         cfg = self.config
-        tf = TierFile.open(cfg.nvme_dir, name, fingerprint=fp)
+        tf = TierFile.open(cfg.nvme_dir, name, fingerprint=fp, on_corrupt=cfg.on_corrupt)
         if tf is not None and set(tf.groups) == {s.name for s in nvme}:
             if not cfg.verify_reads:
                 bad = tf.verify_all()
@@ -293,10 +337,10 @@ class TieredStore:
         return self.specs[name].nbytes
 
     def fetch(self, name: str, timeout_s: float = 0.0) -> WeightHandle:
-        """Bring one group into the device tier now (waits for the read)."""
+        """Bring one group into the device tier now (waits for the read; the current stream waits for the copy)."""
         fut = self.fetch_async(name, timeout_s=timeout_s)
         assert fut is not None
-        return fut.result()
+        return fut.result().ready()
 
     def fetch_async(self, name: str, timeout_s: float = 0.0, try_only: bool = False) -> "Future[WeightHandle] | None":
         """Start bringing one group into the device tier; the device bytes are charged now.
@@ -319,29 +363,33 @@ class TieredStore:
             if not self._charge(budget, spec.nbytes, name, timeout_s, try_only):
                 return None
             host = self._host[name]
+            if self.device.type == "cpu":
+                fut.set_result(WeightHandle(name, host, spec.nbytes, lambda: budget.release(spec.nbytes)))
+                return fut
             try:
-                tensors = host if self.device.type == "cpu" else self._to_device(host)
+                tensors, event = self._to_device(host)
             except BaseException:
                 budget.release(spec.nbytes)
                 raise
-            fut.set_result(WeightHandle(name, tensors, spec.nbytes, lambda: budget.release(spec.nbytes)))
+            fut.set_result(WeightHandle(name, tensors, spec.nbytes, lambda: budget.release(spec.nbytes), event,
+                                        self.copier))
             return fut
         return self._read_nvme(name, timeout_s, try_only)
 
-    @staticmethod
-    def _charge(budget: TierBudget, nbytes: int, name: str, timeout_s: float, try_only: bool) -> bool:
+    def _charge(self, budget: TierBudget, nbytes: int, name: str, timeout_s: float, try_only: bool) -> bool:
+        if self.copier.cuda:  # device bytes released earlier come back once the compute stream is past them
+            self.copier.reap(nbytes, budget.fits)
         if try_only:
             return budget.try_reserve(nbytes)
         budget.reserve(nbytes, f"weight group {name!r}", timeout_s=timeout_s)
         return True
 
-    def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in tensors.items()}
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> tuple[Tensors, Any]:
+        """Device copies issued on the copy stream, and the event that says they landed."""
+        out, event = self.copier.copy(tensors)
         with self._lock:
             self.counters["h2d_bytes"] += sum(v.numel() * v.element_size() for v in out.values())
-        return out
+        return out, event
 
     def _read_nvme(self, name: str, timeout_s: float, try_only: bool) -> "Future[WeightHandle] | None":
         assert self.tier_file is not None and self.reader is not None
@@ -372,9 +420,11 @@ class TieredStore:
                     self.counters["read_s"] += time.perf_counter() - started
                 tensors = unpack_group(buf, g.tensors)
                 if on_cuda:
-                    tensors = self._to_device(tensors)
+                    tensors, event = self._to_device(tensors)
+                    event.synchronize()  # this I/O thread waits for the copy, so the staging buffer can be reused
                     pool.give_back(buf)
-                    return WeightHandle(name, tensors, g.nbytes, lambda: dev_budget.release(g.nbytes))
+                    return WeightHandle(name, tensors, g.nbytes, lambda: dev_budget.release(g.nbytes), event,
+                                        self.copier)
                 return WeightHandle(name, tensors, g.nbytes, lambda: pool.give_back(buf))
             except BaseException:
                 pool.give_back(buf)
@@ -413,6 +463,10 @@ class TieredStore:
             out[f"{tier.value}_used"] = snap.used
             out[f"{tier.value}_peak"] = snap.peak
         out["groups"] = {t.value: sum(1 for v in self.tiers.values() if v == t) for t in Tier}
+        out["copier"] = self.copier.stats()
+        if self.device.type == "cuda":  # CUDA's own view, next to the budget's
+            out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
+            out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(self.device)
         # read_s sums submit-to-landed latency per read (reads overlap), so it is a latency, not a rate.
         out["mean_read_latency_ms"] = 1e3 * out["read_s"] / out["reads"] if out["reads"] else 0.0
         return out
@@ -421,6 +475,7 @@ class TieredStore:
         if self._closed:
             return
         self._closed = True
+        self.copier.drain()
         if self.reader is not None:
             self.reader.close()
         for pool in (self.device_pool, self.staging):

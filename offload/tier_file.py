@@ -6,7 +6,17 @@ an extent the group's tensors sit at 64-byte aligned offsets (any dtype can be
 viewed in place). The manifest records, per group, its offset, size and a
 CRC32 of the whole padded extent, and per tensor its name, dtype, shape and
 offset; plus a fingerprint of the source checkpoint so a later run reuses the
-file only when the checkpoint has not changed.
+file only when the checkpoint has not changed. The CRCs cover data only, so
+the manifest carries a SHA-256 of itself (every name, shape, dtype and
+offset): an edited or damaged manifest is refused or rebuilt, never used to
+view the bytes with a wrong shape. The digest guards against accidents, not
+an attacker who can write the tier directory (keep it private to the user).
+
+The tier file's disk space is reserved (``posix_fallocate``) before the first
+group is written: a disk without room fails at once, before any byte is
+written, and one that other writers fill up meanwhile cannot fail the data
+write. Any ENOSPC/EDQUOT that still happens (a caller's size too small, the
+manifest) names the file, the bytes needed, written and free, and the fix.
 
 Writes are crash-safe: data goes to ``NAME.tier.tmp``, is fsynced and renamed,
 and the manifest is written (and renamed) last, so a half-written file never
@@ -15,7 +25,11 @@ has a valid manifest and is rebuilt.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -30,8 +44,11 @@ from tessera.offload.buffers import align_up
 from tessera.options import ALIGNMENT
 from tessera.offload.errors import CorruptTierFileError, DiskSpaceError, TierDirError, TierFileError
 
-FORMAT = "tessera-tier/1"
+FORMAT = "tessera-tier/2"  # /2: the manifest carries manifest_sha256 (a /1 file is rebuilt)
 TENSOR_ALIGN = 64
+DIGEST_KEY = "manifest_sha256"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+log = logging.getLogger("tessera.offload")
 
 
 @dataclass(frozen=True)
@@ -122,11 +139,46 @@ def check_tier_dir(path: str | os.PathLike, need_bytes: int, min_free_bytes: int
     free = shutil.disk_usage(d).free
     if free < need_bytes + min_free_bytes:
         raise DiskSpaceError(
-            f"tier directory {d} has {free / 2**30:.2f} GiB free but the tier file needs "
-            f"{need_bytes / 2**30:.2f} GiB (+{min_free_bytes / 2**20:.0f} MiB headroom); free space, "
-            "use another nvme_dir, or raise the host/device budgets so fewer groups go to NVMe"
+            f"tier directory {d} has {free / 2**30:.2f} GiB free ({free} bytes) but the tier file needs "
+            f"{need_bytes / 2**30:.2f} GiB ({need_bytes} bytes, +{min_free_bytes / 2**20:.0f} MiB headroom); free "
+            "space, use another nvme_dir, or raise the host/device budgets so fewer groups go to NVMe"
         )
     return d
+
+
+def manifest_digest(manifest: Mapping) -> str:
+    """SHA-256 of the manifest's canonical JSON, without the digest itself."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_layout(man_path: Path, manifest: Mapping) -> None:
+    """Offsets, sizes, dtypes and shapes are consistent with each other and with the file size."""
+    file_bytes = manifest["file_bytes"]
+    for g in manifest["groups"]:
+        where = f"tier manifest {man_path}: group {g['name']!r}"
+        if g["offset"] % ALIGNMENT or g["nbytes"] % ALIGNMENT or g["offset"] + g["nbytes"] > file_bytes:
+            raise TierFileError(f"{where} has extent [{g['offset']}, +{g['nbytes']}) that is not aligned to "
+                                f"{ALIGNMENT} or ends past the file ({file_bytes} bytes)")
+        for t in g["tensors"]:
+            dtype = _dtype(t["dtype"])
+            want = math.prod(t["shape"]) * torch.empty((), dtype=dtype).element_size()
+            if want != t["nbytes"] or t["offset"] < 0 or t["offset"] + t["nbytes"] > g["nbytes"]:
+                raise TierFileError(f"{where}: tensor {t['name']!r} ({t['dtype']} {t['shape']}, {t['nbytes']} bytes at "
+                                    f"{t['offset']}) does not fit its extent or its shape")
+
+
+def _no_space(exc: OSError, path: Path, need: int, written: int) -> DiskSpaceError:
+    """The clear form of ENOSPC/EDQUOT while writing ``path``."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    return DiskSpaceError(
+        f"no space left writing tier file {path} ({os.strerror(exc.errno)}): it needs {need} bytes, {written} were "
+        f"written, {free} bytes are free now under {path.parent}; free space there, point nvme_dir at a larger "
+        "disk, or raise the host/device budgets so fewer groups go to NVMe"
+    )
 
 
 class TierFile:
@@ -134,14 +186,18 @@ class TierFile:
 
     def __init__(self, data_path: Path, manifest: dict) -> None:
         self.path = data_path
-        self.fingerprint: str = manifest["fingerprint"]
-        self.groups: dict[str, GroupEntry] = {}
-        for g in manifest["groups"]:
-            tensors = tuple(
-                TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"]) for t in g["tensors"]
-            )
-            self.groups[g["name"]] = GroupEntry(g["name"], g["offset"], g["nbytes"], g["checksum"], tensors)
-        self.file_bytes: int = manifest["file_bytes"]
+        try:
+            self.fingerprint: str = manifest["fingerprint"]
+            self.groups: dict[str, GroupEntry] = {}
+            for g in manifest["groups"]:
+                tensors = tuple(
+                    TensorEntry(t["name"], t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"]) for t in g["tensors"]
+                )
+                self.groups[g["name"]] = GroupEntry(g["name"], g["offset"], g["nbytes"], g["checksum"], tensors)
+            self.file_bytes: int = manifest["file_bytes"]
+        except (KeyError, TypeError) as exc:
+            raise TierFileError(f"the manifest of tier file {data_path} lacks or mistypes {exc}; delete it to "
+                                "rebuild") from None
 
     @staticmethod
     def paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
@@ -149,8 +205,16 @@ class TierFile:
         return d / f"{name}.tier", d / f"{name}.manifest.json"
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, name: str, fingerprint: str | None = None) -> "TierFile | None":
-        """The tier file if it exists, is complete and (when given) matches ``fingerprint``; else None."""
+    def open(cls, directory: str | os.PathLike, name: str, fingerprint: str | None = None,
+             on_corrupt: str = "rebuild") -> "TierFile | None":
+        """The tier file if it exists, is complete, has an intact manifest and (when given) matches
+        ``fingerprint``; else None (the caller rebuilds it).
+
+        A manifest whose digest does not match (names, shapes, dtypes or
+        offsets edited or damaged) is refused with :class:`CorruptTierFileError`
+        when ``on_corrupt == "refuse"``; with ``"rebuild"`` it is logged and
+        None is returned.
+        """
         data, man = cls.paths(directory, name)
         if not data.exists() or not man.exists():
             return None
@@ -158,12 +222,23 @@ class TierFile:
             manifest = json.loads(man.read_text())
         except (OSError, ValueError) as exc:
             raise TierFileError(f"tier manifest {man} is unreadable ({exc}); delete it to rebuild") from exc
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            return None
+        if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+            problem = (f"tier manifest {man} fails its own checksum (sha256): its names, shapes, dtypes or offsets "
+                       f"were edited or damaged, so the bytes of {data} cannot be trusted to mean what it says")
+            if on_corrupt == "refuse":
+                raise CorruptTierFileError(f"{problem}; delete both files to rebuild (or set on_corrupt='rebuild')")
+            log.warning("%s; rebuilding the tier file", problem)
             return None
         if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
             return None
         if data.stat().st_size != manifest.get("file_bytes"):
             return None  # truncated or replaced: rebuild
+        try:
+            _check_layout(man, manifest)
+        except (KeyError, TypeError) as exc:
+            raise TierFileError(f"tier manifest {man} lacks or mistypes {exc}; delete it to rebuild") from None
         return cls(data, manifest)
 
     def read_group(self, name: str) -> dict[str, torch.Tensor]:
@@ -208,9 +283,26 @@ class TierFileWriter:
         self.data, self.man = TierFile.paths(self.dir, name)
         self.tmp_data, self.tmp_man = self.data.with_suffix(".tier.tmp"), self.man.with_suffix(".json.tmp")
         self.fingerprint = fingerprint
+        self.total_bytes = total_bytes
         self.entries: list[dict] = []
         self.offset = 0
         self._f = open(self.tmp_data, "wb")
+        if total_bytes > 0:
+            try:  # reserve the space now: a disk filling up meanwhile cannot fail the write halfway
+                os.posix_fallocate(self._f.fileno(), 0, total_bytes)
+            except OSError as exc:
+                self.abort()
+                if exc.errno in _NO_SPACE:
+                    raise _no_space(exc, self.data, total_bytes, 0) from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # filesystems without fallocate: write as usual
+                    raise
+
+    def _raise_no_space(self, exc: OSError, pending: int = 0) -> None:
+        """Remove the partial file; ENOSPC/EDQUOT become a DiskSpaceError (``pending``: bytes being written)."""
+        self.abort()
+        if exc.errno in _NO_SPACE:
+            raise _no_space(exc, self.data, max(self.total_bytes, self.offset + pending), self.offset) from None
+        raise exc
 
     def add(self, gname: str, tensors: Mapping[str, torch.Tensor]) -> int:
         """Append one group; returns its padded size."""
@@ -218,10 +310,7 @@ class TierFileWriter:
         try:
             self._f.write(memoryview(buf.numpy()))
         except OSError as exc:
-            self.abort()
-            if exc.errno == 28:  # ENOSPC
-                raise DiskSpaceError(f"tier directory {self.dir} ran out of space while writing {self.data}; free space or use another nvme_dir") from exc
-            raise
+            self._raise_no_space(exc, buf.numel())
         self.entries.append(
             {
                 "name": gname,
@@ -240,23 +329,27 @@ class TierFileWriter:
     def finish(self) -> TierFile:
         try:
             self._f.flush()
+            self._f.truncate(self.offset)  # drop any reservation beyond what was written
             os.fsync(self._f.fileno())
             self._f.close()
-            os.replace(self.tmp_data, self.data)
             manifest = {
                 "format": FORMAT, "fingerprint": self.fingerprint, "alignment": ALIGNMENT,
                 "file_bytes": self.offset, "groups": self.entries,
             }
+            manifest[DIGEST_KEY] = manifest_digest(manifest)
             self.tmp_man.write_text(json.dumps(manifest))
+            os.replace(self.tmp_data, self.data)
             os.replace(self.tmp_man, self.man)
-        except OSError:
-            self.abort()
-            raise
+        except OSError as exc:
+            self._raise_no_space(exc)
         return TierFile(self.data, manifest)
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # closing flushes; on a full disk that fails again (the fd is closed regardless)
+                pass
         for p in (self.tmp_data, self.tmp_man):
             p.unlink(missing_ok=True)
 

@@ -1,4 +1,4 @@
-"""Shared helpers for the MoE / LLM tests: tiny checkpoints, transformers references, a one-rank controller.
+"""Shared helpers for the MoE / LLM tests: tiny checkpoints, transformers references, the one-rank controller.
 
 Not a test module (no ``test_`` prefix); test modules import the fixtures from here.
 """
@@ -73,28 +73,19 @@ def check_against_reference(engine, ref: Reference, tol: float = 1e-4) -> None:
     assert all(r.finish_reason == "length" for r in results)
 
 
-class LocalController:
-    """A one-rank stand-in for Controller that runs calls in this process (no Ray, no torch.distributed).
+@pytest.fixture(scope="session")
+def local_controller():
+    """The runtime's one-rank in-process controller (no Ray) on the CPU, shared by the session.
 
     Lets the single-rank plan (tp = ep = pp = 1) and the engine's request handling be
     tested cheaply; every multi-rank test uses real workers from ``make_controller``.
     """
+    from tessera.runtime.inprocess import InProcessController
 
-    def __init__(self) -> None:
-        from tessera.runtime.worker import Worker
-
-        threads = torch.get_num_threads()
-        self.worker = Worker(0, 1, "cpu", log_level="WARNING")
-        torch.set_num_threads(threads)
-        self.placement = Placement(ParallelPlan({}))
-
-    def collective_rpc(self, fn, args=(), kwargs=None, timeout_s=None, ranks=None):
-        return [self.worker.execute(fn, tuple(args), kwargs)]
-
-    def describe(self):
-        return []
-
-
-@pytest.fixture(scope="session")
-def local_controller() -> LocalController:
-    return LocalController()
+    threads = torch.get_num_threads()
+    ctl = InProcessController(Placement(ParallelPlan({}), device="cpu"), log_level="WARNING").start()
+    torch.set_num_threads(threads)
+    try:
+        yield ctl
+    finally:
+        ctl.shutdown()

@@ -52,3 +52,35 @@ def test_readme_launch_section_uses_real_commands_and_files():
     for line in re.findall(r"^tessera run .*$", section, flags=re.M):
         for flag in re.findall(r"(--[\w-]+)", line.split("#")[0]):
             assert flag in run_flags, f"README: tessera run has no {flag}"
+
+
+def test_every_template_binds_loopback_with_token_auth_and_private_files():
+    """No template opens the dashboard / Jobs API to the network or runs Ray without token auth."""
+    templates = sorted((ROOT / "clusters").rglob("*.sbatch")) + sorted((ROOT / "clusters" / "ray").glob("*.yaml"))
+    assert len(templates) >= 3
+    for path in templates:
+        text = path.read_text()
+        assert "0.0.0.0" not in text, f"{path.name} binds to every interface"
+        assert "RAY_AUTH_MODE=token" in text, f"{path.name} starts Ray without token auth"
+        assert "RAY_AUTH_MODE=disabled" not in text
+        assert "ray start --head" not in text or "--dashboard-host=" in text, f"{path.name}: Ray's default bind"
+    for path in sorted((ROOT / "clusters" / "slurm").glob("*.sbatch")):
+        text = path.read_text()
+        assert "--dashboard-host=@@DASHBOARD_HOST@@" in text and "umask 077" in text
+    for path in sorted((ROOT / "clusters" / "ray").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        head = " ".join(config["head_start_ray_commands"])
+        assert "--dashboard-host=127.0.0.1" in head
+        if "~/.ray/auth_token" in json.dumps(config.get("file_mounts", {})):
+            assert "chmod 600 ~/.ray/auth_token" in " ".join(config["setup_commands"]), "the token file is not 0600"
+
+
+def test_ray_pin_has_token_auth():
+    """Token auth (RAY_AUTH_MODE=token) needs Ray >= 2.52; an older Ray would silently run without it."""
+    import tomllib
+
+    from tessera.runtime.ray_env import MIN_RAY
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray,) = [d for d in deps if d.startswith("ray")]
+    assert ray.replace(" ", "") == f"ray[default]>={MIN_RAY[0]}.{MIN_RAY[1]}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tessera.launch.commands.slurm import default_script_path
 from tessera.launch.jobfile import JobFile
 from tessera.launch.slurm import SlurmOptions, render
 from tessera.config import ConfigError
@@ -29,6 +30,7 @@ model: tiny-moe:mixtral
 plan: {ep: 2, tp: 2}
 prompts: ["the router sends every token"]
 sampling: {max_new_tokens: 6}
+offload: {device_budget_bytes: 64MiB}
 """
 
 
@@ -62,6 +64,92 @@ def test_render_refuses_what_cannot_work():
         SlurmOptions(time="one hour")
     with pytest.raises(ConfigError, match="> 65535"):
         SlurmOptions(nodes=400, port_base=60000)
+
+
+# Values that are not meant to be shell: `$(...)`, a newline, `;`, quotes and backticks are refused.
+INJECTIONS = [
+    ("partition", "$(touch /tmp/pwned)"),
+    ("partition", "debug\n#SBATCH --uid=0"),
+    ("partition", "debug;id"),
+    ("account", "proj`id`"),
+    ("job_name", "x$(id)"),
+    ("time", "01:00:00\nid"),
+    ("log", "out-%j.log\necho pwned"),
+    ("log", "out $(id).log"),
+    ("run_root", "/tmp/$(touch /tmp/pwned)"),
+    ("run_root", "/tmp\nid"),
+    ("run_root", "/tmp/\"; id; \""),
+    ("run_root", "relative/dir"),
+    ("ray_start_args", "--num-cpus=$(id)"),
+    ("ray_start_args", "--num-cpus=1\nid"),
+    ("ray_start_args", "--x=1; id"),
+    ("ray_start_args", "--x=\"a"),
+    ("extra_sbatch", ("--qos=debug\nid",)),
+    ("extra_sbatch", ("--comment=$(id)",)),
+    ("dashboard_host", "0.0.0.0; id"),
+    ("dashboard_host", "localhost\n"),
+    ("bin_dir", "/opt/env$(id)/bin"),
+]
+FINE = {"partition": "debug,gpu-a100", "account": "proj_1.x", "job_name": "my-job.v2", "time": "1-00:00:00",
+        "log": "logs/tessera-%j.out", "run_root": "/scratch/local_tmp", "ray_start_args":
+        "--object-store-memory=150000000 --resources-cpu 2", "extra_sbatch": ("--qos=debug", "--constraint=a100&nvlink"),
+        "dashboard_host": "0.0.0.0", "bin_dir": "/opt/my env/bin"}
+
+
+@pytest.mark.parametrize("key, value", INJECTIONS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(INJECTIONS)])
+def test_slurm_options_refuse_newlines_and_shell(key, value):
+    with pytest.raises(ConfigError) as err:
+        SlurmOptions(**{key: value})
+    assert repr(value if not isinstance(value, tuple) else value[0]) in str(err.value) or "absolute" in str(err.value)
+
+
+def test_normal_slurm_values_render_verbatim():
+    jf = JobFile.from_dict({"name": "demo", "task": "mesh", "plan": "tp=2"})
+    script = render(jf, SlurmOptions(nodes=2, **FINE))
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    for line in ("#SBATCH --partition=debug,gpu-a100", "#SBATCH --account=proj_1.x", "#SBATCH --job-name=my-job.v2",
+                 "#SBATCH --time=1-00:00:00", "#SBATCH --output=logs/tessera-%j.out", "#SBATCH --qos=debug",
+                 "#SBATCH --constraint=a100&nvlink", 'RUN_DIR="/scratch/local_tmp/tessera-${SLURM_JOB_ID}"',
+                 'RAY_START_ARGS="--object-store-memory=150000000 --resources-cpu 2"',
+                 'export PATH="/opt/my env/bin:$PATH"', "--dashboard-host=0.0.0.0"):
+        assert line in script, line
+
+
+def test_dashboard_binds_loopback_with_token_auth_unless_asked(tmp_path):
+    jf = JobFile.from_dict({"task": "mesh", "plan": "tp=2"})
+    for nodes in (1, 2):
+        script = render(jf, SlurmOptions(nodes=nodes))
+        assert "--dashboard-host=127.0.0.1" in script and "0.0.0.0" not in script
+        assert "export RAY_AUTH_MODE=token" in script and "umask 077" in script
+        asked = render(jf, SlurmOptions(nodes=nodes, dashboard_host="10.1.2.3"))
+        assert "--dashboard-host=10.1.2.3" in asked and "export RAY_AUTH_MODE=token" in asked
+
+
+def test_cli_refuses_injection_before_writing_anything(tmp_path):
+    (tmp_path / "job.yaml").write_text(MESH_JOB)
+    marker = tmp_path / "pwned"
+    for flags in (["--partition", f"$(touch {marker})"], ["--run-root", f"/tmp/$(touch {marker})"],
+                  ["--account", "a\ntouch " + str(marker)], ["--ray-start-args", f"--x=`touch {marker}`"]):
+        proc = subprocess.run([sys.executable, "-m", "tessera.launch.cli", "slurm", "render", "job.yaml", *flags,
+                               "--out", "job.sbatch"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "is refused" in proc.stderr and "would run as commands" in proc.stderr, proc.stderr
+        assert not (tmp_path / "job.sbatch").exists() and not marker.exists()
+    proc = subprocess.run([sys.executable, "-m", "tessera.launch.cli", "slurm", "render", "job.yaml", "--partition",
+                           "debug", "--out", "job.sbatch"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "job.sbatch").stat().st_mode & 0o777 == 0o700  # the script is private to its owner
+    assert "#SBATCH --partition=debug" in (tmp_path / "job.sbatch").read_text()
+
+
+def test_submit_writes_scripts_only_under_tessera_slurm(tmp_path):
+    (tmp_path / "evil.yaml").write_text("name: ../../../x\n" + MESH_JOB)
+    with pytest.raises(ConfigError, match=r"job name '\.\./\.\./\.\./x' is not allowed"):
+        JobFile.from_yaml(tmp_path / "evil.yaml")
+    for name, file in (("demo job", "demo-job.sbatch"), ("..x", "x.sbatch"), ("a/../../b", "a-..-..-b.sbatch")):
+        path = default_script_path(name, base=tmp_path)
+        assert path == tmp_path / ".tessera" / "slurm" / file
+        assert path.resolve().parent == (tmp_path / ".tessera" / "slurm").resolve()
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +202,8 @@ def test_slurm_submit_two_nodes_runs_a_ray_job_across_both(slurm_cluster, tmp_pa
         if has_engine:
             (gen,) = result["generations"]
             assert 1 <= len(gen["token_ids"]) <= 6 and f"tokens {gen['token_ids']}" in logs
+            # the job file's offload key reached the engine on every rank of both nodes
+            assert len(result["offload"]) == 4 and all(s and s["cache_misses"] > 0 for s in result["offload"])
         else:
             assert "collectives over each dim: all correct" in logs
         by_node = {}

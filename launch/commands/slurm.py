@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--log", default="tessera-%j.out", help="batch log path (default tessera-%%j.out)")
         p.add_argument("--ray-port", type=int, default=6379, help="GCS port on the head (default 6379)")
         p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / job API port (default 8265)")
+        p.add_argument("--dashboard-host", default="127.0.0.1",
+                       help="address the dashboard / job API binds to (default 127.0.0.1: the head node only; token "
+                       "auth is always on)")
         p.add_argument("--port-base", type=int, default=30000, help="first per-node port (default 30000)")
         p.add_argument("--port-stride", type=int, default=100,
                        help="port offset between nodes (default 100; 0 when each node is its own host)")
@@ -50,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--env-setup", default="", help="shell lines run first (e.g. 'module load cuda')")
         p.add_argument("--sbatch", action="append", default=[], metavar="--OPT=VALUE", help="extra #SBATCH option")
         p.add_argument("--out", help="where to write the script")
+        p.add_argument("--serve", action="store_true",
+                       help="run `tessera serve` (an OpenAI-compatible HTTP service until the job ends) instead of "
+                       "`tessera run`")
+        p.add_argument("--serve-host", default="127.0.0.1",
+                       help="with --serve: address to listen on (default 127.0.0.1; any other needs $TESSERA_API_KEY "
+                       "in the job's environment)")
+        p.add_argument("--serve-port", type=int, default=8000, help="with --serve: port to listen on (default 8000)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its code")
     submit.add_argument("--timeout", type=float, default=86400.0, help="give up waiting after this many seconds")
     render.set_defaults(func=_render)
@@ -69,9 +79,11 @@ def _options(args: argparse.Namespace):
     return SlurmOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node, time=args.time,
         partition=args.partition, account=args.account, job_name=args.job_name, log=args.log,
-        ray_port=args.ray_port, dashboard_port=args.dashboard_port, port_base=args.port_base,
+        ray_port=args.ray_port, dashboard_port=args.dashboard_port, dashboard_host=args.dashboard_host,
+        port_base=args.port_base,
         port_stride=args.port_stride, run_root=args.run_root, ready_timeout_s=args.ready_timeout,
         ray_start_args=args.ray_start_args, env_setup=args.env_setup, extra_sbatch=tuple(args.sbatch),
+        serve=args.serve, serve_host=args.serve_host, serve_port=args.serve_port,
     )
 
 
@@ -84,9 +96,25 @@ def _script(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _write(path: Path, text: str) -> None:
+    """Write the script readable and executable by its owner only (it embeds the job)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, 0o755)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o700)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o700)
+
+
+def default_script_path(name: str, base: Path | None = None) -> Path:
+    """``.tessera/slurm/<name>.sbatch`` under ``base`` (the current folder); never a path outside that folder."""
+    from tessera.config import ConfigError
+    from tessera.launch.slurm import safe_file_name
+
+    folder = (base or Path.cwd()) / ".tessera" / "slurm"
+    path = folder / f"{safe_file_name(name)}.sbatch"
+    if path.resolve().parent != folder.resolve():
+        raise ConfigError(f"job name {name!r} would write the script to {path.resolve()}, outside {folder}; "
+                          "rename the job (letters, digits, _ . -)")
+    return path
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -103,7 +131,7 @@ def _submit(args: argparse.Namespace) -> int:
     from tessera.launch.slurm import sbatch
 
     name, script = _script(args)
-    path = Path(args.out or Path(".tessera") / "slurm" / f"{name}.sbatch")
+    path = Path(args.out) if args.out else default_script_path(name)
     _write(path, script)
     result = sbatch(path, wait=args.wait, timeout_s=args.timeout)
     log = args.log.replace("%j", result.job_id)
