@@ -26,6 +26,7 @@ class ClusterInventory:
     device: str
     nodes: tuple[NodeInventory, ...]
     source: str  # where the facts came from, for the plan report
+    device_name: str = ""  # GPU model (Ray accelerator type or CUDA name): picks the cost model's rates
 
     @property
     def total_devices(self) -> int:
@@ -64,17 +65,19 @@ def detect_inventory(device: str, hints: PlanningHints | None = None) -> Cluster
         connected = False
     if connected and world is None:
         nodes = []
+        names = set()
         for node in ray.nodes():
             if not node.get("Alive"):
                 continue
             res = node.get("Resources", {})
+            names.update(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
             count = int(res.get("GPU", 0)) if device == "cuda" else int(res.get("CPU", 0))
             if count:
                 per = override or (_cuda_bytes() if device == "cuda" else int(res.get("memory", 0)) // max(count, 1))
                 nodes.append(NodeInventory(node["NodeManagerAddress"], count, per))
         if not nodes:
             raise ConfigError(f"the connected Ray cluster has no {'GPU' if device == 'cuda' else 'CPU'} resources")
-        return ClusterInventory(device, tuple(nodes), "ray cluster")
+        return ClusterInventory(device, tuple(nodes), "ray cluster", ",".join(sorted(names)))
     if device == "cuda":
         import torch
 
@@ -82,7 +85,8 @@ def detect_inventory(device: str, hints: PlanningHints | None = None) -> Cluster
         if not count:
             raise ConfigError("device cuda asked for, but this machine has no CUDA device; use device cpu, "
                               "or give world_size and device_memory_gib to plan for a GPU cluster")
-        return ClusterInventory(device, (NodeInventory("local", count, override or _cuda_bytes()),), "local GPUs")
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+        return ClusterInventory(device, (NodeInventory("local", count, override or _cuda_bytes()),), "local GPUs", name)
     count = world or 4
     per = override or _host_available_bytes() // count
     return ClusterInventory(device, (NodeInventory("local", count, per),), "local host memory")
