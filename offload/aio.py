@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import platform
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -50,16 +55,58 @@ def _aio_builder():
     return AsyncIOBuilder()
 
 
-def _cached_library(name: str) -> str | None:
-    """Path of a JIT-built DeepSpeed op ``name`` in the torch extensions cache, if one is there."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
+def env_extensions_dir() -> Path:
+    """Where ``make test`` pre-builds DeepSpeed's ops (``python -m tessera.offload.aio_build``): inside this
+    Python environment, keyed by what the compiled library depends on.
 
-        build_dir = _get_build_directory(name, verbose=False)
-    except Exception:  # noqa: BLE001
-        return None
-    found = sorted(glob.glob(os.path.join(build_dir, f"{name}*.so")))
-    return found[0] if found else None
+    The library is built with ``-march=native`` against this torch and this deepspeed, so the key holds
+    the Python version, both package versions and a digest of the CPU's feature flags: a venv copied to
+    another CPU, or an upgraded torch/deepspeed, gets a fresh directory (and a fresh build) instead of
+    loading a library that crashes or does not link.
+    """
+    try:
+        ds = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        ds = "none"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    cpu = hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:10]
+    key = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-deepspeed{ds}-cpu{cpu}"
+    return Path(sys.prefix) / "torch_extensions" / key
+
+
+def _extension_dirs(name: str) -> list[Path]:
+    """Build directories of op ``name``, most specific first: this environment's pre-build, then torch's
+    own cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions/pyXY_cpu``). Creates nothing."""
+    dirs = [env_extensions_dir() / name]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        try:
+            from torch.utils.cpp_extension import get_default_build_root
+
+            accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+            root = os.path.join(get_default_build_root(),
+                                f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}")
+        except Exception:  # noqa: BLE001
+            root = None
+    if root is not None:
+        dirs.append(Path(root) / name)
+    return dirs
+
+
+def _cached_library(name: str) -> str | None:
+    """Path of a JIT-built DeepSpeed op ``name`` (this environment's pre-build first), if one is there."""
+    for d in _extension_dirs(name):
+        found = sorted(glob.glob(os.path.join(d, f"{name}*.so")))
+        if found:
+            return found[0]
+    return None
 
 
 def _cached_aio_library() -> str | None:
@@ -77,7 +124,9 @@ def _load_cached_aio(builder: Any, library: str) -> Any:
     globally (as DeepSpeed's own loader does)."""
     import ctypes
 
-    pin_memory = _cached_library("pin_memory")
+    # The pin_memory op built next to this library (same build root), else any cached one.
+    sibling = sorted(glob.glob(os.path.join(Path(library).parent.parent, "pin_memory", "pin_memory*.so")))
+    pin_memory = sibling[0] if sibling else _cached_library("pin_memory")
     if pin_memory is not None:
         ctypes.CDLL(pin_memory, mode=ctypes.RTLD_GLOBAL)
     spec = importlib.util.spec_from_file_location(builder.name, library)
