@@ -186,7 +186,7 @@ class ExpertSink:
 
         cache = ExpertCache(
             store, arch.num_layers, arch.num_experts, layers=moe_layers, gate_weight=gate_weight,
-            router_top_k=arch.top_k,
+            router_top_k=arch.top_k, cyclic=True,  # every forward visits the MoE layers in order
         )
         return OffloadedExperts(store, cache, {l: sorted(v) for l, v in self.local.items()})
 
