@@ -97,12 +97,10 @@ def _generate(engine):
 
 def _store_facts(worker, key):
     """Offload stats, the dense bytes kept resident, whether the host tier is page-locked, and the staging pool."""
-    from tessera.offload.moe import offload_stats
-    from tessera.runtime.llm.model_runner import STORE_KEY
-
-    store = worker.store[STORE_KEY][key].stage.experts.store
+    runner = worker.engines[key]  # the rank's ModelRunner (Worker.attach)
+    store = runner.stage.experts.store
     host = [t for group in store._host.values() for t in group.values()]
-    return {"stats": offload_stats(worker, key), "resident": store.external_resident_bytes,
+    return {"stats": runner.offload_stats(), "resident": store.external_resident_bytes,
             "host_pinned": all(t.is_pinned() for t in host) if host else None,
             "staging": store.staging is not None}
 
