@@ -2,7 +2,7 @@
 
 Run (root: it drops the page cache and uses cgroup-v1 memory cgroups)::
 
-    python -m tessera.benchmarks.bench_offload [--quick] [--sections decode,io,batch]
+    python -m tessera.benchmarks.bench_offload [--quick] [--sections decode,equal,io,batch]
         [--lengths 16,64,256] [--repeats 3] [--workdir DIR] [--keep]
 
 Writes ``benchmarks/results/offload.json`` (sections run earlier are kept) and prints tables.
@@ -20,13 +20,16 @@ was taken; every row is repeated (``--repeats``) and reported as median and spre
    Per run: decode tok/s, GB read from the block device in the decode window, the cgroup's
    ``memory.failcnt`` increase and peak usage, the process's peak RSS (anonymous and file-backed,
    sampled every 50 ms) against budget + overhead.
-2. ``io``: an I/O-bound setting (a 2-token prompt and an expert cache of 8 experts, half of what one
+2. ``equal``: tessera with a budget that fills the same cgroup (limit minus its ~0.38 GB runtime), since
+   accelerate's memory-mapped weights use all of the cgroup's memory as a weight cache (see
+   :func:`section_equal_memory`): the two sides with the same memory for weights.
+3. ``io``: an I/O-bound setting (a 2-token prompt and an expert cache of 8 experts, half of what one
    token routes to, so every decode step waits on reads). tessera's read rate over its decode window
    (bytes read from the device between the first and the last decode step, over that time) against
    the *true disk bound*: O_DIRECT reads of the same tier file with as many requests in flight as
    tessera's reader keeps (``io_threads`` for preadv, ``queue_depth`` x ``io_threads`` for aio) and
    the same request size, page cache dropped, measured right before and right after each run.
-3. ``batch``: batch 1 / 8 / 32 x ep 1 / 2 (ep=2: two Ray workers, each with its own cgroup and
+4. ``batch``: batch 1 / 8 / 32 x ep 1 / 2 (ep=2: two Ray workers, each with its own cgroup and
    expert cache; together the same cache bytes as ep=1), 32 new tokens: tok/s offloaded vs in
    memory vs accelerate (ep does not apply to it), cache hit rates, GB read, and what reading
    every active expert of every step would have read (the no-cache floor a streaming engine pays).
@@ -61,6 +64,7 @@ from tessera.benchmarks._common import RESULTS_DIR, machine, print_table
 RESULTS = RESULTS_DIR / "offload.json"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 OVERHEAD = 768 << 20  # python + torch (+ transformers) runtime, KV cache, activations: the same for both sides
+EQUAL_RUNTIME = 384 << 20  # what tessera's process holds besides its budget (section equal_memory)
 PROMPT = [11, 42, 7, 99, 3, 250, 18, 64]
 IO_PROMPT = PROMPT[:2]
 IO_CACHE_EXPERTS = 8
@@ -285,7 +289,7 @@ def run_tessera(args) -> dict[str, Any]:
     ctl = _controller(ep, args.threads)  # ep > 1: one Ray worker per rank, one thread each
     rank_cgroups = None
     if ep > 1 and args.cgroup and args.side == "tessera":
-        ok = ctl.collective_rpc(_rank_join_cgroup, args=(args.cgroup, args.budget + OVERHEAD))
+        ok = ctl.collective_rpc(_rank_join_cgroup, args=(args.cgroup, args.limit))
         rank_cgroups = [f"{args.cgroup}-rank{r}" for r in range(ep)] if all(ok) else None
     extra = {}
     if args.side == "tessera":
@@ -338,7 +342,7 @@ def run_tessera(args) -> dict[str, Any]:
     }
     if groups:
         stats = [cgroup_stats(g) for g in groups]
-        out["cgroup_limit_bytes"] = args.budget + OVERHEAD
+        out["cgroup_limit_bytes"] = args.limit
         out["cgroup_failcnt_delta"] = sum(s["failcnt"] for s in stats) - sum(fail0)
         out["cgroup_peak_usage_bytes"] = [s["max_usage"] for s in stats]
     if ep > 1:
@@ -349,11 +353,13 @@ def run_tessera(args) -> dict[str, Any]:
         out["direct_io"] = final[0]["store_direct_io"]
         out["ranks"] = []
         for r, (a, b) in enumerate(zip(offload0 or [{}] * ep, final)):
-            window = {k: b[k] - a.get(k, 0) for k in ("cache_hits", "cache_misses", "store_bytes_read")}
+            window = {k: b.get(k, 0) - a.get(k, 0) for k in ("cache_hits", "cache_misses", "store_bytes_read",
+                                                             "cache_stall_s")}
             out["ranks"].append({
                 "device_budget_bytes": args.budget, "device_peak_bytes": b["store_device_peak"],
                 "hit_rate_decode": window["cache_hits"] / max(1, window["cache_hits"] + window["cache_misses"]),
                 "gb_read_store_decode": window["store_bytes_read"] / 1e9,
+                "read_stall_s_decode": window["cache_stall_s"],  # decode time spent waiting for reads
                 "cache": {k[6:]: v for k, v in b.items() if k.startswith("cache_")},
                 "repaired": b["store_repaired"],
             })
@@ -409,7 +415,7 @@ def run_accelerate(args) -> dict[str, Any]:
     }
     if args.in_cgroup:
         s = cgroup_stats(args.cgroup)
-        out.update(cgroup_limit_bytes=args.budget + OVERHEAD, cgroup_failcnt_delta=s["failcnt"] - fail0,
+        out.update(cgroup_limit_bytes=args.limit, cgroup_failcnt_delta=s["failcnt"] - fail0,
                    cgroup_peak_usage_bytes=[s["max_usage"]])
     return out
 
@@ -417,7 +423,8 @@ def run_accelerate(args) -> dict[str, Any]:
 def _side_main(args) -> None:
     # ep=2: the driver stays outside; each Ray worker joins its own cgroup (run_tessera)
     want = args.cgroup and args.side != "tessera-memory" and args.ep == 1
-    args.in_cgroup = join_cgroup(args.cgroup, args.budget + OVERHEAD) if want else False
+    args.limit = args.limit or args.budget + OVERHEAD
+    args.in_cgroup = join_cgroup(args.cgroup, args.limit) if want else False
     out = run_tessera(args) if args.side in ("tessera", "tessera-memory") else run_accelerate(args)
     Path(args.out).write_text(json.dumps(out))
 
@@ -426,7 +433,8 @@ THREADS = 1  # torch threads per process, both sides (set from --threads)
 
 
 def run_side(side: str, ckpt: Path, budget: int, work: Path, tokens: int, *, batch: int = 1, ep: int = 1,
-             prepare: bool = False, io: bool = False, reader: str = "auto", tag: str = "") -> dict[str, Any]:
+             prepare: bool = False, io: bool = False, reader: str = "auto", tag: str = "",
+             limit: int | None = None) -> dict[str, Any]:
     out = work / f"{side}-{tag or 'run'}{'-prep' if prepare else ''}.json"
     out.unlink(missing_ok=True)
     d = work / ("accelerate-offload" if side == "accelerate" else f"tiers-ep{ep}")
@@ -436,6 +444,7 @@ def run_side(side: str, ckpt: Path, budget: int, work: Path, tokens: int, *, bat
            "--budget", str(budget), "--dir", str(d), "--tokens", str(tokens), "--out", str(out), "--cgroup", cgroup,
            "--batch", str(batch), "--ep", str(ep), "--reader", reader, "--threads", str(THREADS)]
     cmd += ["--prepare"] if prepare else []
+    cmd += ["--limit", str(limit)] if limit else []
     cmd += ["--io"] if io else []
     started = time.perf_counter()
     proc = subprocess.run(cmd, timeout=3600)
@@ -659,6 +668,29 @@ def section_decode(ckpt: Path, work: Path, budget: int, geo: dict, lengths: list
     return out
 
 
+def section_equal_memory(ckpt: Path, work: Path, budget: int, geo: dict, lengths: list[int], repeats: int,
+                         reader: str) -> dict[str, Any]:
+    """tessera with a budget that fills the same cgroup accelerate fills.
+
+    Both sides get a cgroup of budget + OVERHEAD. accelerate's weights are memory-mapped, so everything
+    the cgroup holds beyond its ~0.3 GB of anonymous memory serves as a cache of them; tessera keeps to its
+    configured budget and leaves the rest unused. Here tessera's budget is the cgroup limit minus
+    ``EQUAL_RUNTIME`` (its runtime: ~0.21 GB anonymous, ~0.1 GB of library pages, measured), so both
+    sides use the same memory for weights.
+    """
+    limit = budget + OVERHEAD
+    equal = limit - EQUAL_RUNTIME
+    out: dict[str, Any] = {"cgroup_limit_bytes": limit, "tessera_budget_bytes": equal, "lengths": {}}
+    for tokens in lengths:
+        runs = []
+        for rep in range(repeats):
+            _log(f"equal memory: tessera, budget {equal / 1e9:.2f} GB, {tokens} tokens, run {rep + 1}/{repeats}")
+            runs.append(run_side("tessera", ckpt, equal, work, tokens, reader=reader, tag=f"eq{tokens}-{rep}",
+                                 limit=limit))
+        out["lengths"][str(tokens)] = summarize_cell(runs)
+    return out
+
+
 def section_io(ckpt: Path, work: Path, geo: dict, repeats: int, reader: str, tokens: int) -> dict[str, Any]:
     budget = geo["dense_bytes"] + IO_CACHE_EXPERTS * geo["expert_bytes"] + (4 << 20)
     flight = reader_in_flight(reader)
@@ -740,6 +772,17 @@ def print_report(result: dict[str, Any]) -> None:
                          _fmt(t.get("peak_anon_bytes"), 1e-9)))
         print_table("decode, batch 1: tok/s median [min, max]", ("tokens", "tessera", "accelerate", "in memory",
                     "ratio", "failcnt t", "failcnt a", "GB read t", "GB read a", "anon GB t"), rows)
+    eq = result.get("equal_memory")
+    if eq and d:
+        rows = []
+        for tokens, row in eq["lengths"].items():
+            t = row.get("tokens_per_s")
+            a = d["lengths"].get(tokens, {}).get("accelerate", {}).get("tokens_per_s")
+            rows.append((tokens, _fmt(t), _fmt(a), f"{t['median'] / a['median']:.1f}x" if t and a else "-",
+                         _fmt(row.get("cgroup_failcnt_delta")), _fmt(row.get("gb_read_decode_window"))))
+        print_table(f"equal memory: tessera budget {eq['tessera_budget_bytes'] / 1e9:.2f} GB in the same "
+                    f"{eq['cgroup_limit_bytes'] / 1e9:.2f} GB cgroup", ("tokens", "tessera", "accelerate", "ratio",
+                    "failcnt", "GB read"), rows)
     io = result.get("io")
     if io:
         print_table("I/O-bound decode: tessera's read rate over the true disk bound", ("reader", "tessera GB/s",
@@ -763,7 +806,7 @@ def print_report(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small checkpoint (~0.1 GB), to check the script")
-    ap.add_argument("--sections", default="decode,io,batch")
+    ap.add_argument("--sections", default="decode,equal,io,batch")
     ap.add_argument("--lengths", default="16,64,256")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--eps", default="1,2")
@@ -778,6 +821,7 @@ def main(argv: list[str] | None = None) -> None:
     for hidden in ("--side", "--ckpt", "--dir", "--out", "--cgroup"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
@@ -825,6 +869,12 @@ def main(argv: list[str] | None = None) -> None:
         result["decode"] = section_decode(ckpt, work, budget, geo, [int(x) for x in args.lengths.split(",")],
                                           args.repeats, args.reader, sides)
         result["decode"]["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        save_results(result)
+    if "equal" in sections:
+        result["equal_memory"] = section_equal_memory(ckpt, work, budget, geo,
+                                                      [int(x) for x in args.lengths.split(",")], args.repeats,
+                                                      args.reader)
+        result["equal_memory"]["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         save_results(result)
     if "io" in sections:
         result["io"] = section_io(ckpt, work, geo, args.repeats, args.reader, args.io_tokens)

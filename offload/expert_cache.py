@@ -14,7 +14,8 @@ computes. Prefetched-but-unused entries are evicted last.
 Capacity is the store's device budget (shared with resident weights and
 streamed dense layers), optionally capped by ``capacity_bytes``. Counters:
 hits, misses, bytes moved, evictions, prefetch issued/used/wasted/throttled,
-and the predictor's precision and recall.
+the predictor's precision and recall, and ``stall_s``: how long ``get`` waited
+for reads (what offload added to the model's time).
 
 A prefetch is a bet: a right one hides a read behind compute, a wrong one
 costs a read, a checksum and a cache slot, and delays the reads that follow
@@ -40,6 +41,7 @@ still go first, by the policy.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -138,6 +140,7 @@ class ExpertCache:
             "prefetch_used": 0,
             "prefetch_wasted": 0,
             "prefetch_throttled": 0,
+            "stall_s": 0.0,
             "predicted": 0,
             "actual": 0,
             "predicted_correct": 0,
@@ -180,8 +183,10 @@ class ExpertCache:
                     self.counters["misses"] += 1
                     self._admit(k, prefetched=False, required=True)
             out = {}
+            started = time.perf_counter()
             for k in keys:  # on CUDA the compute stream waits for each copy (GPU-side) before using it
                 out[k[1]] = self._entries[k].wait().ready().tensors
+            self.counters["stall_s"] += time.perf_counter() - started  # the model waited for reads this long
             self._prefetch_next(layer, ids, hidden)
             return out
 
