@@ -12,4 +12,11 @@ __version__ = "0.1.0"
 from tessera import launch  # noqa: E402  (callable: tessera.launch(model=..., plan=...))
 from tessera.config import JobSpec, ParallelPlan  # noqa: E402
 
-__all__ = ["JobSpec", "ParallelPlan", "__version__", "launch"]
+__all__ = ["JobSpec", "ParallelPlan", "__version__", "launch", "serve"]
+
+
+def serve(*args, **kwargs):
+    """Serve a model over an OpenAI-compatible HTTP API (see :func:`tessera.launch.api.serve`)."""
+    from tessera.launch.api import serve as _serve
+
+    return _serve(*args, **kwargs)

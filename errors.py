@@ -39,6 +39,10 @@ class RankError(TesseraError):
         self.errors = errors
 
 
+class InfrastructureError(TesseraError):
+    """The Ray head or a node under tessera's workers is gone; the message names it and what tessera did."""
+
+
 class OffloadError(RuntimeError):
     """Base class of every offload error (the rest live in ``tessera.offload.errors``)."""
 

@@ -117,6 +117,47 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class RecoveryPolicy:
+    """What an engine does when a worker dies, stalls or fails mid-step.
+
+    Every fault restarts all ranks and replays what was in flight from the
+    driver's state. ``max_restarts`` faults within ``window_s`` are recovered;
+    one more fails the requests in flight (clearly) instead. Retries wait
+    ``backoff_s``, doubled per consecutive attempt up to ``max_backoff_s``.
+    After a fault the requests of the failed step run one at a time once; a
+    request that faults alone ``poison_faults`` times is failed alone.
+    A step that does not answer within ``max(stall_floor_s, stall_factor x`` the
+    slowest recent step of its size ``)`` is a stall: its ranks are killed and
+    recovered like a death.
+    """
+
+    max_restarts: int = 5
+    window_s: float = 300.0
+    backoff_s: float = 0.25
+    max_backoff_s: float = 8.0
+    poison_faults: int = 2
+    stall_floor_s: float = 10.0
+    stall_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_restarts", "poison_faults"):
+            _need_int(self, name, 1)
+        for name in ("window_s", "backoff_s", "max_backoff_s", "stall_floor_s", "stall_factor"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} is {value!r}; it must be a finite number >= 0")
+        if self.stall_floor_s <= 0:
+            raise ConfigError(f"stall_floor_s is {self.stall_floor_s!r}; it must be > 0 seconds")
+        if self.stall_factor < 1:
+            raise ConfigError(f"stall_factor is {self.stall_factor!r}; it must be >= 1 (a step may always take its "
+                              "usual time)")
+
+
+def _recovery(value: Any) -> RecoveryPolicy:
+    return from_mapping(RecoveryPolicy, value, "recovery")
+
+
+@dataclass(frozen=True)
 class LLMOptions:
     """Options of the MoE language-model engine (``LLMEngine.load``).
 
@@ -150,8 +191,10 @@ class LLMOptions:
     expert_map: Any = None
     expert_replicas: Any = None
     placement_file: str | None = None
+    recovery: RecoveryPolicy = RecoveryPolicy()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "recovery", _recovery(self.recovery))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.max_model_len is not None:
@@ -186,8 +229,10 @@ class DiffusionOptions:
 
     dtype: str = "float32"
     progress: bool = True
+    recovery: RecoveryPolicy = RecoveryPolicy()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "recovery", _recovery(self.recovery))
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if not isinstance(self.progress, bool):

@@ -562,7 +562,6 @@ def bench_dit_forward(device, sizes: Sizes) -> dict[str, Any]:
 def bench_offload_decode(device, sizes: Sizes, scratch: Path, ceilings: dict[str, Any], state: dict) -> dict[str, Any]:
     from tessera.memory.placement import Placement
     from tessera.config import ParallelPlan
-    from tessera.offload.moe import offload_stats
     from tessera.options import OffloadConfig
     from tessera.runtime.inprocess import InProcessController
     from tessera.runtime.llm.engine import LLMEngine
@@ -586,11 +585,11 @@ def bench_offload_decode(device, sizes: Sizes, scratch: Path, ceilings: dict[str
         out["load_s"] = time.perf_counter() - started
         engine.generate(prompts, {"max_new_tokens": 4})  # warm-up
         # H2D of the decode steps alone: a generation of N tokens less one of 1 token (the prefill), same prompt
-        (s0,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+        (s0,) = engine.offload_stats()
         engine.generate(prompts, {"max_new_tokens": 1})
-        (s1,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+        (s1,) = engine.offload_stats()
         run = _decode_run(engine, prompts, sizes.offload_new_tokens, 1)
-        (s2,) = ctl.collective_rpc(offload_stats, args=(engine.key,))
+        (s2,) = engine.offload_stats()
         engine.close()
     _free(device)
     h2d = max(0, (s2["store_h2d_bytes"] - s1["store_h2d_bytes"]) - (s1["store_h2d_bytes"] - s0["store_h2d_bytes"]))

@@ -254,6 +254,13 @@ class Handle:
         engine = self._engine("diffusion", "generate_images")
         return engine.generate_images([prompts] if isinstance(prompts, str) else list(prompts), **options)
 
+    def offload_stats(self) -> list[dict[str, Any] | None]:
+        """Per rank: the offload tiers' counters (reads, bytes, cache hits, peaks); None where nothing is offloaded."""
+        self._check_open()
+        if self.engine is None:
+            raise ConfigError("offload_stats() needs a model; this handle was launched without one")
+        return self.engine.offload_stats()
+
     def check_mesh(self, payload_bytes: int = 1 << 16) -> dict[str, Any]:
         """Run the collectives check over every mesh dim; verify each value against the plan."""
         from tessera.runtime.diagnostics import check_mesh
@@ -430,3 +437,66 @@ def _launch_inprocess(jobfile: JobFile) -> Handle:
                             engine_load_s=t4 - t3)
     return Handle(job, controller.placement, controller, engine, kind if engine is not None else None, model_dir,
                   timings, uses_ray=False)
+
+
+def serve(
+    model: str | None = None,
+    plan: str | Mapping[str, int] | Any = "auto",
+    cluster: str | None = None,
+    *,
+    job: JobFile | str | os.PathLike[str] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    max_waiting: int = 256,
+    device: str = "cpu",
+    offload: Mapping[str, Any] | OffloadConfig | None = None,
+    cpus_per_rank: float = 1.0,
+    timeouts: Timeouts | None = None,
+    log_level: str | None = None,
+    engine_options: Mapping[str, Any] | LLMOptions | DiffusionOptions | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+    num_cpus: int | None = None,
+    **server_options: Any,
+) -> Any:
+    """Serve a model over an OpenAI-compatible HTTP API on Ray Serve; returns a running ``ServeHandle``.
+
+    The job is given like :func:`launch` (``model``, ``plan``, ``cluster``,
+    ``engine_options``, ...) or as a job file (``job``: a path or a JobFile).
+    ``host``/``port``: where the API listens (127.0.0.1 unless asked; any
+    other address needs ``api_key``, which clients send as ``Authorization:
+    Bearer KEY``). ``max_waiting``: requests that may wait to start before
+    new ones get 429. More :class:`~tessera.launch.serve.options.ServeOptions`
+    fields may be given as keywords. ``handle.url`` is the base URL;
+    ``handle.shutdown()`` (or ``with``) stops the server, its engine and its
+    workers.
+    """
+    from tessera.launch.serve.options import ServeOptions
+    from tessera.launch.serve.server import start
+
+    options = ServeOptions(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+                           max_waiting=max_waiting, **server_options)
+    if job is not None:
+        if model is not None:
+            raise ConfigError("give the model either in the job file (job=...) or as model=..., not both")
+        jobfile = job if isinstance(job, JobFile) else JobFile.from_yaml(job)
+    else:
+        if model is None:
+            raise ConfigError("serve() needs a model: a checkpoint directory, tiny-moe:<family> or "
+                              "tiny-diffusion:<family> (or job=PATH of a job file)")
+        data: dict[str, Any] = {"model": model, "plan": plan if not hasattr(plan, "degrees") else dict(plan.degrees),
+                                "device": device, "cpus_per_rank": cpus_per_rank}
+        if cluster is not None:
+            data["cluster"] = cluster
+        if log_level is not None:
+            data["log_level"] = log_level
+        if offload is not None:
+            data["offload"] = offload
+        if engine_options is not None:
+            data["engine"] = engine_options
+        data["task"] = "generate" if model_kind(model) == "llm" else "images"
+        jobfile = JobFile.from_dict(data)
+        if timeouts is not None:
+            jobfile = jobfile.with_overrides(timeouts=timeouts)
+    return start(jobfile, options, runtime_env=runtime_env, num_cpus=num_cpus)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tessera.launch.commands import bench, demo, place, plan, run, slurm, submit
+from tessera.launch.commands import bench, demo, place, plan, run, serve, slurm, submit
 from tessera.runtime.logs import configure_logging, default_log_level
 
 # The CLI's commands (a fixed registry): each module's ``register`` adds its sub-parser.
-COMMANDS = (run, plan, submit, slurm, bench, place, demo)
+COMMANDS = (run, serve, plan, submit, slurm, bench, place, demo)
 
 
 class CliError(Exception):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -397,7 +397,11 @@ def _changed_fields(options: Any) -> dict[str, Any]:
     out = {}
     for f in fields(options):
         value = getattr(options, f.name)
-        if f.default is MISSING or value != f.default:
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                               else MISSING)
+        if default is MISSING or value != default:
+            if is_dataclass(value):
+                value = _changed_fields(value)
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 

@@ -77,6 +77,12 @@ class SlurmOptions:
     env_setup: str = ""  # shell lines run first, e.g. "module load cuda"
     extra_sbatch: tuple[str, ...] = field(default_factory=tuple)
     bin_dir: str = field(default_factory=lambda: str(Path(sys.executable).parent))
+    # --serve: the driver is `tessera serve` (an OpenAI-compatible service until the job ends) instead of
+    # `tessera run`; it listens on serve_host:serve_port of the head node (any address but loopback needs
+    # $TESSERA_API_KEY in the environment sbatch passes on).
+    serve: bool = False
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
 
     def __post_init__(self) -> None:
         for name in ("nodes", "ready_timeout_s"):
@@ -99,6 +105,19 @@ class SlurmOptions:
                 f"ports of {self.nodes} nodes run up to {top} (> 65535); lower --port-base or "
                 f"--port-stride (0 when every SLURM node is its own host)"
             )
+        if not isinstance(self.serve, bool):
+            raise ConfigError(f"serve is {self.serve!r}; it must be true or false")
+        if self.serve:
+            _check_int("serve-port", self.serve_port, 1024)
+            if self.serve_port > 65535 or self.port_base <= self.serve_port <= top or self.serve_port in (
+                    self.ray_port, self.dashboard_port):
+                raise ConfigError(f"serve-port {self.serve_port} must be in 1024..65535 and differ from the Ray ports "
+                                  f"(ray-port, dashboard-port, {self.port_base}..{top})")
+            try:
+                ipaddress.ip_address(self.serve_host)
+            except ValueError:
+                raise ConfigError(f"--serve-host {self.serve_host!r} is not an IP address; use 127.0.0.1 (the "
+                                  "default) or 0.0.0.0 with $TESSERA_API_KEY set") from None
         if self.port_base <= self.ray_port <= top or self.port_base <= self.dashboard_port <= top:
             raise ConfigError(f"ray-port and dashboard-port must lie outside the per-node range {self.port_base}..{top}")
         for line in self.extra_sbatch:
@@ -148,8 +167,15 @@ class SlurmOptions:
 
 
 def render(jobfile: JobFile, opts: SlurmOptions) -> str:
-    """The batch script for ``jobfile``; refuses a job that a batch run could not finish."""
-    jobfile.check_runnable()
+    """The batch script for ``jobfile``; refuses a job that a batch run could not finish.
+
+    With ``opts.serve`` the driver is ``tessera serve`` (no prompts needed: requests come over HTTP) and the
+    job serves until SLURM ends it (its time limit, or ``scancel``: SIGTERM stops the server cleanly)."""
+    if opts.serve:
+        if not jobfile.job.model:
+            raise ConfigError("--serve needs a job with a model to serve (model: in the job file)")
+    else:
+        jobfile.check_runnable()
     if jobfile.job.cluster is not None:
         raise ConfigError(
             f"the job names cluster {jobfile.job.cluster!r}, but a SLURM job runs on the Ray cluster it "
@@ -187,9 +213,16 @@ def render(jobfile: JobFile, opts: SlurmOptions) -> str:
         "READY_TIMEOUT_S": str(opts.ready_timeout_s),
         "RUN_ROOT": opts.run_root,
         "JOB_YAML": job_yaml,
-        "RUN_ARGS": f"--output {shlex.quote(jobfile.output)}" if jobfile.output else "",
+        "RUN_ARGS": _driver_args(jobfile, opts),
+        "DRIVER": "tessera serve" if opts.serve else "tessera run",
     }
     return fill(template.read_text(), values)
+
+
+def _driver_args(jobfile: JobFile, opts: SlurmOptions) -> str:
+    if opts.serve:  # validated: an IP address and a port number
+        return f"--host {opts.serve_host} --port {opts.serve_port}"
+    return f"--output {shlex.quote(jobfile.output)}" if jobfile.output else ""
 
 
 def fill(text: str, values: dict[str, str]) -> str:

@@ -13,19 +13,25 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType, ModuleType
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from tessera.errors import ConfigError
+from tessera.models import flux, pixart, sd3
 from tessera.models.checkpoint import CheckpointError, inside, open_safetensors
 
-# transformer class in transformer/config.json -> tessera family module
-FAMILY_BY_CLASS = {
-    "PixArtTransformer2DModel": "pixart",
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-}
+# The family registry: tessera family name -> its family file (the contract is models/dit_family.py).
+# Adding a family is one file in models/ and one entry here.
+FAMILIES: Mapping[str, ModuleType] = MappingProxyType({m.NAME: m for m in (pixart, sd3, flux)})
+# diffusers `_class_name` of transformer/config.json -> family name, from each family's DIFFUSERS_CLASSES.
+TRANSFORMER_CLASSES: Mapping[str, str] = MappingProxyType(
+    {cls: m.NAME for m in FAMILIES.values() for cls in m.DIFFUSERS_CLASSES})
+# Generic classes diffusers itself remaps by a config key (diffusers' _CLASS_REMAPPING_DICT): PixArt-Sigma
+# ships `Transformer2DModel` with norm_type "ada_norm_single"; "ada_norm_zero" (class-conditioned DiT) is not run.
+GENERIC_CLASSES: Mapping[str, tuple[str, Mapping[str, str]]] = MappingProxyType(
+    {"Transformer2DModel": ("norm_type", {"ada_norm_single": "PixArtTransformer2DModel"})})
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # The config file each component's own library reads from its sub-folder; checked at open so that a
@@ -101,12 +107,7 @@ class DiffusersDir:
         if not cfg_file.is_file():
             raise ModelDirError(f"{cfg_file} is missing; the transformer sub-folder needs its config.json")
         cfg = _read_json(cfg_file, "transformer config")
-        cls_name = cfg.get("_class_name", components["transformer"][1])
-        family = FAMILY_BY_CLASS.get(cls_name)
-        if family is None:
-            raise ModelDirError(
-                f"transformer class {cls_name!r} is not supported; tessera runs {', '.join(sorted(FAMILY_BY_CLASS))}"
-            )
+        family = family_of({"_class_name": components["transformer"][1], **cfg}).NAME
         opened = cls(path, meta.get("_class_name", "?"), family, components, cfg)
         opened.check_components(require_folders=False)
         opened.check_weights()
@@ -126,6 +127,11 @@ class DiffusersDir:
             if name == "vae" and not isinstance(data.get("block_out_channels", [1]), list):
                 raise ModelDirError(f"{self.path / name / file}: block_out_channels is "
                                     f"{data['block_out_channels']!r}; it must be a list of channel counts")
+
+    @property
+    def module(self) -> ModuleType:
+        """The family file (``models/<family>.py``) of this pipeline's transformer."""
+        return FAMILIES[self.family]
 
     # -- transformer weights -----------------------------------------------------------
 
@@ -253,18 +259,28 @@ def _build_checked(family: str, config: Mapping[str, Any], cfg_file: Path):
                             f"({type(err).__name__}: {err}); fix the field it names or restore the config") from None
 
 
+def family_of(config: Mapping[str, Any]) -> ModuleType:
+    """The family file for a ``transformer/config.json`` (by its ``_class_name``), or an error naming the
+    supported classes."""
+    cls_name = config.get("_class_name")
+    if cls_name in GENERIC_CLASSES:
+        key, remap = GENERIC_CLASSES[cls_name]
+        cls_name = remap.get(config.get(key), f"{cls_name} with {key}={config.get(key)!r}")
+    family = TRANSFORMER_CLASSES.get(cls_name)
+    if family is None:
+        raise ModelDirError(
+            f"transformer class {cls_name!r} is not supported; tessera runs {', '.join(sorted(TRANSFORMER_CLASSES))} "
+            "(and diffusers' generic Transformer2DModel with norm_type 'ada_norm_single', as PixArt-Sigma ships it)"
+        )
+    return FAMILIES[family]
+
+
 def build_transformer(family: str, config: Mapping[str, Any]):
     """tessera's module for ``family`` built on the meta device (no memory until weights arrive)."""
-    if family == "pixart":
-        from tessera.models.pixart import PixArtConfig as Cfg, PixArtTransformer as Model
-    elif family == "flux":
-        from tessera.models.flux import FluxConfig as Cfg, FluxTransformer as Model
-    elif family == "sd3":
-        from tessera.models.sd3 import SD3Config as Cfg, SD3Transformer as Model
-    else:
-        raise ModelDirError(f"unknown family {family!r}")
+    if family not in FAMILIES:
+        raise ModelDirError(f"unknown family {family!r}; tessera runs {', '.join(FAMILIES)}")
     with torch.device("meta"):
-        return Model(Cfg.from_dict(config))
+        return FAMILIES[family].build(config)
 
 
 def load_transformer(model_dir: DiffusersDir, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -1,25 +1,26 @@
 """Flux: double-stream (MMDiT) blocks, then single-stream blocks, with 3-axis RoPE.
 
-Own compact implementation with diffusers' ``FluxTransformer2DModel``
-checkpoint names. It takes this rank's rows of the *unpacked* VAE latent
+The whole family in one file (contract: ``models/dit_family.py``). Own
+compact implementation with diffusers' ``FluxTransformer2DModel`` checkpoint
+names. It takes this rank's rows of the *unpacked* VAE latent
 (``[B, C, rows, W]``) and packs 2x2 latent pixels into one token itself, so
-a band of latent rows is a band of token rows. Text tokens are replicated on
-every rank; image tokens are sharded. Joint attention calls the pluggable
-``self_attn(q, k_img, v_img, extra_kv=(k_txt, v_txt))`` with ``q`` = text
-queries followed by this rank's image queries; RoPE is applied before the
-exchange, so gathered K carry their own positions.
+a band of latent rows is a band of token rows. Joint attention calls the
+pluggable ``self_attn(q, k_img, v_img, extra_kv=(k_txt, v_txt))`` with ``q``
+= text queries followed by this rank's image queries; RoPE is applied before
+the exchange, so gathered K carry their own positions. Guidance-distilled
+checkpoints (FLUX.1-dev, ``guidance_embeds``) embed the guidance scale; the
+others (FLUX.1-schnell) run without guidance, or with true CFG when asked.
 
-Parallel plan (what is parallel):
-- patch/sequence parallel: ``transformer_blocks.*.attn``, ``single_transformer_blocks.*.attn``
-- tensor parallel, double-stream blocks: column q/k/v of both streams and the MLP inputs; row the
-  attention outputs and MLP outputs.
-- tensor parallel, single-stream blocks: column q/k/v (by heads) and ``proj_mlp``; ``proj_out`` reads
-  ``[attention heads | MLP columns]``, so it is row-split in two pieces (``rowwise_pieces``, widths 1:4):
-  a rank holds the input columns of its heads and of its MLP columns, in the order its own concat has.
-- tensor parallel, adaLN modulation (``norm1``, ``norm1_context``, single ``norm``): column-split, the
-  small modulation vectors all-gathered (``colwise_gather``), so no block weight is replicated.
-- pipeline stages cut the double and single block lists as one sequence; the first stage holds the
-  time/text/image embedders, the last ``norm_out`` and ``proj_out``
+Parallel plan (what is parallel; ``parallel/`` says how), ``TP_PLAN``:
+- double-stream blocks: column q/k/v of both streams and the MLP inputs; row the attention outputs and
+  MLP outputs;
+- single-stream blocks: column q/k/v (by heads) and ``proj_mlp``; ``proj_out`` reads
+  ``[attention heads | MLP columns]``, so it is row-split in two pieces (``rowwise_pieces``, widths 1:4 in
+  ``TP_PIECES``): a rank holds the input columns of its heads and of its MLP columns, in its concat's order;
+- adaLN modulation (``norm1``, ``norm1_context``, single ``norm``): column-split, the small modulation
+  vectors all-gathered (``colwise_gather``), so no block weight is replicated.
+``STAGES``: pipeline stages cut the double and single block lists as one sequence; the first stage holds
+the time/text/image embedders, the last ``norm_out`` and ``proj_out``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tessera.errors import ConfigError
+from tessera.models.dit_family import Conditioning, ConfigKeys, DiTDefaults, StagePlan, flow_shift_mu
 
 from tessera.models.dit_layers import (
     AdaNorm,
@@ -45,23 +50,24 @@ from tessera.models.dit_layers import (
     timestep_embedding,
     whole_model,
 )
-from tessera.models.pixart import DiffusionParallelSpec
 
-PARALLEL_SPEC = DiffusionParallelSpec(
-    patch_attention=("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
-    colwise=tuple(f"transformer_blocks.*.{n}" for n in (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-        "ff.net.0.proj", "ff_context.net.0.proj")
-    ) + tuple(f"single_transformer_blocks.*.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    rowwise=tuple(f"transformer_blocks.*.{n}" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2",
-                                                         "ff_context.net.2")),
-    rowwise_pieces=(("single_transformer_blocks.*.proj_out", (1, 4)),),
-    colwise_gather=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear",
-                    "single_transformer_blocks.*.norm.linear"),
-    stage_blocks=("transformer_blocks", "single_transformer_blocks"),
-    embed=("time_text_embed", "context_embedder", "x_embedder"),
-    head=("norm_out", "proj_out"),
-)
+NAME = "flux"
+DIFFUSERS_CLASSES = ("FluxTransformer2DModel",)
+JOINT_TEXT = True  # text tokens are a stream of joint attention: sharded with the image under sp
+
+_DOUBLE, _SINGLE = "transformer_blocks.*.", "single_transformer_blocks.*."
+TP_PLAN = {
+    **{_DOUBLE + n: "colwise" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                                         "attn.add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj")},
+    **{_DOUBLE + n: "rowwise" for n in ("attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2")},
+    **{_DOUBLE + n: "colwise_gather" for n in ("norm1.linear", "norm1_context.linear")},
+    **{_SINGLE + n: "colwise" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")},
+    _SINGLE + "proj_out": "rowwise_pieces",
+    _SINGLE + "norm.linear": "colwise_gather",
+}
+TP_PIECES = {_SINGLE + "proj_out": (1, 4)}  # input = [attention (d) | MLP (4d)]
+STAGES = StagePlan(blocks=("transformer_blocks", "single_transformer_blocks"),
+                   embed=("time_text_embed", "context_embedder", "x_embedder"), head=("norm_out", "proj_out"))
 
 
 @dataclass(frozen=True)
@@ -80,19 +86,53 @@ class FluxConfig:
 
     def __post_init__(self) -> None:
         if self.patch_size != 1:
-            raise ValueError("tessera's Flux expects patch_size 1 (2x2 packing happens on the latent)")
+            raise ConfigError(f"Flux: patch_size={self.patch_size}; tessera implements patch_size 1 (2x2 packing "
+                              "happens on the latent), as every released Flux uses")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ValueError(f"axes_dims_rope {tuple(self.axes_dims_rope)} must sum to attention_head_dim "
-                             f"{self.attention_head_dim}")
+            raise ConfigError(f"Flux: axes_dims_rope {tuple(self.axes_dims_rope)} must sum to attention_head_dim "
+                              f"{self.attention_head_dim}")
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "FluxConfig":
+        CONFIG_KEYS.check("Flux", cfg)
         return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    # -- what the driver checks before any worker runs --------------------------------------
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def row_unit(self) -> int:
+        """Latent rows per token row: 2x2 latent pixels are packed into one token."""
+        return 2
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Guidance-distilled checkpoints embed the scale instead of running a second branch."""
+        return not self.guidance_embeds
+
+    def check_grid(self, grid_h: int, grid_w: int) -> None:
+        """Any grid works: RoPE positions are computed for the image."""
+
+
+# Every key of diffusers' Flux config is a field tessera reads.
+CONFIG_KEYS = ConfigKeys(read=frozenset(FluxConfig.__dataclass_fields__))
+
+
+def parse(config: Mapping[str, Any]) -> FluxConfig:
+    return FluxConfig.from_dict(config)
+
+
+def defaults(config: FluxConfig) -> DiTDefaults:
+    """FluxPipeline's defaults: 28 steps, 512 T5 tokens; guidance 3.5 when embedded (FLUX.1-dev), else none."""
+    return DiTDefaults(guidance_scale=3.5 if config.guidance_embeds else 0.0, steps=28, max_sequence_length=512)
 
 
 def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +235,6 @@ class _TimeTextEmbed(nn.Module):
 
 
 class FluxTransformer(nn.Module):
-    family = "flux"
-    parallel_spec = PARALLEL_SPEC
-
     def __init__(self, cfg: FluxConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -255,3 +292,111 @@ class FluxTransformer(nn.Module):
             return out.view(b, shard.rows, shard.grid_w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
         return stage(embed, body, head)
+
+
+def build(config: Mapping[str, Any]) -> FluxTransformer:
+    """The transformer on the current default device (the loader builds it on ``meta``)."""
+    return FluxTransformer(parse(config))
+
+
+class Pipeline:
+    """FluxPipeline's steps around the transformer: CLIP pooled embedding + T5 sequence, resolution-shifted
+    sigmas (``mu``), timestep passed as sigma, embedded guidance (FLUX.1-dev) or true CFG with a negative
+    prompt; latents un-scaled and shifted for the VAE. Works on rows of the unpacked latent."""
+
+    def __init__(self, model_dir: Any, model: FluxTransformer) -> None:
+        self.dir = model_dir  # a DiffusersDir: load_component reads the encoders with their own library
+        self.model = model
+        self.config = model.config
+        self._enc: dict[str, Any] = {}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels // 4
+
+    def _component(self, name: str):
+        if name not in self._enc:
+            comp = self.dir.load_component(name)
+            self._enc[name] = comp.eval() if hasattr(comp, "eval") else comp
+        return self._enc[name]
+
+    def encode(self, prompts: list[str], negative: list[str], max_sequence_length: int):
+        tok, clip = self._component("tokenizer"), self._component("text_encoder")
+        tok2, t5 = self._component("tokenizer_2"), self._component("text_encoder_2")
+
+        def run(texts: list[str]) -> Conditioning:
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            ids2 = tok2(texts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                        return_tensors="pt").input_ids
+            with torch.no_grad():
+                pooled = clip(ids, output_hidden_states=False).pooler_output
+                seq = t5(ids2, output_hidden_states=False)[0]
+            return Conditioning({"text": seq.float(), "pooled": pooled.float()})
+
+        return run(prompts), run(negative)
+
+    def set_timesteps(self, scheduler: Any, steps: int, latent_h: int, latent_w: int) -> torch.Tensor:
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        mu = flow_shift_mu((latent_h // 2) * (latent_w // 2), scheduler.config)
+        scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+        return scheduler.timesteps
+
+    def predict(self, latent_rows, cond: Conditioning, t, shard: TokenShard, self_attn, image_hw, guidance=None,
+                stage=whole_model):
+        b = latent_rows.shape[0]
+        timestep = t.reshape(1).expand(b).to(latent_rows.dtype) / 1000
+        g = None
+        if self.config.guidance_embeds:
+            g = torch.full((b,), float(guidance if guidance is not None else 3.5), dtype=latent_rows.dtype,
+                           device=latent_rows.device)
+        return self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype),
+                          cond.tensors["pooled"].to(latent_rows.dtype), timestep, shard=shard, self_attn=self_attn,
+                          guidance=g, stage=stage)
+
+    def to_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
+
+
+# -- tiny random pipelines (tests, demos) ----------------------------------------------------------------
+
+
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Split a head into (index, row, column) RoPE axes of even widths, like Flux's (16, 56, 56) of 128."""
+    if head_dim == 8:
+        return (2, 2, 4)
+    side = (head_dim * 7 // 16) // 2 * 2
+    return (head_dim - 2 * side, side, side)
+
+
+def tiny_config(layers: int, heads: int, head_dim: int) -> dict[str, Any]:
+    """``layers`` blocks split into double and single ones; half the heads of twice the width."""
+    return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16,
+            "num_layers": max(1, layers // 2), "num_single_layers": max(1, layers - layers // 2),
+            "attention_head_dim": head_dim * 2, "num_attention_heads": heads // 2, "joint_attention_dim": 16,
+            "pooled_projection_dim": 16, "guidance_embeds": False, "axes_dims_rope": list(_rope_axes(head_dim * 2))}
+
+
+def tiny_twin_config(released: Mapping[str, Any]) -> dict[str, Any]:
+    """``released`` with tiny sizes and its flags kept (guidance embedding, patch size, channel packing)."""
+    return {**released, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
+            "num_attention_heads": 4, "joint_attention_dim": 16, "pooled_projection_dim": 16,
+            "axes_dims_rope": list(_rope_axes(8))}
+
+
+def tiny_pipeline(config: Mapping[str, Any]):
+    """A diffusers FluxPipeline around a random transformer of ``config`` (tiny CLIP, T5, VAE)."""
+    import inspect
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from tessera.models.tiny_diffusion import tiny_clip, tiny_t5, tiny_vae
+
+    enc, tok = tiny_t5(config["joint_attention_dim"])
+    clip, ctok = tiny_clip(hidden=config["pooled_projection_dim"])
+    accepted = inspect.signature(FluxTransformer2DModel.__init__).parameters
+    transformer = FluxTransformer2DModel(**{k: v for k, v in config.items() if k in accepted})
+    vae = tiny_vae(config["in_channels"] // 4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1,
+                   scaling_factor=0.9)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=ctok,
+                        text_encoder_2=enc, tokenizer_2=tok, transformer=transformer)

@@ -15,6 +15,8 @@ packing off.
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -37,17 +39,24 @@ def packable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in _DTYPES and not weight.is_mkldnn
 
 
-_UNSUPPORTED: set[torch.dtype] = set()  # dtypes this CPU's oneDNN refused (e.g. fp16 without AVX512-FP16)
+@functools.cache
+def cpu_packs(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN reorders a ``dtype`` weight (fp16 needs AVX512-FP16): a hardware fact,
+    probed once on a small weight (memoised, so no module state is written by ``pack``)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+        return True
+    except RuntimeError:
+        return False
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight in oneDNN's blocked layout, or unchanged when it cannot or need not be packed."""
-    if not (packable(weight) and available()) or weight.dtype in _UNSUPPORTED:
+    if not (packable(weight) and available() and cpu_packs(weight.dtype)):
         return weight
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
-    except RuntimeError:  # this CPU lacks the instructions oneDNN wants for the dtype: plain F.linear
-        _UNSUPPORTED.add(weight.dtype)
+    except RuntimeError:  # a shape oneDNN refuses: plain F.linear for this weight
         return weight
 
 

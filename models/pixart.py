@@ -1,19 +1,22 @@
 """PixArt-alpha / PixArt-Sigma: a DiT with cross-attention to T5 text and adaLN-single.
 
+The whole family in one file (the contract is ``models/dit_family.py``): its
+config, modules, parallel declarations, pipeline adapter and tiny builder.
 Own compact implementation whose parameter names equal diffusers'
 ``PixArtTransformer2DModel`` checkpoint names, so a diffusers ``transformer/``
-directory loads as is. The forward works on a *shard* of image rows: the
-patch embedding (a stride-p convolution), the position table, adaLN
-modulation, cross-attention and the MLP are all token-local; only the
-image-token self-attention (``attn1``) needs other ranks' tokens, and it calls
-the pluggable ``self_attn`` function that ``parallel/`` provides.
+directory loads as is (PixArt-Sigma ships the generic ``Transformer2DModel``
+class name, which diffusers remaps by ``norm_type``; so does the registry).
+The forward works on a *shard* of image rows: the patch embedding (a
+stride-p convolution), the position table, adaLN modulation,
+cross-attention and the MLP are all token-local; only the image-token
+self-attention (``attn1``) needs other ranks' tokens, and it calls the
+pluggable ``self_attn`` function that ``parallel/`` provides.
 
-Parallel plan (what is parallel; ``parallel/`` says how):
-- patch/sequence parallel: ``transformer_blocks.*.attn1`` (image self-attention)
-- tensor parallel: column ``attn1/attn2.to_q|to_k|to_v``, ``ff.net.0.proj``;
-  row ``attn1/attn2.to_out.0``, ``ff.net.2``
-- pipeline stages may cut between ``transformer_blocks``; the first stage holds the patch, time and
-  caption embeddings, the last the final modulation and ``proj_out``
+Parallel plan (what is parallel; ``parallel/`` says how): ``TP_PLAN`` splits
+attention q/k/v by heads and the MLP input by columns (``colwise``), their
+outputs by rows (``rowwise``); ``STAGES``: pipeline stages cut between
+``transformer_blocks``, the first stage holds the patch, time and caption
+embeddings, the last the final modulation and ``proj_out``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.errors import ConfigError
+from tessera.models.dit_family import Conditioning, ConfigKeys, DiTDefaults, StagePlan
 from tessera.models.dit_layers import (
     Attention,
     GeluMLP,
@@ -41,44 +46,20 @@ from tessera.models.dit_layers import (
 )
 
 
-@dataclass(frozen=True)
-class DiffusionParallelSpec:
-    """What a family declares parallel: module-name patterns, read by ``parallel/``.
+NAME = "pixart"
+DIFFUSERS_CLASSES = ("PixArtTransformer2DModel",)  # and the generic Transformer2DModel with ada_norm_single
+JOINT_TEXT = False  # text is cross-attention keys only, replicated on every sp rank
 
-    ``colwise_gather``: column-split linears whose whole output every rank
-    needs (adaLN modulation): each rank computes its rows, then all-gather.
-    ``rowwise_pieces``: row-split linears whose input is a concatenation of
-    separately column-split parts, as ``(pattern, relative widths)``; each
-    part is split over ``tp`` on its own (Flux's single-block ``proj_out``
-    reads ``[attention heads | MLP columns]`` = widths ``(1, 4)``).
-    ``stage_blocks``: the block lists, in forward order, that pipeline stages
-    cut as one sequence; ``embed`` / ``head``: top-level modules or
-    parameters only the first / last stage holds.
-    """
-
-    patch_attention: tuple[str, ...]
-    colwise: tuple[str, ...]
-    rowwise: tuple[str, ...]
-    stage_blocks: tuple[str, ...]
-    heads_attr: str = "num_attention_heads"
-    rowwise_pieces: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    colwise_gather: tuple[str, ...] = ()
-    embed: tuple[str, ...] = ()
-    head: tuple[str, ...] = ()
-
-
-PARALLEL_SPEC = DiffusionParallelSpec(
-    patch_attention=("transformer_blocks.*.attn1",),
-    colwise=(
-        "transformer_blocks.*.attn1.to_q", "transformer_blocks.*.attn1.to_k", "transformer_blocks.*.attn1.to_v",
-        "transformer_blocks.*.attn2.to_q", "transformer_blocks.*.attn2.to_k", "transformer_blocks.*.attn2.to_v",
-        "transformer_blocks.*.ff.net.0.proj",
-    ),
-    rowwise=("transformer_blocks.*.attn1.to_out.0", "transformer_blocks.*.attn2.to_out.0", "transformer_blocks.*.ff.net.2"),
-    stage_blocks=("transformer_blocks",),
-    embed=("pos_embed", "adaln_single", "caption_projection"),
-    head=("scale_shift_table", "proj_out"),
-)
+TP_PLAN = {
+    "transformer_blocks.*.attn1.to_q": "colwise", "transformer_blocks.*.attn1.to_k": "colwise",
+    "transformer_blocks.*.attn1.to_v": "colwise", "transformer_blocks.*.attn1.to_out.0": "rowwise",
+    "transformer_blocks.*.attn2.to_q": "colwise", "transformer_blocks.*.attn2.to_k": "colwise",
+    "transformer_blocks.*.attn2.to_v": "colwise", "transformer_blocks.*.attn2.to_out.0": "rowwise",
+    "transformer_blocks.*.ff.net.0.proj": "colwise", "transformer_blocks.*.ff.net.2": "rowwise",
+}
+TP_PIECES: dict[str, tuple[int, ...]] = {}
+STAGES = StagePlan(blocks=("transformer_blocks",), embed=("pos_embed", "adaln_single", "caption_projection"),
+                   head=("scale_shift_table", "proj_out"))
 
 
 @dataclass(frozen=True)
@@ -101,14 +82,12 @@ class PixArtConfig:
 
     def __post_init__(self) -> None:
         if self.num_attention_heads * self.attention_head_dim % 2:
-            raise ValueError("PixArt inner dim (heads x head_dim) must be even for the 2-D sin-cos table")
+            raise ConfigError("PixArt inner dim (heads x head_dim) must be even for the 2-D sin-cos table")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "PixArtConfig":
-        if cfg.get("norm_type", "ada_norm_single") != "ada_norm_single":
-            raise ValueError(f"PixArt needs norm_type 'ada_norm_single', config has {cfg.get('norm_type')!r}")
-        names = cls.__dataclass_fields__
-        return cls(**{k: cfg[k] for k in names if k in cfg})
+        CONFIG_KEYS.check("PixArt", cfg)
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
 
     @property
     def inner_dim(self) -> int:
@@ -123,6 +102,46 @@ class PixArtConfig:
         if self.use_additional_conditions is None:
             return self.sample_size == 128
         return bool(self.use_additional_conditions)
+
+    # -- what the driver checks before any worker runs --------------------------------------
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def row_unit(self) -> int:
+        """Latent rows per patch-grid row."""
+        return self.patch_size
+
+    @property
+    def uses_cfg(self) -> bool:
+        return True
+
+    def check_grid(self, grid_h: int, grid_w: int) -> None:
+        """Any grid works: the sin-cos position table is computed for the image."""
+
+
+# Every key of diffusers' PixArt (and generic Transformer2DModel) config: read, checked or without effect.
+CONFIG_KEYS = ConfigKeys(
+    read=frozenset(PixArtConfig.__dataclass_fields__),
+    fixed={"norm_type": ("ada_norm_single",), "activation_fn": ("gelu-approximate",), "attention_type": ("default",),
+           "norm_elementwise_affine": (False,), "num_vector_embeds": (None,), "only_cross_attention": (False,),
+           "double_self_attention": (False,), "upcast_attention": (False,)},
+    no_effect={"dropout": "inference runs without dropout",
+               "norm_num_groups": "group norm is used only for non-patch (continuous) inputs",
+               "num_embeds_ada_norm": "adaLN-single embeds the timestep sinusoidally; the table size is unused",
+               "use_linear_projection": "used only for non-patch (continuous) inputs"},
+)
+
+
+def parse(config: Mapping[str, Any]) -> PixArtConfig:
+    return PixArtConfig.from_dict(config)
+
+
+def defaults(config: PixArtConfig) -> DiTDefaults:
+    """PixArtSigmaPipeline's defaults: 20 steps, guidance 4.5, 300 T5 tokens."""
+    return DiTDefaults(guidance_scale=4.5, steps=20, max_sequence_length=300)
 
 
 class PixArtBlock(nn.Module):
@@ -182,9 +201,6 @@ class _CaptionProjection(nn.Module):
 
 class PixArtTransformer(nn.Module):
     """The denoiser. ``forward`` takes this rank's rows of the latent and returns its rows of the output."""
-
-    family = "pixart"
-    parallel_spec = PARALLEL_SPEC
 
     def __init__(self, cfg: PixArtConfig) -> None:
         super().__init__()
@@ -257,3 +273,97 @@ class PixArtTransformer(nn.Module):
             return unpatchify(self.proj_out(x), shard.rows, shard.grid_w, p, cfg.out_ch)
 
         return stage(embed, body, head)
+
+
+def build(config: Mapping[str, Any]) -> PixArtTransformer:
+    """The transformer on the current default device (the loader builds it on ``meta``)."""
+    return PixArtTransformer(parse(config))
+
+
+class Pipeline:
+    """PixArtSigmaPipeline's steps around the transformer: T5 prompt embeddings + mask, the checkpoint's
+    scheduler, learned-sigma channels dropped, latents scaled for the VAE.
+
+    Works on *rows* of the VAE latent (``[B, C, rows, W]``): patch/sequence-parallel bands are whole rows
+    of the patch grid (``config.row_unit`` latent rows each).
+    """
+
+    def __init__(self, model_dir: Any, model: PixArtTransformer) -> None:
+        self.dir = model_dir  # a DiffusersDir: load_component reads the encoders with their own library
+        self.model = model
+        self.config = model.config
+        self._text: tuple[Any, Any] | None = None
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.in_channels
+
+    def encode(self, prompts: list[str], negative: list[str], max_sequence_length: int) -> tuple[Conditioning, Conditioning]:
+        if self._text is None:
+            self._text = (self.dir.load_component("tokenizer"), self.dir.load_component("text_encoder").eval())
+        tok, enc = self._text
+
+        def run(texts: list[str]) -> Conditioning:
+            ids = tok(texts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                      add_special_tokens=True, return_tensors="pt")
+            with torch.no_grad():
+                emb = enc(ids.input_ids, attention_mask=ids.attention_mask)[0]
+            return Conditioning({"text": emb.float(), "mask": ids.attention_mask})
+
+        return run(prompts), run(negative)
+
+    def set_timesteps(self, scheduler: Any, steps: int, latent_h: int, latent_w: int) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device="cpu")
+        return scheduler.timesteps
+
+    def predict(self, latent_rows: torch.Tensor, cond: Conditioning, t: torch.Tensor, shard: TokenShard,
+                self_attn: Any, image_hw: tuple[int, int], guidance: float | None = None,
+                stage: Any = whole_model) -> torch.Tensor | None:
+        """The model's prediction for these rows; ``None`` on a pipeline stage other than the last."""
+        b = latent_rows.shape[0]
+        extra = {}
+        if self.config.additional_conditions:
+            h, w = image_hw
+            dev = latent_rows.device
+            extra = {"resolution": torch.tensor([[h, w]], dtype=torch.float32, device=dev).repeat(b, 1),
+                     "aspect_ratio": torch.tensor([[h / w]], dtype=torch.float32, device=dev).repeat(b, 1)}
+        timestep = t.reshape(1).expand(b)
+        out = self.model(latent_rows, cond.tensors["text"].to(latent_rows.dtype), timestep, shard=shard,
+                         text_mask=cond.tensors["mask"], self_attn=self_attn, stage=stage, **extra)
+        if out is not None and self.config.out_ch // 2 == self.latent_channels:
+            out = out.chunk(2, dim=1)[0]  # learned variance channels are not used for sampling
+        return out
+
+    def to_vae(self, latents: torch.Tensor, vae: Any) -> torch.Tensor:
+        return latents / vae.config.scaling_factor
+
+
+# -- tiny random pipelines (tests, demos) ----------------------------------------------------------------
+
+
+def tiny_config(layers: int, heads: int, head_dim: int) -> dict[str, Any]:
+    d = heads * head_dim
+    return {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": heads, "attention_head_dim": head_dim,
+            "in_channels": 4, "out_channels": 8, "num_layers": layers, "cross_attention_dim": d,
+            "caption_channels": 16, "sample_size": 16, "patch_size": 2}
+
+
+def tiny_twin_config(released: Mapping[str, Any]) -> dict[str, Any]:
+    """``released`` with tiny sizes and every flag kept (learned sigma, interpolation, conditions, class)."""
+    return {**released, "num_attention_heads": 4, "attention_head_dim": 8, "num_layers": 2,
+            "cross_attention_dim": 32, "caption_channels": 16}
+
+
+def tiny_pipeline(config: Mapping[str, Any]):
+    """A diffusers PixArtSigmaPipeline around a random transformer of ``config`` (tiny T5, VAE)."""
+    import inspect
+
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    from tessera.models.tiny_diffusion import tiny_t5, tiny_vae
+
+    enc, tok = tiny_t5(config["caption_channels"])
+    accepted = inspect.signature(PixArtTransformer2DModel.__init__).parameters
+    transformer = PixArtTransformer2DModel(**{k: v for k, v in config.items() if k in accepted})
+    return PixArtSigmaPipeline(tokenizer=tok, text_encoder=enc, vae=tiny_vae(config["in_channels"]),
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())

@@ -7,18 +7,22 @@ checkpoint, and no PyPI package ships diffusion weights. Parts are random,
 seeded, and saved with ``save_pretrained`` (safetensors). A directory that
 already holds a ``model_index.json`` is reused as is (the cache).
 
-Sizes are chosen so that the parallel tests can run any sp in {2, 3, 4}:
-12 attention heads (divisible by 2, 3 and 4 for Ulysses).
+The family-specific part (transformer config, pipeline class, which encoders)
+is each family file's ``tiny_config`` / ``tiny_twin_config`` /
+``tiny_pipeline``; the shared parts (tiny T5, CLIP, VAE) are here.
+Default sizes let the parallel tests run any sp in {2, 3, 4}: 12 attention
+heads (divisible by 2, 3 and 4 for Ulysses).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Mapping
 
-FAMILIES = ("pixart", "flux", "sd3")
+from tessera.models.diffusers_loader import FAMILIES, family_of
 
 
 def default_cache_dir() -> Path:
@@ -31,16 +35,34 @@ def build_tiny_diffusion(family: str, path: str | os.PathLike, *, layers: int = 
     """Write (once) a tiny random ``family`` pipeline directory at ``path`` and return it."""
     if family not in FAMILIES:
         raise ValueError(f"unknown diffusion family {family!r}; choose one of {', '.join(FAMILIES)}")
-    path = Path(path)
+    module = FAMILIES[family]
+    return _write(Path(path), lambda: module.tiny_pipeline(module.tiny_config(layers, heads, head_dim)), seed)
+
+
+def build_tiny_twin(released: Mapping[str, Any], path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write (once) a tiny random pipeline whose transformer has ``released``'s flags and structure at tiny sizes.
+
+    ``released`` is a published ``transformer/config.json``. The saved config keeps every key of it
+    (class name included: PixArt-Sigma's generic ``Transformer2DModel``), with the family's tiny sizes.
+    """
+    module = family_of(released)
+    config = module.tiny_twin_config(released)
+    return _write(Path(path), lambda: module.tiny_pipeline(config), seed, transformer_config=config)
+
+
+def _write(path: Path, make, seed: int, transformer_config: Mapping[str, Any] | None = None) -> Path:
     if (path / "model_index.json").exists():
         return path
     import torch
 
     torch.manual_seed(seed)
-    builder: Callable = {"pixart": _pixart, "flux": _flux, "sd3": _sd3}[family]
-    pipe = builder(layers, heads, head_dim)
+    pipe = make()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if transformer_config is not None:  # diffusers writes only its own class's keys: restore the release's
+        cfg_file = tmp / "transformer" / "config.json"
+        saved = json.loads(cfg_file.read_text())
+        cfg_file.write_text(json.dumps({**saved, **transformer_config}, indent=2, sort_keys=True))
     try:
         tmp.replace(path)  # atomic publish: a concurrent builder may have won the race
     except OSError:
@@ -48,7 +70,8 @@ def build_tiny_diffusion(family: str, path: str | os.PathLike, *, layers: int = 
     return path
 
 
-def _vae(latent_channels: int, **extra):
+def tiny_vae(latent_channels: int, **extra):
+    """A two-level AutoencoderKL (factor 2) with ``latent_channels``."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -56,7 +79,8 @@ def _vae(latent_channels: int, **extra):
                          latent_channels=latent_channels, norm_num_groups=8, sample_size=32, **extra)
 
 
-def _t5(d_model: int = 16):
+def tiny_t5(d_model: int = 16):
+    """A one-layer T5 encoder of width ``d_model`` and the default (toy) T5 tokenizer."""
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     tok = T5TokenizerFast()
@@ -65,62 +89,12 @@ def _t5(d_model: int = 16):
     return enc, tok
 
 
-def _clip(hidden: int = 16, proj: int = 16):
+def tiny_clip(hidden: int = 16, projection_dim: int | None = None):
+    """A one-layer CLIP text encoder (with a projection of ``projection_dim`` when given) and its tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tok = CLIPTokenizer(model_max_length=77)
     cfg = CLIPTextConfig(vocab_size=max(128, len(tok)), hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=proj)
-    return cfg, tok, CLIPTextModel, CLIPTextModelWithProjection
-
-
-def _pixart(layers: int, heads: int, head_dim: int):
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-
-    enc, tok = _t5()
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=layers,
-        cross_attention_dim=heads * head_dim, caption_channels=enc.config.d_model, sample_size=16, patch_size=2,
-    )
-    return PixArtSigmaPipeline(tokenizer=tok, text_encoder=enc, vae=_vae(4), transformer=transformer,
-                               scheduler=DPMSolverMultistepScheduler())
-
-
-def _flux(layers: int, heads: int, head_dim: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    enc, tok = _t5()
-    cfg, ctok, clip_cls, _ = _clip()
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=max(1, layers // 2), num_single_layers=max(1, layers - layers // 2),
-        attention_head_dim=head_dim * 2, num_attention_heads=heads // 2, joint_attention_dim=enc.config.d_model,
-        pooled_projection_dim=cfg.hidden_size, guidance_embeds=False, axes_dims_rope=_rope_axes(head_dim * 2),
-    )
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4, use_quant_conv=False,
-                        use_post_quant_conv=False, shift_factor=0.1, scaling_factor=0.9), text_encoder=clip_cls(cfg).eval(), tokenizer=ctok,
-                        text_encoder_2=enc, tokenizer_2=tok, transformer=transformer)
-
-
-def _rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """Split a Flux head into (index, row, column) RoPE axes of even widths, like Flux's (16, 56, 56)."""
-    if head_dim == 8:
-        return (2, 2, 4)
-    side = (head_dim * 7 // 16) // 2 * 2
-    return (head_dim - 2 * side, side, side)
-
-
-def _sd3(layers: int, heads: int, head_dim: int):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    enc, tok = _t5(d_model=32)
-    cfg, ctok, _, clip_proj = _clip()
-    transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=32, caption_projection_dim=heads * head_dim,
-        pooled_projection_dim=2 * cfg.projection_dim, out_channels=4, pos_embed_max_size=32,
-    )
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    vae=_vae(4, shift_factor=0.1, scaling_factor=0.9),
-                                    text_encoder=clip_proj(cfg).eval(), tokenizer=ctok,
-                                    text_encoder_2=clip_proj(cfg).eval(), tokenizer_2=ctok,
-                                    text_encoder_3=enc, tokenizer_3=tok)
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim or hidden)
+    model = CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+    return model.eval(), tok

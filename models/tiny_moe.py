@@ -2,7 +2,8 @@
 
 ``build_tiny_moe(family, path)`` writes ``config.json`` + ``model.safetensors``
 with ``save_pretrained`` (per-expert tensor names on disk), and optionally a
-``tokenizer.json`` trained with the ``tokenizers`` library on a fixed text. A
+``tokenizer.json`` trained with the ``tokenizers`` library on a fixed text (with a
+``tokenizer_config.json`` holding its special tokens and a chat template). A
 directory that already holds a complete checkpoint is reused as is.
 """
 
@@ -76,6 +77,24 @@ def _config(family: str, size: dict[str, Any]):
     raise ValueError(f"unknown tiny MoE family {family!r}; use one of {', '.join(FAMILIES)}")
 
 
+# The tiny tokenizer's chat template (tokenizer_config.json), for serving tests: jinja2 as transformers renders
+# it, only characters of the training text (so it tokenizes without <unk>), and raise_exception for a role it
+# does not know (a server answers 400 with the template's message).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('the tiny chat template knows no role ' + message['role']) }}{% endif %}"
+    "{{ message['role'] }}: {{ message['content'] }}. {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _write_tokenizer_config(path: Path) -> None:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def _build_tokenizer(vocab_size: int, path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -85,6 +104,7 @@ def _build_tokenizer(vocab_size: int, path: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tok.train_from_iterator([_TEXT] * 4, trainer=trainer)
     tok.save(str(path / "tokenizer.json"))
+    _write_tokenizer_config(path)
 
 
 def build_tiny_moe(family: str, path: str | Path, *, tokenizer: bool = False, seed: int = 0, dtype: str = "float32",
@@ -103,6 +123,8 @@ def build_tiny_moe(family: str, path: str | Path, *, tokenizer: bool = False, se
     if device != "cpu":
         wanted["device"] = device
     if marker.is_file() and json.loads(marker.read_text()) == wanted and (path / "model.safetensors").is_file():
+        if tokenizer and not (path / "tokenizer_config.json").is_file():  # built before the chat template existed
+            _write_tokenizer_config(path)
         return path
     import torch
     from transformers import AutoModelForCausalLM

@@ -13,12 +13,35 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from tessera.parallel.comm import GroupComm
+
+
+@dataclass(frozen=True)
+class KindStats:
+    """Bytes and calls of one kind of exchange on one rank."""
+
+    sent: int
+    received: int
+    calls: int
+
+
+@dataclass(frozen=True)
+class CommStats:
+    """What one rank handed to and got from ``torch.distributed`` since the last reset, by kind."""
+
+    sent_bytes: int
+    received_bytes: int
+    by_kind: Mapping[str, KindStats]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes,
+                "by_kind": {k: {"sent": v.sent, "received": v.received, "calls": v.calls}
+                            for k, v in self.by_kind.items()}}
 
 
 @dataclass
@@ -39,13 +62,16 @@ class CommCounter:
         self.received.clear()
         self.calls.clear()
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "sent_bytes": sum(self.sent.values()),
-            "received_bytes": sum(self.received.values()),
-            "by_kind": {k: {"sent": self.sent[k], "received": self.received.get(k, 0), "calls": self.calls[k]}
-                        for k in sorted(self.sent)},
-        }
+    @property
+    def sent_bytes(self) -> int:
+        return sum(self.sent.values())
+
+    def snapshot(self) -> CommStats:
+        return CommStats(
+            sent_bytes=self.sent_bytes,
+            received_bytes=sum(self.received.values()),
+            by_kind={k: KindStats(self.sent[k], self.received.get(k, 0), self.calls[k]) for k in sorted(self.sent)},
+        )
 
 
 def gather_tokens(local: torch.Tensor, counts: Sequence[int], comm: GroupComm, counter: CommCounter | None,

@@ -4,9 +4,9 @@ Why: tensor parallel shards every block but all-reduces twice per block;
 pipeline stages instead hold a contiguous range of blocks each and exchange
 one activation "carry" per micro-batch per step, so a DiT that does not fit
 one device fits ``pp`` of them with little traffic. A family declares *what*
-may be cut (``parallel_spec.stage_blocks``: its block lists in forward order,
-cut as one sequence; ``embed`` / ``head``: the modules only the first / last
-stage holds) and writes its ``forward`` as three closures ``embed() ->
+may be cut (``STAGES``, a ``models.dit_family.StagePlan``: its block lists in
+forward order, cut as one sequence; ``embed`` / ``head``: the modules only the
+first / last stage holds) and writes its ``forward`` as three closures ``embed() ->
 carry``, ``body(carry) -> carry``, ``head(carry) -> output`` handed to a
 ``stage`` callable (``models/dit_layers.whole_model`` when unstaged). This
 file says *how*, in torchtitan-style steps:
@@ -16,7 +16,8 @@ file says *how*, in torchtitan-style steps:
    stages' blocks become parameter-free ``OnOtherStage`` stand-ins and the
    embeddings / head are dropped where not needed, so the state dict, and
    hence what the loader reads from safetensors, is this stage's only.
-2. :class:`StageSchedule` (the ``stage`` callable): the first stage embeds,
+2. :class:`~tessera.parallel.pipeline.StageSchedule` (the ``stage`` callable, shared with the
+   language models): the first stage embeds,
    later ones ``recv`` the carry (hidden states plus the conditioning the
    blocks read, e.g. PixArt's ``t6`` and projected captions); every stage
    runs its blocks; the last applies the head, the others ``isend`` the carry.
@@ -33,69 +34,31 @@ stay inside a stage) and sp (K/V exchanges stay inside a stage).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from tessera.models.dit_family import StagePlan
 from tessera.models.dit_layers import OnOtherStage
+from tessera.memory.stages import check_stages, stage_ranges
 from tessera.parallel.counted import CommCounter
-from tessera.config import ConfigError
+from tessera.parallel.pipeline import StageSchedule
 
 
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+def block_lists(model: nn.Module, stages: StagePlan) -> list[nn.ModuleList]:
     """The family's stage-cuttable block lists, in forward order."""
-    return [getattr(model, name) for name in model.parallel_spec.stage_blocks]
+    return [getattr(model, name) for name in stages.blocks]
 
 
-def count_blocks(model: nn.Module) -> int:
-    return sum(len(blocks) for blocks in block_lists(model))
+def count_blocks(model: nn.Module, stages: StagePlan) -> int:
+    return sum(len(blocks) for blocks in block_lists(model, stages))
 
 
 def check_pp(num_blocks: int, pp: int) -> None:
     """Driver-side check: every stage needs at least one block."""
-    if pp < 1 or pp > num_blocks:
-        raise ConfigError(f"pp={pp} pipeline stages for a transformer of {num_blocks} blocks: every stage needs "
-                          f"at least one block; use pp <= {num_blocks} (and put other ranks on tp, sp or cfg)")
-
-
-def stage_ranges(block_bytes: list[int], pp: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
-    """Contiguous, non-empty block ranges of the ``pp`` stages that minimise the largest stage's bytes.
-
-    Why bytes and not block counts: a stage's memory (and, for linears, its
-    compute) is its parameter bytes, and blocks differ (a Flux double-stream
-    block is about twice a single-stream one; the first stage also holds the
-    embeddings, the last the head). A small DP over cut points, deterministic,
-    so every rank computes the same cuts.
-    """
-    n = len(block_bytes)
-    check_pp(n, pp)
-    prefix = [0]
-    for b in block_bytes:
-        prefix.append(prefix[-1] + b)
-
-    def cost(stage: int, i: int, j: int) -> int:
-        return (prefix[j] - prefix[i] + (first_extra if stage == 0 else 0)
-                + (last_extra if stage == pp - 1 else 0))
-
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]  # best[s][j]: s stages over blocks [0, j)
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0
-    for s in range(1, pp + 1):
-        for j in range(s, n - (pp - s) + 1):
-            for i in range(s - 1, j):
-                value = max(best[s - 1][i], cost(s - 1, i, j))
-                if value < best[s][j]:
-                    best[s][j], cut[s][j] = value, i
-    bounds, j = [n], n
-    for s in range(pp, 0, -1):
-        j = cut[s][j]
-        bounds.append(j)
-    bounds.reverse()
-    return [range(bounds[s], bounds[s + 1]) for s in range(pp)]
+    check_stages(num_blocks, pp, "a transformer")
 
 
 def _bytes(module: nn.Module | None) -> int:
@@ -122,12 +85,11 @@ def _drop(model: nn.Module, dotted: str) -> None:
         setattr(parent, child, OnOtherStage())
 
 
-def apply_pipeline_stages(model: nn.Module, stage: int, pp: int) -> range:
+def apply_pipeline_stages(model: nn.Module, stages: StagePlan, stage: int, pp: int) -> range:
     """Keep only ``stage``'s blocks (and embed/head where they belong) in ``model`` (meta); return its range."""
-    spec = model.parallel_spec
-    lists = block_lists(model)
+    lists = block_lists(model, stages)
     sizes = [_bytes(block) for blocks in lists for block in blocks]
-    mine = stage_ranges(sizes, pp, _named_bytes(model, spec.embed), _named_bytes(model, spec.head))[stage]
+    mine = stage_ranges(sizes, pp, _named_bytes(model, stages.embed), _named_bytes(model, stages.head))[stage]
     index = 0
     for blocks in lists:
         for i in range(len(blocks)):
@@ -135,68 +97,12 @@ def apply_pipeline_stages(model: nn.Module, stage: int, pp: int) -> range:
                 blocks[i] = OnOtherStage()
             index += 1
     if stage > 0:
-        for name in spec.embed:
+        for name in stages.embed:
             _drop(model, name)
     if stage < pp - 1:
-        for name in spec.head:
+        for name in stages.head:
             _drop(model, name)
     return mine
-
-
-@dataclass
-class StageSchedule:
-    """The ``stage`` callable of a family's forward on a pipeline rank (one micro-batch per call)."""
-
-    stage: int
-    pp: int
-    prev_rank: int | None
-    next_rank: int | None
-    device: torch.device
-    counter: CommCounter | None = None
-    pending: list = field(default_factory=list)
-
-    @property
-    def first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def last(self) -> bool:
-        return self.stage == self.pp - 1
-
-    def __call__(self, embed: Callable, body: Callable, head: Callable):
-        carry = embed() if self.first else self.recv()
-        carry = body(carry)
-        if self.last:
-            return head(carry)
-        self.send(carry)
-        return None
-
-    def send(self, carry: dict[str, torch.Tensor]) -> None:
-        """Shapes first (they change with the request), then every tensor without waiting."""
-        meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in carry.items()]
-        dist.send_object_list([meta], dst=self.next_rank, device=self.device)
-        for tensor in carry.values():
-            tensor = tensor.contiguous()
-            self.pending.append((dist.isend(tensor, dst=self.next_rank), tensor))
-            if self.counter is not None:
-                self.counter.add("pp_activations", tensor.nbytes, 0)
-
-    def recv(self) -> dict[str, torch.Tensor]:
-        box: list[Any] = [None]
-        dist.recv_object_list(box, src=self.prev_rank, device=self.device)
-        carry = {}
-        for key, shape, dtype in box[0]:
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            dist.recv(tensor, src=self.prev_rank)
-            if self.counter is not None:
-                self.counter.add("pp_activations", 0, tensor.nbytes)
-            carry[key] = tensor
-        return carry
-
-    def wait(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
 
 
 class DiTPipeline:
@@ -231,8 +137,8 @@ class DiTPipeline:
     def last(self) -> bool:
         return self.schedule.last
 
-    def prepare(self, model: nn.Module) -> None:
-        self.blocks = apply_pipeline_stages(model, self.stage, self.pp)
+    def prepare(self, model: nn.Module, stages: StagePlan) -> None:
+        self.blocks = apply_pipeline_stages(model, stages, self.stage, self.pp)
 
     def predict(self, run: Callable[[slice, StageSchedule], torch.Tensor | None], like: torch.Tensor,
                 micro_batches: int = 1) -> torch.Tensor:
@@ -257,5 +163,6 @@ class DiTPipeline:
             self.counter.add("pp_pred", pred.nbytes if self.last else 0, 0 if self.last else pred.nbytes)
         return pred
 
-    def describe(self) -> dict:
-        return {"pp_stage": self.stage, "blocks": [self.blocks.start, self.blocks.stop] if self.blocks else None}
+    def block_range(self) -> tuple[int, int] | None:
+        """``[start, stop)`` of the blocks this stage holds (after ``prepare``)."""
+        return (self.blocks.start, self.blocks.stop) if self.blocks else None

@@ -1,39 +1,52 @@
 """Tensor parallelism for diffusion transformers over the ``tp`` mesh dim, with sliced loading.
 
+A family declares ``TP_PLAN`` (module-name pattern -> split kind) in the same
+vocabulary as the LLM families (``parallel/tensor.py``: ``colwise``,
+``rowwise``, plus the DiT kinds ``colwise_gather`` and ``rowwise_pieces``),
+and every slice is computed by ``tensor.tp_slices``. What differs from the
+LLM is only how the plan is applied, for one reason: a DiT runs a torch
+forward per block over long token sequences, so its ``nn.Linear`` modules
+(with biases, and gathered outputs for adaLN) are swapped for sharded ones on
+the meta model and keep their checkpoint names; the LLM decodes a few tokens
+per step on CPU, where reading pre-packed weight dicts (``models/loader.py``)
+is what makes it fast.
+
 Why not DTensor's ``parallelize_module``: it shards a module that already
 holds full weights, so each rank would first read and hold the whole
-transformer. Here the model is built on the meta device, the linears a
-family declares (``parallel_spec.colwise`` / ``rowwise``) are swapped for
-local shards, and the loader reads only this rank's slice of each tensor
-from safetensors, so per-rank memory is about ``1/tp`` of the sharded
-layers and never more than a single-device run.
+transformer. Here the model is built on the meta device, the declared
+linears are swapped for local shards, and the loader reads only this
+rank's slice of each tensor from safetensors, so per-rank memory is about
+``1/tp`` of the sharded layers and never more than a single-device run.
 
-- column-split linear: this rank's rows of ``weight`` (output features): its
+- ``colwise``: this rank's rows of ``weight`` (output features): its
   attention heads or MLP columns. Heads are inferred from widths downstream.
-- row-split linear: this rank's columns of ``weight``; partial outputs are
-  summed with one all-reduce over ``tp`` and the bias is added once.
-- column-split linear, gathered (``parallel_spec.colwise_gather``): the
-  adaLN modulation linears (``d -> 6d`` per block in Flux/SD3, a third of a
-  Flux double block) feed every token, so each rank computes its rows of the
-  output and one small all-gather of ``[B, 6d/tp]`` rebuilds the vector.
-- row-split linear in pieces (``parallel_spec.rowwise_pieces``): the input is
-  a concat of parts that were column-split separately (Flux's single-block
-  ``proj_out`` reads ``[attention | MLP]``), so this rank's input columns are
-  its slice of each part, read as two slices and joined in the same order.
+- ``rowwise``: this rank's columns of ``weight``; partial outputs are summed
+  with one all-reduce over ``tp`` and the bias is added once.
+- ``colwise_gather``: the adaLN modulation linears (``d -> 6d`` per block in
+  Flux/SD3, a third of a Flux double block) feed every token, so each rank
+  computes its rows of the output and one small all-gather of ``[B, 6d/tp]``
+  rebuilds the vector.
+- ``rowwise_pieces``: the input is a concat of parts that were column-split
+  separately (Flux's single-block ``proj_out`` reads ``[attention | MLP]``),
+  so this rank's input columns are its slice of each part, read as two
+  slices and joined in the same order.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
+from tessera.errors import ConfigError
 from tessera.models.diffusers_loader import Pieces
 from tessera.parallel.comm import GroupComm
 from tessera.parallel.counted import CommCounter
-from tessera.config import ConfigError
+from tessera.parallel.tensor import DIT_SHARD_KINDS, bias_kind, tp_slices
+
+DIT_KINDS = ("colwise", "rowwise") + DIT_SHARD_KINDS  # the kinds a DiT's TP_PLAN may use
 
 
 def check_tp(heads: int, tp: int) -> None:
@@ -80,8 +93,9 @@ class GatheredColumnLinear(nn.Module):
         return out
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def plan_kind(name: str, plan: Mapping[str, str]) -> str | None:
+    """The split kind ``plan`` declares for module ``name`` (fnmatch patterns), or None (replicated)."""
+    return next((kind for pattern, kind in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -90,73 +104,69 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def shard_linears(model: nn.Module, tp_rank: int, tp: int, comm: GroupComm,
-                  counter: CommCounter | None = None) -> Callable[[str, tuple[int, ...]], tuple | None]:
-    """Swap the declared linears of ``model`` (on meta) for local shards; return the slicer for loading."""
-    spec = model.parallel_spec
-    pieces_of = dict(getattr(spec, "rowwise_pieces", ()))
-    plan: dict[str, str] = {}
-    piece_widths: dict[str, list[int]] = {}
+def _pieces_of(name: str, pieces: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    return next((w for pattern, w in pieces.items() if fnmatch.fnmatchcase(name, pattern)), ())
+
+
+def _check_divisible(name: str, kind: str, module: nn.Linear, pieces: tuple[int, ...], tp: int) -> None:
+    """Every rank's share must be equal: gathered outputs and summed inputs need equal shapes."""
+    if kind == "rowwise_pieces":
+        widths = [module.in_features * p // sum(pieces) for p in pieces] if pieces else []
+        if sum(widths) != module.in_features or any(w % tp for w in widths):
+            raise ConfigError(f"{name} reads {module.in_features} input features in parts {widths or '(undeclared)'}, "
+                              f"not each divisible by tp={tp}; use a tp that divides the head count and MLP width")
+        return
+    rows = kind == "rowwise"
+    size = module.in_features if rows else module.out_features
+    if size % tp:
+        raise ConfigError(f"{name} has {size} {'input' if rows else 'output'} features, not divisible by tp={tp}; "
+                          "use a tp that divides the head count and MLP width")
+
+
+def shard_linears(model: nn.Module, plan: Mapping[str, str], pieces: Mapping[str, tuple[int, ...]], tp_rank: int,
+                  tp: int, comm: GroupComm, counter: CommCounter | None = None
+                  ) -> Callable[[str, tuple[int, ...]], tuple | Pieces | None]:
+    """Swap the linears ``plan`` declares in ``model`` (on meta) for local shards; return the slicer for loading."""
+    split: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        pattern = next((p for p in pieces_of if fnmatch.fnmatchcase(name, p)), None)
-        kind = ("col" if _matches(name, spec.colwise) else "row" if _matches(name, spec.rowwise)
-                else "gather" if _matches(name, getattr(spec, "colwise_gather", ()))
-                else "pieces" if pattern is not None else None)
+        kind = plan_kind(name, plan) if isinstance(module, nn.Linear) else None
         if kind is None:
             continue
-        out_f, in_f = module.out_features, module.in_features
-        if kind == "pieces":
-            weights = pieces_of[pattern]
-            widths = [in_f * w // sum(weights) for w in weights]
-            if sum(widths) != in_f or any(w % tp for w in widths):
-                raise ConfigError(f"{name} reads {in_f} input features in parts {widths}, not each divisible "
-                                  f"by tp={tp}; use a tp that divides the head count and MLP width")
-            piece_widths[name] = widths
-        else:
-            size = in_f if kind == "row" else out_f
-            if size % tp:
-                raise ConfigError(f"{name} has {size} {'input' if kind == 'row' else 'output'} features, not "
-                                  f"divisible by tp={tp}; use a tp that divides the head count and MLP width")
+        if kind not in DIT_KINDS:
+            raise ConfigError(f"{name}: split kind {kind!r} is not one a diffusion transformer uses; "
+                              f"use one of {', '.join(DIT_KINDS)}")
+        widths = _pieces_of(name, pieces)
+        _check_divisible(name, kind, module, widths, tp)
+        out_f, in_f, bias = module.out_features, module.in_features, module.bias is not None
         with torch.device("meta"):
-            if kind == "col":
-                new = nn.Linear(in_f, out_f // tp, bias=module.bias is not None)
-            elif kind == "gather":
-                new = GatheredColumnLinear(in_f, out_f // tp, module.bias is not None, comm, counter)
+            if kind == "colwise":
+                new = nn.Linear(in_f, out_f // tp, bias=bias)
+            elif kind == "colwise_gather":
+                new = GatheredColumnLinear(in_f, out_f // tp, bias, comm, counter)
             else:
-                new = RowParallelLinear(in_f // tp, out_f, module.bias is not None, comm, counter)
+                new = RowParallelLinear(in_f // tp, out_f, bias, comm, counter)
         _replace(model, name, new)
-        plan[name] = kind
+        split[name] = (kind, widths)
 
     def slicer(tensor_name: str, shape: tuple[int, ...]):
         module_name, _, param = tensor_name.rpartition(".")
-        kind = plan.get(module_name)
-        if kind is None:
+        if module_name not in split:
             return None
-        if kind in ("col", "gather"):
-            n = shape[0] // tp
-            rows = slice(tp_rank * n, (tp_rank + 1) * n)
-            return (rows, slice(None)) if param == "weight" else (rows,)
-        if param != "weight":
-            return None  # row-split bias is whole (added once after the all-reduce)
-        if kind == "pieces":
-            parts, start = [], 0
-            for width in piece_widths[module_name]:
-                n = width // tp
-                parts.append((slice(None), slice(start + tp_rank * n, start + (tp_rank + 1) * n)))
-                start += width
-            return Pieces(dim=1, parts=tuple(parts))
-        n = shape[1] // tp
-        return (slice(None), slice(tp_rank * n, (tp_rank + 1) * n))
+        kind, widths = split[module_name]
+        ranges = tp_slices(kind if param == "weight" else bias_kind(kind), shape, 1, tp, tp_rank, widths)
+        if ranges is None:
+            return None
+        parts = tuple(tuple(slice(a, b) if d == dim else slice(None) for d in range(len(shape))) for dim, a, b in ranges)
+        return parts[0] if len(parts) == 1 else Pieces(dim=ranges[0][0], parts=parts)
 
     return slicer
 
 
-def tensor_parallel_prepare(comm: GroupComm, tp_rank: int, tp: int, counter: CommCounter | None = None):
+def tensor_parallel_prepare(plan: Mapping[str, str], pieces: Mapping[str, tuple[int, ...]], comm: GroupComm,
+                            tp_rank: int, tp: int, counter: CommCounter | None = None):
     """A ``prepare`` hook for :func:`tessera.models.diffusers_loader.load_transformer`."""
 
     def prepare(model: nn.Module):
-        return shard_linears(model, tp_rank, tp, comm, counter)
+        return shard_linears(model, plan, pieces, tp_rank, tp, comm, counter)
 
     return prepare

@@ -165,3 +165,47 @@ def vocab_logits(h: torch.Tensor, weight: torch.Tensor, vocab: int, comm: GroupC
     """LM head with vocab-split rows: local logits, all-gathered and trimmed to the real vocabulary."""
     local = linear(h, weight)
     return comm.all_gather_cat(local.contiguous(), dim=1)[:, :vocab]
+
+
+# -- kinds the diffusion transformers add (models/pixart.py, sd3.py, flux.py declare them in TP_PLAN) ----------
+#
+# - ``colwise_gather``: a ``colwise`` split whose whole output every rank needs (adaLN modulation vectors
+#   feed every token): each rank computes its rows of the output, one small all-gather rebuilds it.
+# - ``rowwise_pieces``: a ``rowwise`` split of an input that is a concat of separately ``colwise``-split
+#   parts (Flux's single-block ``proj_out`` reads ``[attention heads | MLP columns]``): the rank's input
+#   columns are its share of each part, in the order its own concat has; the part widths are relative
+#   (``pieces``, e.g. ``(1, 4)``).
+# A linear's bias follows its weight for column kinds and is whole for row kinds (added once after the sum).
+
+DIT_SHARD_KINDS = ("colwise_gather", "rowwise_pieces")
+
+
+def tp_slices(kind: str, shape: tuple[int, ...], unit: int, tp: int, rank: int,
+              pieces: tuple[int, ...] = ()) -> tuple[tuple[int, int, int], ...] | None:
+    """This rank's share of a weight as (dim, start, stop) ranges joined in order along dim (None: all of it).
+
+    The LLM kinds give one range (:func:`tp_slice`); ``rowwise_pieces`` gives one range per piece.
+    """
+    if tp == 1 or kind == "replicate":
+        return None
+    if kind == "colwise_gather":
+        kind = "colwise"
+    if kind == "rowwise_pieces":
+        total = sum(pieces)
+        if not pieces or shape[1] % total:
+            raise ConfigError(f"rowwise_pieces: {shape[1]} input features do not split into parts {pieces}")
+        out, start = [], 0
+        for width in (shape[1] * p // total for p in pieces):
+            a, b = split_range(width // unit, tp, rank)
+            out.append((1, start + a * unit, start + b * unit))
+            start += width
+        return tuple(out)
+    one = tp_slice(kind, shape, unit, tp, rank)
+    return None if one is None else (one,)
+
+
+def bias_kind(kind: str) -> str:
+    """How a linear's bias is split when its weight is split by ``kind``."""
+    if kind == "colwise_gather":
+        return "colwise"
+    return kind if kind in ("colwise", "colwise_kv") else "replicate"

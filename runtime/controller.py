@@ -14,6 +14,8 @@ the per-layer path: one engine step is one fan-out.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from typing import Any, Callable, Sequence
 
 from tessera.memory.placement import Placement
 from tessera.config import Timeouts
-from tessera.errors import PlacementError, RankError, WaitTimeout, WorkerDiedError
+from tessera.errors import InfrastructureError, PlacementError, RankError, WaitTimeout, WorkerDiedError
 from tessera.runtime.logs import default_log_level
+from tessera.runtime.health import ClusterMonitor
 from tessera.runtime.ray_env import RayConnection
 from tessera.runtime.worker import Worker
 
@@ -70,7 +73,9 @@ class Controller:
         self.ranks: list[RankInfo] = []
         self.startup_timings: dict[str, float] = {}
         self._placement_groups: list[Any] = []
+        self._bundle_nodes: list[tuple[Any, int, str]] | None = None
         self._connected = False
+        self._monitor: ClusterMonitor | None = None
         self._actor_runtime_env: dict[str, Any] | None = None
         self._started = False
         self._closed = False
@@ -95,7 +100,7 @@ class Controller:
         try:
             self._connect_ray()
             t1 = time.perf_counter()
-            bundle_nodes = self._reserve_bundles()
+            bundle_nodes = self._bundle_nodes = self._reserve_bundles()
             t2 = time.perf_counter()
             self._start_workers(bundle_nodes)
             t3 = time.perf_counter()
@@ -112,10 +117,43 @@ class Controller:
             "total_s": t4 - t0,
         }
         self._started = True
+        self._watch_cluster()
         log.info(
             "%d worker(s) ready as mesh %s in %.2fs", self.world_size, self.placement.plan, t4 - t0
         )
         return self
+
+    def _watch_cluster(self) -> None:
+        import ray
+
+        if self._monitor is None:
+            self._monitor = ClusterMonitor(ray.get_runtime_context().gcs_address,
+                                           lambda: {r.node_id for r in self.ranks}).start()
+
+    def _infrastructure_lost(self, problem: str) -> InfrastructureError:
+        """Stop what tessera started without asking the lost cluster (by pid, on this host); the error to raise."""
+        stopped, elsewhere = self._kill_local_worker_processes()
+        self._started = False
+        where = f"; ranks on other hosts ({', '.join(elsewhere)}) must be stopped there" if elsewhere else ""
+        done = f"tessera stopped its worker processes on this host (pids {stopped})" if stopped else \
+            "tessera's worker processes on this host had already exited"
+        return InfrastructureError(f"{problem}. {done}{where}. Start the Ray cluster again and launch again")
+
+    def _kill_local_worker_processes(self) -> tuple[list[int], list[str]]:
+        import signal
+
+        here = socket.gethostname()
+        stopped, elsewhere = [], []
+        for info in getattr(self, "_node_infos", None) or []:
+            if info["hostname"] != here:
+                elsewhere.append(f"rank {info['rank']} pid {info['pid']} on {info['hostname']}")
+                continue
+            try:
+                os.kill(info["pid"], signal.SIGKILL)
+                stopped.append(info["pid"])
+            except ProcessLookupError:
+                pass
+        return stopped, elsewhere
 
     def _connect_ray(self) -> None:
         if self._connected:
@@ -209,7 +247,9 @@ class Controller:
         self._single_node = len({node for _, _, node in bundle_nodes}) == 1
         env = {"GLOO_SOCKET_IFNAME": "lo"} if self._single_node and self.placement.device == "cpu" else {}
         env.setdefault("DS_ACCELERATOR", self.placement.device)
-        actor_cls = ray.remote(Worker)
+        # A "health" concurrency group answers pings while a call runs, so a stalled rank (stopped,
+        # swapping, stuck in the kernel) is told apart from a busy one in seconds (see _Heartbeats).
+        actor_cls = ray.remote(concurrency_groups={"health": 1})(Worker)
         for rank, (pg, bundle_index, _) in enumerate(bundle_nodes):
             options: dict[str, Any] = dict(
                 num_cpus=bundle.get("CPU", 0.0),
@@ -274,25 +314,41 @@ class Controller:
     def restart(self) -> "Controller":
         """Replace every worker with a fresh one: new actors, process group and mesh, same placement.
 
-        The recovery step after a :class:`WorkerDiedError`: the survivors of a
-        broken process group cannot be trusted (they may be stuck in a
-        collective), so all ranks are rebuilt. Engines reload their shards and
-        replay the requests that were in flight.
+        The recovery step after a fault: the survivors of a broken process group
+        cannot be trusted (they may be stuck in a collective, or stopped), so
+        every rank is killed at once (no graceful shutdown to wait for) and
+        restarted in the same placement-group bundles. Engines reload their
+        shards and replay the requests that were in flight. A failure here
+        leaves the controller restartable (the engines' recovery retries).
         """
+        if self._closed:
+            raise RuntimeError("controller is shut down; it cannot restart")
+        if self._monitor is not None and (problem := self._monitor.check_now()):
+            raise self._infrastructure_lost(problem)
         log.warning("restarting all %d worker(s) of mesh %s", self.world_size, self.placement.plan)
-        self._release_workers()
+        t0 = time.perf_counter()
+        self._kill_workers()
         self._started = False
-        self._closed = False
-        return self.start()
+        try:
+            if self._bundle_nodes is None:
+                self._bundle_nodes = self._reserve_bundles()
+            t1 = time.perf_counter()
+            self._start_workers(self._bundle_nodes)
+            t2 = time.perf_counter()
+            self._init_distributed()
+            t3 = time.perf_counter()
+        except BaseException:
+            self._kill_workers()
+            raise
+        self.startup_timings = {"kill_s": t1 - t0, "worker_start_s": t2 - t1, "process_group_s": t3 - t2,
+                                "total_s": t3 - t0}
+        self._started = True
+        return self
 
-    def _release_workers(self) -> None:
+    def _kill_workers(self) -> None:
+        """Kill every worker actor now (SIGKILL through Ray: also a stopped or stuck process)."""
         import ray
 
-        if not ray.is_initialized():
-            return
-        if self.workers:
-            refs = [w.shutdown.remote() for w in self.workers]
-            ray.wait(refs, num_returns=len(refs), timeout=5.0)
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)
@@ -300,6 +356,17 @@ class Controller:
                 pass
         self.workers = []
         self.ranks = []
+
+    def _release_workers(self) -> None:
+        """Shut workers down (closing their engines, a bounded wait), then kill them and free the bundles."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self.workers:
+            refs = [w.shutdown.remote() for w in self.workers]
+            ray.wait(refs, num_returns=len(refs), timeout=5.0)
+        self._kill_workers()
         from ray.util.placement_group import remove_placement_group
 
         for pg in self._placement_groups:
@@ -308,23 +375,36 @@ class Controller:
             except Exception:  # noqa: BLE001
                 log.warning("could not remove placement group %s", pg.id)
         self._placement_groups = []
+        self._bundle_nodes = None
 
     def shutdown(self) -> None:
-        """Release workers, placement groups and (if started here) Ray; safe to call twice."""
+        """Release workers, placement groups and (if started here) Ray; safe to call twice; bounded.
+
+        When the Ray head is gone, Ray's own calls would block for a minute (and
+        then Ray terminates the process): the workers on this host are stopped
+        by pid instead, and the connection is dropped with a bounded wait.
+        """
         if self._closed:
             return
         self._closed = True
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.stop()
         try:
             import ray
         except ImportError:  # pragma: no cover
             return
+        lost = monitor is not None and (monitor.problem or monitor.check_now())
         try:
-            if ray.is_initialized():
+            if lost:
+                self._kill_local_worker_processes()
+                self.workers, self.ranks = [], []
+            elif ray.is_initialized():
                 self._release_workers()
         finally:
             if self._connected:
                 self._connected = False
-                RayConnection.release()
+                RayConnection.release(bounded_s=10.0 if lost else 30.0)
 
     # -- calls -------------------------------------------------------------------
 
@@ -335,23 +415,32 @@ class Controller:
         kwargs: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         ranks: Sequence[int] | None = None,
+        stall_s: float | None = None,
     ) -> list[Any]:
         """Run ``fn(worker, *args, **kwargs)`` (or worker method ``fn``) on every rank.
 
         Returns the per-rank results in rank order. Raises
         :class:`WorkerDiedError` naming the rank and node of a dead worker,
         :class:`RankError` with each failing rank's exception, and
-        :class:`WaitTimeout` when ranks do not answer in time.
+        :class:`WaitTimeout` when ranks do not answer in time or, with
+        ``stall_s``, when a rank still working on the call stops answering
+        heartbeats for ``stall_s`` seconds (a stalled process).
         """
+        if self._monitor is not None and self._monitor.problem and not self._closed:
+            raise self._infrastructure_lost(self._monitor.problem)
         if not self._started or self._closed:
             raise RuntimeError("controller is not running; call start() (or use it as a context manager)")
         targets = list(range(self.world_size)) if ranks is None else list(ranks)
         refs = [self.workers[r].execute.remote(fn, tuple(args), kwargs) for r in targets]
         name = fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn))
-        return self._gather(refs, targets, timeout_s or self.timeouts.call_s, f"call {name}")
+        if fn == "call" and args:  # name the engine method, not the verb
+            name = getattr(args[1], "__qualname__", name) if len(args) > 1 else name
+        beats = _Heartbeats(self.workers, stall_s) if stall_s else None
+        return self._gather(refs, targets, timeout_s or self.timeouts.call_s, f"call {name}", beats)
 
-    def _gather(self, refs: list[Any], ranks: list[int], timeout_s: float, what: str) -> list[Any]:
-        """Wait for one ref per rank; fail fast on the first dead or failing rank."""
+    def _gather(self, refs: list[Any], ranks: list[int], timeout_s: float, what: str,
+                beats: "_Heartbeats | None" = None) -> list[Any]:
+        """Wait for one ref per rank; fail fast on the first dead, failing or (with ``beats``) stalled rank."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -364,7 +453,16 @@ class Controller:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            done, pending = ray.wait(pending, num_returns=1, timeout=remaining)
+            wait_s = remaining if beats is None else min(remaining, beats.poll_s)
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if beats is not None and pending:
+                stalled = beats.stalled([rank_of[r] for r in pending])
+                if stalled:
+                    raise WaitTimeout(
+                        f"{what}: rank(s) {stalled} stopped answering heartbeats for {beats.stall_s:.1f}s while "
+                        f"working on the call (ranks {sorted(results)} had answered): a stalled process (stopped, "
+                        "swapping, stuck in the kernel)"
+                    )
             for ref in done:
                 rank = rank_of[ref]
                 try:
@@ -386,6 +484,9 @@ class Controller:
                         errors[rank_of[ref]] = err.cause if getattr(err, "cause", None) is not None else err
                     except RayActorError:
                         pass
+                dead = [r for r, state in self.health(timeout_s=2.0).items() if state == "dead"]
+                if dead:  # a rank's error was its peer dying (a broken collective): report the death
+                    raise WorkerDiedError(self._death_message(dead[0], what, None), dead)
                 first_rank = min(errors)
                 raise RankError(
                     f"{what} failed on rank(s) {sorted(errors)}; rank {first_rank}: "
@@ -448,3 +549,37 @@ class Controller:
     def describe(self) -> list[RankInfo]:
         """Where every rank is: node, pid, device and mesh coordinates."""
         return list(self.ranks)
+
+
+class _Heartbeats:
+    """Pings the ranks still working on a call (on their "health" thread); a rank whose ping goes unanswered
+    for ``stall_s`` is stalled. A busy rank answers (computing or waiting in a collective); a stopped one
+    cannot."""
+
+    def __init__(self, workers: list[Any], stall_s: float) -> None:
+        self.workers, self.stall_s = workers, stall_s
+        self.every_s = min(1.0, stall_s / 3)
+        self.poll_s = self.every_s / 2
+        self._ping: dict[int, tuple[Any, float]] = {}  # rank -> (ping ref, sent at)
+        self._answered: dict[int, float] = {}
+
+    def stalled(self, ranks: list[int]) -> list[int]:
+        import ray
+
+        now = time.monotonic()
+        late = []
+        for rank in ranks:
+            entry = self._ping.get(rank)
+            if entry is None:
+                if now - self._answered.get(rank, 0.0) >= self.every_s:
+                    ref = self.workers[rank].ping.options(concurrency_group="health").remote()
+                    self._ping[rank] = (ref, now)
+                continue
+            ref, sent = entry
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                del self._ping[rank]
+                self._answered[rank] = now
+            elif now - sent > self.stall_s:
+                late.append(rank)
+        return late

@@ -297,7 +297,7 @@ class InProcessController:
     def _teardown(self, wait_s: float) -> None:
         calls, self._calls = self._calls, None
         if calls is not None and calls.alive:
-            done = calls.submit(_close_worker_store, self.worker)
+            done = calls.submit(_close_worker_engines, self.worker)
             try:
                 done.result(timeout=wait_s)
             except FutureTimeout:
@@ -323,8 +323,12 @@ class InProcessController:
         kwargs: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         ranks: Sequence[int] | None = None,
+        stall_s: float | None = None,
     ) -> list[Any]:
         """Run ``fn(worker, *args, **kwargs)`` (or worker method ``fn``) on the one rank; returns ``[result]``.
+
+        ``stall_s`` is accepted for the Controller's interface: in this process a call that stops is a
+        call that overruns ``timeout_s``.
 
         Raises what ``fn`` raised, or :class:`WaitTimeout` when it does not return in ``timeout_s``
         (default ``timeouts.call_s``).
@@ -370,17 +374,14 @@ def _ping() -> float:
     return time.time()
 
 
-def _close_worker_store(worker: Worker | None) -> None:
+def _close_worker_engines(worker: Worker | None) -> None:
     """What Worker.shutdown does for engines, without destroying the shared default group."""
     if worker is None:
         return
-    for value in list(worker.store.values()):
-        close = getattr(value, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - shutdown must not fail on one engine
-                log.exception("closing %r failed", value)
-    worker.store.clear()
+    for engine_id in list(worker.engines):
+        try:
+            worker.detach(engine_id)
+        except Exception:  # noqa: BLE001 - shutdown must not fail on one engine
+            log.exception("closing engine %r failed", engine_id)
     if worker.device.type == "cuda":
         torch.cuda.synchronize(worker.device)

@@ -178,14 +178,20 @@ class RayConnection:
             cls._users += 1
 
     @classmethod
-    def release(cls) -> None:
-        """One user fewer; the last one shuts down a Ray this class started."""
+    def release(cls, bounded_s: float = 30.0) -> None:
+        """One user fewer; the last one shuts down a Ray this class started.
+
+        ``ray.shutdown`` gets at most ``bounded_s`` (it blocks when the cluster's
+        head is gone); it then finishes in the background.
+        """
         import ray
 
         with cls._lock:
             cls._users = max(0, cls._users - 1)
             if cls._users == 0 and cls._owned:
-                ray.shutdown()
+                stopper = threading.Thread(target=ray.shutdown, name="tessera-ray-shutdown", daemon=True)
+                stopper.start()
+                stopper.join(bounded_s)
                 cls._owned = cls._embedded = False
                 cls._cleanup()
 

@@ -73,7 +73,7 @@ def ray_session() -> Iterator[object]:
     """One embedded Ray for the whole session: 16 logical CPUs (oversubscribed: cached controllers hold up to 8), private temp dir."""
     import ray
 
-    from tessera.runtime.ray_env import EmbeddedAuth, embedded_ray_kwargs
+    from tessera.runtime.ray_env import embedded_ray_kwargs
 
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     kwargs = embedded_ray_kwargs(
@@ -84,14 +84,13 @@ def ray_session() -> Iterator[object]:
         runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TESSERA_LOG_LEVEL": "WARNING"}},
     )
     temp_dir = kwargs["_temp_dir"]
-    auth = EmbeddedAuth()  # token auth, as every Ray tessera starts (a private 0600 token, nothing in ~/.ray)
-    auth.enable()
+    # The test session's private Ray runs without token auth: tests/test_ray_job.py switches the process's
+    # auth mode back and forth to test EmbeddedAuth itself, which would cut an authenticated session off.
     ray.init(**kwargs)
     try:
         yield ray
     finally:
         ray.shutdown()
-        auth.disable()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

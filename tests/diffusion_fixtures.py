@@ -42,15 +42,29 @@ def tp_split_bytes(model_dir: str) -> tuple[int, int]:
 
     from tessera.models.diffusers_loader import DiffusersDir, load_transformer
 
-    model = load_transformer(DiffusersDir.open(model_dir))
-    spec = model.parallel_spec
-    row = tuple(spec.rowwise) + tuple(p for p, _ in spec.rowwise_pieces)
+    model_path = DiffusersDir.open(model_dir)
+    model = load_transformer(model_path)
+    plan = model_path.module.TP_PLAN
     split = 0
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in tuple(spec.colwise) + tuple(spec.colwise_gather)):
+        kind = next((k for p, k in plan.items() if fnmatch.fnmatchcase(name, p)), None)
+        if kind in ("colwise", "colwise_gather"):
             split += param_bytes(mod)
-        elif any(fnmatch.fnmatchcase(name, p) for p in row):
+        elif kind in ("rowwise", "rowwise_pieces"):
             split += mod.weight.numel() * mod.weight.element_size()
     return param_bytes(model), split
+
+
+class NoWorkers:
+    """A controller stand-in: the plan is there, but any call to a worker fails the test."""
+
+    def __init__(self, degrees):
+        from tessera.config import ParallelPlan
+        from tessera.memory.placement import Placement
+
+        self.placement = Placement(ParallelPlan(degrees), device="cpu")
+
+    def collective_rpc(self, *args, **kwargs):
+        raise AssertionError("a bad plan or request reached the workers")

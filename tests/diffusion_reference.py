@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=12)
 def reference_transformer(model_dir: str):
     from diffusers import DiffusionPipeline
 
@@ -66,24 +66,28 @@ def assert_latents_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert worst <= 1e-4 * scale, f"end-to-end latents differ by {worst} (scale {scale:.1f})"
 
 
-def flux_reference_pred(model_dir: str, latents: torch.Tensor, t: float, embeds) -> torch.Tensor:
-    """FluxPipeline's transformer call (no CFG) on tessera's unpacked latents; returned unpacked."""
+def flux_reference_pred(model_dir: str, latents: torch.Tensor, t: float, embeds,
+                        guidance_scale: float = 3.5) -> torch.Tensor:
+    """FluxPipeline's transformer call (no CFG) on tessera's unpacked latents; returned unpacked.
+    ``guidance_scale`` is embedded when the checkpoint embeds guidance (FLUX.1-dev), as FluxPipeline does."""
     pipe = reference_transformer(model_dir)
     cond, _ = embeds
     b, c, h, w = latents.shape
     packed = pipe._pack_latents(latents, b, c, h, w)
     ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     txt_ids = torch.zeros(cond["text"].shape[1], 3)
+    guidance = torch.full([b], float(guidance_scale)) if pipe.transformer.config.guidance_embeds else None
     with torch.no_grad():
-        out = pipe.transformer(packed, timestep=torch.tensor([t / 1000]).expand(b), guidance=None,
+        out = pipe.transformer(packed, timestep=torch.tensor([t / 1000]).expand(b), guidance=guidance,
                                pooled_projections=cond["pooled"], encoder_hidden_states=cond["text"],
                                txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
     return pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
 
 
-def flux_reference_latents(model_dir: str, prompt: str, steps: int, height: int, width: int, seed: int) -> torch.Tensor:
+def flux_reference_latents(model_dir: str, prompt: str, steps: int, height: int, width: int, seed: int,
+                           guidance_scale: float = 0.0) -> torch.Tensor:
     pipe = reference_transformer(model_dir)
-    out = pipe(prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=0.0,
+    out = pipe(prompt, num_inference_steps=steps, height=height, width=width, guidance_scale=guidance_scale,
                generator=torch.Generator().manual_seed(seed), output_type="latent", max_sequence_length=512)
     return pipe._unpack_latents(out.images, height, width, pipe.vae_scale_factor)
 

@@ -35,7 +35,8 @@ from tessera.models.tiny_diffusion import build_tiny_diffusion
 from tessera.offload.errors import CorruptTierFileError, DiskSpaceError
 from tessera.offload.store import group_spec
 from tessera.offload.tier_file import TierFile, TierFileWriter, write_tier_file
-from tessera.options import DiffusionOptions, LLMOptions, OffloadConfig, PlanningHints, from_mapping
+from tessera.options import (DiffusionOptions, LLMOptions, OffloadConfig, PlanningHints, RecoveryPolicy,
+                             from_mapping)
 from tessera.runtime.diffusion.engine import DiffusionEngine
 from tessera.runtime.llm.engine import LLMEngine, SamplingParams
 from tessera.tests.llm_testing import NEW_TOKENS, local_controller, tiny_refs  # noqa: F401 - fixtures
@@ -423,8 +424,10 @@ BAD_VALUES = {
     LLMOptions: {"dtype": 5, "max_model_len": "8", "block_size": 0.5, "num_kv_blocks": -1, "max_num_seqs": "x",
                  "max_prefill_tokens": True, "record_routing": "yes", "stop_at_eos": 1, "step_timeout_s": "abc",
                  "moe_dispatch": "fast", "decode_steps": 0, "expert_parallel_mode": 3, "expert_map": "abc",
-                 "expert_replicas": 5, "placement_file": 5},
-    DiffusionOptions: {"dtype": "int8", "progress": "no"},
+                 "expert_replicas": 5, "placement_file": 5, "recovery": {"max_restarts": 0}},
+    DiffusionOptions: {"dtype": "int8", "progress": "no", "recovery": {"stall_floor_s": "soon"}},
+    RecoveryPolicy: {"max_restarts": 0, "window_s": -1, "backoff_s": float("nan"), "max_backoff_s": "long",
+                     "poison_faults": 0, "stall_floor_s": 0, "stall_factor": 0.5},
     OffloadConfig: {"device_budget_bytes": "12XB", "host_budget_bytes": -5, "nvme_dir": 5, "reader": "fast",
                     "io_threads": 0, "queue_depth": "deep", "block_size": 1000, "chunk_bytes": 4095,
                     "cache_policy": "fifo", "predictor": "oracle", "predict_top_k": -1, "prefetch_depth": 0,
@@ -448,7 +451,11 @@ def test_every_option_key_rejects_a_wrong_value(cls, key, value):
     with pytest.raises(ConfigError) as err:
         from_mapping(cls, {**REQUIRED.get(cls, {}), key: value}, where)
     text = str(err.value)
-    assert text.startswith(f"{where}: ") and key in text and repr(value) in text, text
+    if isinstance(value, dict):  # a nested options object (recovery): its own key and value are named
+        (inner, bad), = value.items()
+        assert text.startswith(f"{where}: {key}: ") and inner in text and repr(bad) in text, text
+    else:
+        assert text.startswith(f"{where}: ") and key in text and repr(value) in text, text
 
 
 def test_jobspec_fields_are_typed():

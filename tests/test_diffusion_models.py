@@ -12,6 +12,7 @@ from tessera.models.diffusers_loader import DiffusersDir, ModelDirError, load_tr
 from tessera.models.dit_layers import TokenShard, patchify, split_rows
 from tessera.parallel.patch import PatchConfig
 from tessera.runtime.diffusion.request import DiffusionRequest
+from tessera.tests.diffusion_fixtures import tiny_pixart, tiny_sd3  # noqa: F401 - fixtures
 
 
 def _perturb(model, seed=0):
@@ -61,16 +62,17 @@ def test_flux_matches_diffusers(guidance_embeds):
     assert (want - got).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
-def test_sd3_matches_diffusers(qk_norm):
+@pytest.mark.parametrize("qk_norm,dual", [(None, ()), ("rms_norm", ()), ("rms_norm", (0, 2))],
+                         ids=["sd3", "qk-norm", "sd3.5-dual-attention"])
+def test_sd3_matches_diffusers(qk_norm, dual):
     from diffusers import SD3Transformer2DModel
 
     from tessera.models.sd3 import SD3Config, SD3Transformer
 
-    ref = _perturb(SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+    ref = _perturb(SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3 if dual else 2,
                                          attention_head_dim=4, num_attention_heads=4, joint_attention_dim=12,
                                          caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
-                                         pos_embed_max_size=24, qk_norm=qk_norm))
+                                         pos_embed_max_size=24, qk_norm=qk_norm, dual_attention_layers=dual))
     ref.pos_embed.pos_embed.data = SD3Transformer2DModel(  # the table is a fixed buffer, not a weight
         sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=4, num_attention_heads=4,
         caption_projection_dim=16, pos_embed_max_size=24).pos_embed.pos_embed
@@ -143,3 +145,71 @@ def test_tiny_pipeline_is_cached(tmp_path):
     assert {"transformer", "scheduler", "vae", "text_encoder", "tokenizer"} <= {p.name for p in path.iterdir()}
     with pytest.raises(ValueError, match="unknown diffusion family"):
         build_tiny_diffusion("unet", tmp_path / "u")
+
+
+# -- requests refused on the driver, before any worker runs ----------------------------------------------------
+
+BAD_REQUESTS = [
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": "4.5"}, "guidance_scale"),
+    ({"guidance_scale": True}, "guidance_scale"),
+    ({"height": 0}, "height must be an integer >= 8"),
+    ({"width": -64}, "width must be an integer >= 8"),
+    ({"height": 64.0}, "height must be an integer"),
+    ({"width": "64"}, "width must be an integer"),
+    ({"height": 34}, "multiples of 4 pixels"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"steps": -3}, "steps must be an integer >= 1"),
+    ({"steps": 2.5}, "steps must be an integer"),
+    ({"steps": True}, "steps must be an integer"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
+    ({"seed": 2**64}, "seed must be an integer"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"seed": "7"}, "seed must be an integer"),
+    ({"max_sequence_length": 0}, "max_sequence_length must be an integer >= 1"),
+    ({"max_sequence_length": -8}, "max_sequence_length must be an integer >= 1"),
+    ({"max_sequence_length": 16.0}, "max_sequence_length must be an integer"),
+    ({"max_sequence_length": 513}, "max_sequence_length 513 exceeds 512"),
+    ({"max_sequence_length": 100_000}, "use at most 512"),
+    ({"prompts": 123}, "prompts must be a string or a list of strings, got int"),
+    ({"prompts": None}, "prompts must be a string or a list of strings, got NoneType"),
+    ({"prompts": b"a cat"}, "got bytes"),
+    ({"prompts": []}, "prompts must be a non-empty list"),
+    ({"prompts": ["a cat", 3]}, r"prompts\[1\] must be a string, got int"),
+    ({"negative_prompt": [None]}, r"negative_prompt\[0\] must be a string"),
+    ({"negative_prompt": ["x", "y"]}, "2 negative prompts for 1 prompts"),
+    ({"negative_prompt": 5}, "negative_prompt must be a string or a list of strings"),
+    ({"mode": 3}, "mode 3 is unknown"),
+    ({"output": "png"}, "output must be 'image' or 'latent'"),
+    ({"trace": "yes"}, "trace must be true or false"),
+    ({"partial_fraction": float("nan")}, "partial_fraction"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+]
+
+
+def _driver_only_engine(path):
+    """A DiffusionEngine whose controller has no workers: only driver-side validation can run."""
+    from tessera.options import DiffusionOptions
+    from tessera.runtime.diffusion.engine import DiffusionEngine
+    from tessera.runtime.diffusion.protocol import LoadSpec
+    from tessera.tests.diffusion_fixtures import NoWorkers
+
+    return DiffusionEngine(NoWorkers({}), DiffusersDir.open(path), [], DiffusionOptions(progress=False),
+                           LoadSpec(str(path)))
+
+
+@pytest.mark.parametrize("bad,match", BAD_REQUESTS, ids=[f"{next(iter(b))}={b[next(iter(b))]!r}" for b, _ in BAD_REQUESTS])
+def test_bad_requests_are_refused_before_any_worker_runs(tiny_pixart, bad, match):
+    engine = _driver_only_engine(tiny_pixart)
+    kw = {"prompts": "a cat", "steps": 2, "height": 32, "width": 32, **bad}
+    with pytest.raises(ValueError, match=match):
+        engine.generate_images(kw.pop("prompts"), **kw)
+
+
+def test_image_beyond_the_sd3_position_table_is_refused_on_the_driver(tiny_sd3):
+    engine = _driver_only_engine(tiny_sd3)
+    # tiny SD3: VAE factor 2 x patch 2, a 32-patch table: 128 pixels a side at most
+    with pytest.raises(ValueError, match="exceeds this SD3 checkpoint's position table"):
+        engine.generate_images("a cat", steps=1, height=132, width=64)

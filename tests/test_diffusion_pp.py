@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from tessera.tests.diffusion_fixtures import NoWorkers as _NoWorkers
 from tessera.tests.diffusion_fixtures import engine_on, tiny_flux3, tiny_pixart, tiny_sd3  # noqa: F401
 from tessera.tests.diffusion_reference import (
     assert_latents_close,
@@ -65,7 +66,7 @@ def test_pp2_reads_only_its_stage_and_matches_diffusers(make_controller, tiny_pi
         loaded = engine.stats()["loaded_bytes_per_rank"]
         print(f"pp=2 {engine.dir.family}: bytes read per rank {loaded}, single device {total}")
         assert sum(loaded) == total and max(loaded) < total  # every tensor read by exactly one stage
-        assert [i["blocks"] for i in engine.info] == blocks
+        assert [list(i.blocks) for i in engine.info] == blocks
         if engine.dir.family == "pixart":
             last = _pixart(engine, model_dir)
             kinds = last["comm_by_rank"][0]["by_kind"]
@@ -108,19 +109,6 @@ def test_pixart_pp2_x_sp2(make_controller, tiny_pixart):
     assert_latents_close(engine.last["latents"], exact)
 
 
-class _NoWorkers:
-    """A controller stand-in: the plan is there, but any call to a worker fails the test."""
-
-    def __init__(self, degrees):
-        from tessera.memory.placement import Placement
-        from tessera.config import ParallelPlan
-
-        self.placement = Placement(ParallelPlan(degrees), device="cpu")
-
-    def collective_rpc(self, *args, **kwargs):
-        raise AssertionError("a bad plan reached the workers")
-
-
 def test_bad_plans_fail_on_the_driver(tiny_pixart, tiny_flux3):
     from tessera.config import ConfigError
     from tessera.runtime.diffusion.engine import DiffusionEngine
@@ -140,6 +128,7 @@ def test_bad_plans_fail_on_the_driver(tiny_pixart, tiny_flux3):
 
 def test_stages_cut_both_flux_lists_as_one_sequence_by_bytes():
     """No workers: the stage models of a meta Flux partition its state dict; a stage may span both lists."""
+    from tessera.models import flux
     from tessera.models.diffusers_loader import build_transformer
     from tessera.models.dit_layers import OnOtherStage
     from tessera.parallel.dit_pipeline import apply_pipeline_stages, stage_ranges
@@ -152,7 +141,7 @@ def test_stages_cut_both_flux_lists_as_one_sequence_by_bytes():
     ranges = []
     for stage in range(3):
         model = build_transformer("flux", cfg)
-        ranges.append(apply_pipeline_stages(model, stage, 3))
+        ranges.append(apply_pipeline_stages(model, flux.STAGES, stage, 3))
         blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
         here = [isinstance(b, OnOtherStage) for b in blocks]
         assert [i for i, absent in enumerate(here) if not absent] == list(ranges[-1])

@@ -26,11 +26,14 @@ from tessera.offload.tiers import TierBudget
 def test_dit_runner_inputs_follow_the_weights_to_another_device(family, session_tmp):
     from tessera.models.tiny_diffusion import build_tiny_diffusion
     from tessera.runtime.diffusion.request import DiffusionRequest
-    from tessera.runtime.diffusion.runner import DiffusionRunner
+    from tessera.parallel.comm import GroupComm
+    from tessera.runtime.diffusion.protocol import LoadSpec
+    from tessera.runtime.diffusion.worker import DiffusionWorker
 
     path = build_tiny_diffusion(family, session_tmp / f"device-paths-{family}")
-    worker = SimpleNamespace(device=torch.device("meta"), mesh=None, rank=0, world_size=1, plan_degrees={}, store={})
-    runner = DiffusionRunner(worker, str(path))
+    worker = SimpleNamespace(device=torch.device("meta"), mesh=None, rank=0, world_size=1, plan_degrees={},
+                             comm=lambda dim, slot_bytes=None: GroupComm())
+    runner = DiffusionWorker(worker, LoadSpec(str(path)))
     assert {p.device.type for p in runner.model.parameters()} == {"meta"}
     req = DiffusionRequest(prompts=("a red fox",), negative_prompts=("",), steps=2, height=32, width=32,
                            guidance_scale=0.0 if family == "flux" else 4.5, seed=0, mode="exact", warmup_steps=1,

@@ -136,9 +136,9 @@ def _run(ctl, family: str, model_dir: str, dtype: str):
 
 
 def _transformer_devices(worker) -> list[str]:
-    from tessera.runtime.diffusion.runner import STORE_KEY
+    from tessera.runtime.diffusion.engine import ENGINE_ID
 
-    return sorted({p.device.type for p in worker.store[STORE_KEY].model.parameters()})
+    return sorted({p.device.type for p in worker.engines[ENGINE_ID].model.parameters()})
 
 
 @pytest.mark.parametrize("family", list(CASES))

@@ -108,9 +108,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _stage(worker, key):
-    from tessera.runtime.llm.model_runner import STORE_KEY
 
-    return worker.store[STORE_KEY][key].stage
+    return worker.engines[key].stage
 
 
 def _placement_facts(worker, key):

@@ -33,6 +33,19 @@ def _fail(worker):
     raise KeyError("model 'x' is not loaded on rank 0")
 
 
+class _Marker:
+    """A worker-side engine that holds nothing (restart must drop it)."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+
+    def describe(self) -> str:
+        return "marker"
+
+    def close(self) -> None:
+        pass
+
+
 def _sleep(worker, seconds):
     time.sleep(seconds)
     return seconds
@@ -61,9 +74,9 @@ def test_interface_calls_errors_timeouts_restart_and_shutdown():
             ctl.collective_rpc(_sleep, args=(1.5,), timeout_s=0.2)
         assert ctl.health(timeout_s=0.2) == {0: "unresponsive"}
         assert ctl.health(timeout_s=5.0) == {0: "alive"}  # the overrunning call returned
-        ctl.worker.store["marker"] = 1
+        ctl.collective_rpc("attach", args=("marker", _Marker))
         ctl.restart()
-        assert "marker" not in ctl.worker.store and ctl.health() == {0: "alive"}
+        assert "marker" not in ctl.worker.engines and ctl.health() == {0: "alive"}
         assert ctl.collective_rpc(_sleep, args=(0.0,)) == [0.0]
     finally:
         ctl.shutdown()

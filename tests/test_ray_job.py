@@ -34,6 +34,7 @@ model: tiny-moe:mixtral
 plan: {ep: 2}
 prompts: ["the router sends every token"]
 sampling: {max_new_tokens: 6}
+offload: {device_budget_bytes: 64MiB}
 """
 MESH_JOB = "task: mesh\nplan: {pp: 2, tp: 2}\nmesh: {payload_bytes: 4096}\n"
 
@@ -56,6 +57,8 @@ def test_ray_job_submit_runs_tessera(ray_head, tmp_path):
         # the generated tokens and text are in the job's output as the driver printed them
         assert f"tokens {gen['token_ids']}" in proc.stdout and repr(gen["text"]) in proc.stdout
         assert result["plan"] == {"ep": 2}
+        # the job file's offload key reached the engine on every rank: experts came through the expert cache
+        assert len(result["offload"]) == 2 and all(s and s["cache_misses"] > 0 for s in result["offload"])
     else:
         assert "collectives over each dim: all correct" in proc.stdout
         assert result["plan"] == {"pp": 2, "tp": 2} and len(result["placement"]) == 4

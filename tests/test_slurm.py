@@ -30,6 +30,7 @@ model: tiny-moe:mixtral
 plan: {ep: 2, tp: 2}
 prompts: ["the router sends every token"]
 sampling: {max_new_tokens: 6}
+offload: {device_budget_bytes: 64MiB}
 """
 
 
@@ -201,6 +202,8 @@ def test_slurm_submit_two_nodes_runs_a_ray_job_across_both(slurm_cluster, tmp_pa
         if has_engine:
             (gen,) = result["generations"]
             assert 1 <= len(gen["token_ids"]) <= 6 and f"tokens {gen['token_ids']}" in logs
+            # the job file's offload key reached the engine on every rank of both nodes
+            assert len(result["offload"]) == 4 and all(s and s["cache_misses"] > 0 for s in result["offload"])
         else:
             assert "collectives over each dim: all correct" in logs
         by_node = {}

@@ -146,6 +146,8 @@ def execute(jobfile: JobFile, echo: Callable[[str], None] = print) -> dict[str, 
         else:
             result.update(_images(handle, jobfile, echo))
         t_done = time.time()
+        if job.offload is not None and jobfile.task != "mesh":  # what the tiers did, per rank (proof they ran)
+            result["offload"] = handle.offload_stats()
         result["placement"] = [
             {"rank": r.rank, "node_id": r.node_id, "node_ip": r.node_ip, "hostname": r.hostname, "pid": r.pid,
              "device": r.device, "coords": r.coords}

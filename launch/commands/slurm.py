@@ -53,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--env-setup", default="", help="shell lines run first (e.g. 'module load cuda')")
         p.add_argument("--sbatch", action="append", default=[], metavar="--OPT=VALUE", help="extra #SBATCH option")
         p.add_argument("--out", help="where to write the script")
+        p.add_argument("--serve", action="store_true",
+                       help="run `tessera serve` (an OpenAI-compatible HTTP service until the job ends) instead of "
+                       "`tessera run`")
+        p.add_argument("--serve-host", default="127.0.0.1",
+                       help="with --serve: address to listen on (default 127.0.0.1; any other needs $TESSERA_API_KEY "
+                       "in the job's environment)")
+        p.add_argument("--serve-port", type=int, default=8000, help="with --serve: port to listen on (default 8000)")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its code")
     submit.add_argument("--timeout", type=float, default=86400.0, help="give up waiting after this many seconds")
     render.set_defaults(func=_render)
@@ -76,6 +83,7 @@ def _options(args: argparse.Namespace):
         port_base=args.port_base,
         port_stride=args.port_stride, run_root=args.run_root, ready_timeout_s=args.ready_timeout,
         ray_start_args=args.ray_start_args, env_setup=args.env_setup, extra_sbatch=tuple(args.sbatch),
+        serve=args.serve, serve_host=args.serve_host, serve_port=args.serve_port,
     )
 
 

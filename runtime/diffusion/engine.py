@@ -4,10 +4,14 @@ One ``collective_rpc`` per image when no progress bar is shown (the
 denoising loop runs on the workers, SPMD); with the bar, one per denoising
 step, so the driver shows a tqdm bar over steps and records per-step wall
 time. The per-layer exchanges happen between ranks, never through the driver.
-Plans are checked here, before any worker does work: the ``cfg`` degree must
-be 1 or 2, ``tp`` must divide the heads, ``pp`` may not exceed the number of
-transformer blocks, Ulysses needs heads divisible by ``sp x tp``, the image
-must be tall enough to give every ``sp`` rank a row.
+Workers answer with the typed results of ``protocol.py``.
+Plans and requests are checked here, before any worker does work: the
+``cfg`` degree must be 1 or 2, ``tp`` must divide the heads, ``pp`` may not
+exceed the number of transformer blocks, Ulysses needs heads divisible by
+``sp x tp``, the image must be tall enough to give every ``sp`` rank a row
+and fit the checkpoint's position table; prompts, sizes, steps, seeds,
+guidance and ``max_sequence_length`` are validated (``request.py``) with the
+family's limits.
 """
 
 from __future__ import annotations
@@ -17,25 +21,34 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from tessera.errors import ConfigError
 from tessera.models.diffusers_loader import DiffusersDir
 from tessera.options import DiffusionOptions, OffloadConfig, from_mapping
-from tessera.runtime.diffusion.request import DiffusionRequest
-from tessera.runtime.diffusion import runner as _r
+from tessera.runtime.diffusion.protocol import LoadSpec, RequestResult, StepResult, WorkerInfo
+from tessera.runtime.diffusion.request import DiffusionRequest, prompt_tuple
+from tessera.runtime.diffusion.worker import DiffusionWorker, load_worker, run_request
+from tessera.runtime.recovery import FAULTS, Recovery, StepDeadline
 
 ENGINE_ID = "diffusion"  # one diffusion model per set of workers: a new load replaces the old one
-DEFAULTS = {"pixart": {"guidance_scale": 4.5, "steps": 20}, "sd3": {"guidance_scale": 7.0, "steps": 28},
-            "flux": {"guidance_scale": 0.0, "steps": 28}}
 
 
 class DiffusionEngine:
     """Text-to-image on a started :class:`~tessera.runtime.controller.Controller`."""
 
-    def __init__(self, controller: Any, model_dir: DiffusersDir, info: list[dict], options: DiffusionOptions) -> None:
+    def __init__(self, controller: Any, model_dir: DiffusersDir, info: list[WorkerInfo],
+                 options: DiffusionOptions, spec: LoadSpec) -> None:
         self.controller = controller
+        self.spec = spec
+        self.recovery = Recovery(controller, options.recovery, self._reload)
+        ceiling = getattr(getattr(controller, "timeouts", None), "call_s", 600.0)
+        self.deadline = StepDeadline(options.recovery, ceiling)
         self.dir = model_dir
+        self.config = model_dir.module.parse(model_dir.transformer_config)
+        self.defaults = model_dir.module.defaults(self.config)
         self.info = info
         self.options = options
         self.degrees = dict(controller.placement.plan.degrees)
+        self.vae_scale = _vae_scale(model_dir)
         self.last: dict[str, Any] = {}
         self.history: list[dict] = []
 
@@ -58,8 +71,9 @@ class DiffusionEngine:
         model.check_components()  # vae, scheduler, text encoders: a missing config fails here, not per request
         degrees = dict(controller.placement.plan.degrees)
         cls.check_plan(model, degrees, offload=offload)
-        info = controller.collective_rpc(_r.load_runner, args=(ENGINE_ID, str(model.path), opts.dtype, offload))
-        return cls(controller, model, info, opts)
+        spec = LoadSpec(model_dir=str(model.path), dtype=opts.dtype, offload=offload)
+        info = controller.collective_rpc(load_worker, args=(ENGINE_ID, spec))
+        return cls(controller, model, info, opts, spec)
 
     @staticmethod
     def check_plan(model: DiffusersDir, degrees: dict, offload: Any = None) -> None:
@@ -67,7 +81,6 @@ class DiffusionEngine:
         from tessera.models.diffusers_loader import build_transformer
         from tessera.parallel.dit_pipeline import check_pp, count_blocks
         from tessera.parallel.dit_tensor import check_tp
-        from tessera.errors import ConfigError
 
         unsupported = [d for d in degrees if d not in ("sp", "cfg", "tp", "pp", "dp") and degrees[d] > 1]
         if unsupported:
@@ -79,116 +92,173 @@ class DiffusionEngine:
         if degrees.get("cfg", 1) not in (1, 2):
             raise ConfigError(f"cfg degree is {degrees['cfg']}; classifier-free guidance has exactly 2 branches, "
                               "use cfg=2")
-        check_tp(int(model.transformer_config.get("num_attention_heads", 1)), degrees.get("tp", 1))
+        config = model.module.parse(model.transformer_config)  # refuses unsupported flags, naming them
+        check_tp(config.num_heads, degrees.get("tp", 1))
         pp = degrees.get("pp", 1)
         if pp > 1:
-            check_pp(count_blocks(build_transformer(model.family, model.transformer_config)), pp)
+            check_pp(count_blocks(build_transformer(model.family, model.transformer_config), model.module.STAGES), pp)
             if offload is not None:
                 raise ConfigError("offload streams all blocks through one device; with pp > 1 every stage already "
                                   "holds only its blocks: use pp or offload, not both")
 
     def generate_images(self, prompts: str | Sequence[str], *, steps: int | None = None, height: int = 64,
-                        width: int = 64, guidance_scale: float | None = None, seed: int = 0, mode: str = "exact",
+                        width: int = 64, guidance_scale: float | None = None, seed: int | Sequence[int] = 0,
+                        mode: str = "exact",
                         warmup_steps: int = 1, partial_fraction: float = 0.25,
-                        negative_prompt: str | Sequence[str] = "", max_sequence_length: int | None = None,
+                        negative_prompt: str | Sequence[str] | None = "", max_sequence_length: int | None = None,
                         output: str = "image", trace: bool = False) -> list:
         """Return one ``PIL.Image`` per prompt (``output="latent"``: the final latents tensor instead).
 
         ``mode``: "exact", "displaced", "partial" (patch parallel) or "ulysses" (sequence parallel).
         ``warmup_steps``: exact steps before displaced/partial start using stale K/V.
         ``partial_fraction``: share of each neighbour band refreshed per step in "partial" mode.
+        ``steps``, ``guidance_scale``, ``max_sequence_length``: the family's pipeline defaults when None.
+        ``seed``: one seed (one batch-shaped noise draw, as diffusers with one generator), or one per prompt
+        (each prompt's noise drawn alone: its image does not depend on what it is batched with; concurrent
+        requests that share a size, step count, mode and guidance run as one batch this way).
         """
         req = self._request(prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps,
                             partial_fraction, negative_prompt, max_sequence_length, output, trace)
-        ctl = self.controller
         started = time.perf_counter()
-        step_s: list[float] = []
-        step_bytes, step_cpu = [], []  # step_cpu: CPU seconds of the busiest rank per step
-        if not self.options.progress:
-            # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times are
-            # measured there (slowest rank per step)
-            results = ctl.collective_rpc("call", args=(ENGINE_ID, _r.run_request, req))
-            for i in range(req.steps):
-                step_s.append(max(r["steps"][i]["seconds"] for r in results))
-                step_bytes.append(sum(r["steps"][i]["sent_bytes"] for r in results))
-                step_cpu.append(max(r["steps"][i]["cpu_seconds"] for r in results))
-        else:
-            from tqdm.auto import tqdm
-
-            ctl.collective_rpc("call", args=(ENGINE_ID, _r.DiffusionRunner.begin, req))
-            bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
-            for _ in range(req.steps):
-                t0 = time.perf_counter()
-                res = ctl.collective_rpc("call", args=(ENGINE_ID, _r.DiffusionRunner.step))
-                step_s.append(time.perf_counter() - t0)
-                step_bytes.append(sum(r["sent_bytes"] for r in res))
-                step_cpu.append(max(r["cpu_seconds"] for r in res))
-                bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
-                bar.update(1)
-            bar.close()
-            results = ctl.collective_rpc("call", args=(ENGINE_ID, _r.DiffusionRunner.end))
+        per_step, step_s, results = self._run_recovering(req)
+        step_bytes = [sum(s.sent_bytes for s in ranks) for ranks in per_step]
+        step_cpu = [max(s.cpu_seconds for s in ranks) for ranks in per_step]  # the busiest rank per step
         head = results[0]
         self.last = {
             "mode": req.mode, "steps": req.steps, "height": req.height, "width": req.width,
+            "batch": len(req.prompts),
             "seconds": time.perf_counter() - started, "step_seconds": step_s, "step_cpu_seconds": step_cpu,
             "sent_bytes_per_step": step_bytes,
-            "sent_bytes_total": sum(r["comm"]["sent_bytes"] for r in results),
-            "comm_by_rank": [r["comm"] for r in results],
-            "latents": head["latents"],
+            "sent_bytes_total": sum(r.comm.sent_bytes for r in results),
+            "comm_by_rank": [r.comm.as_dict() for r in results],
+            "latents": head.latents,
         }
         if trace:
-            self.last["trace"] = head["trace"]
-            self.last["embeds"] = head["embeds"]
+            self.last["trace"] = [{"t": s.t, "latents": s.latents, "pred": s.pred} for s in head.trace]
+            self.last["embeds"] = head.embeds
         self.history.append({k: v for k, v in self.last.items() if k not in ("latents", "trace", "embeds")})
         if output == "latent":
-            return [head["latents"]]
+            return [head.latents]
         from PIL import Image
 
-        return [Image.fromarray((img * 255).round().clip(0, 255).astype("uint8")) for img in head["images"]]
+        return [Image.fromarray((img * 255).round().clip(0, 255).astype("uint8")) for img in head.images]
+
+    def _run_recovering(self, req: DiffusionRequest):
+        """Run ``req``; after a fault (a rank died, stalled or failed mid-loop) restart every rank, reload and
+        run it again from its seed: the same noise, the same schedule, so the same latents. A request that
+        cannot finish within the restart budget fails with :class:`~tessera.runtime.recovery.RecoveryFailed`."""
+        units = req.steps * len(req.prompts) * req.height * req.width
+        while True:
+            started = time.perf_counter()
+            try:
+                if not self.options.progress:
+                    # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times
+                    # are measured there (slowest rank per step)
+                    results: list[RequestResult] = self.controller.collective_rpc(
+                        "call", args=(ENGINE_ID, run_request, req), timeout_s=self.deadline.seconds(units),
+                        stall_s=self.options.recovery.stall_floor_s)
+                    per_step = [[r.steps[i] for r in results] for i in range(req.steps)]
+                    step_s = [max(s.seconds for s in ranks) for ranks in per_step]
+                else:
+                    per_step, step_s, results = self._run_with_bar(req, units)
+            except FAULTS as fault:
+                record = self.recovery.recover(fault, detect_s=time.perf_counter() - started)
+                replay_started = time.perf_counter()
+                self._replay_record = (record, replay_started)
+                continue
+            elapsed = time.perf_counter() - started
+            self.deadline.record(elapsed, units)
+            replay = getattr(self, "_replay_record", None)
+            if replay is not None:  # this run replayed the interrupted request
+                replay[0].replay_s = elapsed
+                self._replay_record = None
+            return per_step, step_s, results
+
+    def _reload(self) -> None:
+        """Rebuild every rank's shard on the restarted workers (Recovery's reload step)."""
+        self.info = self.controller.collective_rpc(load_worker, args=(ENGINE_ID, self.spec))
+
+    def _run_with_bar(self, req: DiffusionRequest, units: float) -> tuple[list[list[StepResult]], list[float],
+                                                                          list[RequestResult]]:
+        """One rpc per step, timed here, with a live tqdm bar."""
+        from tqdm.auto import tqdm
+
+        ctl = self.controller
+        per_call = self.deadline.seconds(units / req.steps)
+        ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req), timeout_s=per_call)
+        bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
+        per_step, step_s = [], []
+        for _ in range(req.steps):
+            t0 = time.perf_counter()
+            per_step.append(ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.step), timeout_s=per_call))
+            step_s.append(time.perf_counter() - t0)
+            bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
+            bar.update(1)
+        bar.close()
+        return per_step, step_s, ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.end), timeout_s=per_call)
 
     def _request(self, prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps, partial_fraction,
                  negative_prompt, max_sequence_length, output, trace) -> DiffusionRequest:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        defaults = DEFAULTS[self.dir.family]
+        """The validated request: arguments, then what this model and plan allow."""
+        prompts = prompt_tuple(prompts, "prompts")
+        if negative_prompt is None:
+            negative_prompt = ""
+        negatives = (negative_prompt,) * len(prompts) if isinstance(negative_prompt, str) \
+            else prompt_tuple(negative_prompt, "negative_prompt")
+        d = self.defaults
         req = DiffusionRequest(
-            prompts=tuple(prompts), negative_prompts=tuple(negatives),
-            steps=defaults["steps"] if steps is None else steps, height=height, width=width,
-            guidance_scale=defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale),
-            seed=seed, mode=mode, warmup_steps=warmup_steps, partial_fraction=partial_fraction,
-            max_sequence_length=max_sequence_length or {"pixart": 300, "flux": 512, "sd3": 256}[self.dir.family],
+            prompts=prompts, negative_prompts=negatives, steps=d.steps if steps is None else steps, height=height,
+            width=width, guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=seed if isinstance(seed, int) or not isinstance(seed, Sequence) else tuple(seed),
+            mode=mode, warmup_steps=warmup_steps, partial_fraction=partial_fraction,
+            max_sequence_length=d.max_sequence_length if max_sequence_length is None else max_sequence_length,
             output=output, trace=trace,
         )
+        if req.max_sequence_length > d.max_sequence_limit:
+            raise ValueError(f"max_sequence_length {req.max_sequence_length} exceeds {d.max_sequence_limit}, the "
+                             f"longest text this {self.dir.family} pipeline encodes; use at most "
+                             f"{d.max_sequence_limit} (default {d.max_sequence_length})")
         sp, cfg, tp = self.degrees.get("sp", 1), self.degrees.get("cfg", 1), self.degrees.get("tp", 1)
-        if cfg == 2 and not (req.guided and self.info[0]["uses_cfg"]):
+        uses_cfg = self.config.uses_cfg
+        if cfg == 2 and not (req.guided and uses_cfg):
             raise ValueError(f"the plan has cfg=2 but this request has one branch (guidance_scale={req.guidance_scale}"
-                             f"{'; this checkpoint embeds guidance instead of CFG' if not self.info[0]['uses_cfg'] else ''}); "
+                             f"{'; this checkpoint embeds guidance instead of CFG' if not uses_cfg else ''}); "
                              "use guidance_scale > 1 with a CFG model, or a plan without cfg")
         if mode == "ulysses":
-            heads = self.info[0]["heads"]
+            heads = self.config.num_heads
             if heads % (sp * tp):
                 raise ValueError(f"Ulysses needs the {heads} heads divisible by sp x tp = {sp * tp}; "
                                  "use mode='exact' (patch parallel works for any sp)")
-        vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
-        vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
-        patch = 2 if self.dir.family == "flux" else int(self.dir.transformer_config.get("patch_size", 2))
-        unit = vae_scale * patch
+        patch = self.config.row_unit
+        unit = self.vae_scale * patch
         if height % unit or width % unit:
             raise ValueError(f"height and width must be multiples of {unit} pixels for this model "
-                             f"(VAE factor {vae_scale} x patch {patch}); got {height}x{width}")
+                             f"(VAE factor {self.vae_scale} x patch {patch}); got {height}x{width}")
         if height // unit < sp:
             raise ValueError(f"height {height} gives {height // unit} patch rows, fewer than sp={sp} ranks; "
                              f"use height >= {sp * unit}")
+        self.config.check_grid(height // unit, width // unit)
         return req
 
     def stats(self) -> dict:
         """The last request's timing and communication, plus model placement info."""
         last = {k: v for k, v in self.last.items() if k not in ("latents", "trace", "embeds")}
-        per_rank = [i["param_bytes"] for i in self.info]
-        return {"family": self.dir.family, "plan": self.degrees, "param_bytes_per_rank": per_rank,
-                "loaded_bytes_per_rank": [i.get("loaded_bytes") for i in self.info],
-                "requests": len(self.history), "last": last}
+        return {"family": self.dir.family, "plan": self.degrees,
+                "param_bytes_per_rank": [i.param_bytes for i in self.info],
+                "loaded_bytes_per_rank": [i.loaded_bytes for i in self.info],
+                "load_seconds_per_rank": [i.load_s for i in self.info],
+                "requests": len(self.history), "last": last, "recovery": self.recovery.summary()}
+
+    def offload_stats(self) -> list[dict | None]:
+        """Per rank: block-streaming counters (reads, bytes, device peak); None where the blocks are resident."""
+        return self.controller.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.offload_stats))
 
     def close(self) -> None:
         """Drop the model from every rank (the controller stays up)."""
         self.controller.collective_rpc("detach", args=(ENGINE_ID,))
+
+
+def _vae_scale(model_dir: DiffusersDir) -> int:
+    """Pixels per latent pixel: 2 per VAE down block after the first (diffusers' vae_scale_factor)."""
+    vae_cfg = json.loads((model_dir.path / "vae" / "config.json").read_text())
+    return 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from tessera.memory.kv_cache import BlockAllocator
 from tessera.models.checkpoint import CheckpointError, read_config, weight_files
@@ -27,10 +27,11 @@ from tessera.memory.planner import place_llm
 from tessera.parallel.coherent import EXFLOW, check_exflow
 from tessera.parallel.groups import check_llm_plan
 from tessera.parallel.tensor import check_tp
-from tessera.errors import ConfigError, WorkerDiedError
+from tessera.errors import ConfigError
 from tessera.options import DTYPES, LLMOptions, OffloadConfig, SamplingParams, from_mapping
 from tessera.runtime.llm import model_runner as mr
-from tessera.runtime.llm.sampler import SampleSpec
+from tessera.runtime.llm.sampler import NOT_FINITE, SampleSpec
+from tessera.runtime.recovery import FAULTS, Recovery, RecoveryFailed, StepDeadline, fault_kind
 from tessera.runtime.llm.scheduler import Request, Scheduler
 
 log = logging.getLogger("tessera.llm")
@@ -62,6 +63,9 @@ def _load_tokenizer(model_dir: Path):
 class LLMEngine:
     """Generation over a Controller's workers: paged KV, continuous batching, sampling, streaming."""
 
+    # What builds each rank's runner from the LoadSpec (at load and after every recovery).
+    runner_factory = staticmethod(mr.load_runner)
+
     def __init__(self, controller, model_dir: Path, arch, options: LLMOptions, placement, tokenizer, key: str) -> None:
         self.controller = controller
         self.model_dir = model_dir
@@ -81,6 +85,11 @@ class LLMEngine:
         self._counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0,
                           "requests_finished": 0, "requests_failed": 0, "recoveries": 0}
         self.load_s = 0.0
+        self.recovery = Recovery(controller, options.recovery, self._reload)
+        self.deadline = StepDeadline(options.recovery, options.step_timeout_s)
+        self.broken: str | None = None  # set when recovery gave up: every request then fails with this reason
+        # Called with "start", then "done" or "failed", around a recovery (a server reports /health "recovering").
+        self.on_recovery: Callable[[str], None] | None = None
 
     # -- loading ------------------------------------------------------------------------
 
@@ -135,7 +144,7 @@ class LLMEngine:
                            placement.experts, opts.record_routing, opts.expert_parallel_mode, opts.moe_dispatch,
                            offload)
         engine._load_spec = spec
-        engine.shards = controller.collective_rpc("attach", args=(key, mr.load_runner, spec))
+        engine.shards = controller.collective_rpc("attach", args=(key, cls.runner_factory, spec))
         engine.result_rank = next(s.rank for s in engine.shards if s.returns_result)
         engine.load_s = time.perf_counter() - started
         log.info("loaded %s (%s) on %d rank(s) in %.2fs", model_dir.name, arch.architecture, len(engine.shards), engine.load_s)
@@ -148,14 +157,15 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError(f"prompt is text but {self.model_dir} has no tokenizer.json; pass token ids instead")
             return list(self.tokenizer.encode(prompt).ids)
-        ids = list(prompt)
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-            raise ValueError("prompt must be a string or a sequence of integer token ids")
-        return ids
+        if not isinstance(prompt, Sequence) or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompt must be a string or a sequence of integer token ids, got "
+                             f"{type(prompt).__name__}" + (f" holding {next(type(t).__name__ for t in prompt if isinstance(t, bool) or not isinstance(t, int))}"
+                                                            if isinstance(prompt, Sequence) else ""))
+        return list(prompt)
 
     def _validate(self, ids: list[int], sampling) -> SamplingParams:
         if isinstance(sampling, Mapping):
-            sampling = SamplingParams(**sampling)
+            sampling = from_mapping(SamplingParams, sampling, "sampling")
         elif sampling is None:
             sampling = SamplingParams()
         elif not isinstance(sampling, SamplingParams):
@@ -181,6 +191,28 @@ class LLMEngine:
             )
         return sampling
 
+    def check_request(self, prompt, sampling=None) -> tuple[list[int], SamplingParams]:
+        """Tokenize and validate one request without queueing it: (token ids, SamplingParams), or ValueError.
+
+        Reads only what ``load`` fixed (tokenizer, vocabulary, context, cache
+        size), so a server may call it from another thread to answer a bad
+        request at once, before it joins the engine's queue.
+        """
+        ids = self._tokenize(prompt)
+        return ids, self._validate(ids, sampling)
+
+    def check_request(self, prompt, sampling=None) -> tuple[list[int], SamplingParams]:
+        """Tokenize and validate one request without queueing it: (token ids, SamplingParams), or ValueError.
+
+        Reads only what ``load`` fixed (tokenizer, vocabulary, context, cache
+        size), so a server may call it from another thread to answer a bad
+        request at once, before it joins the engine's queue.
+        """
+        if self.broken is not None:
+            raise ValueError(self.broken)
+        ids = self._tokenize(prompt)
+        return ids, self._validate(ids, sampling)
+
     def add_request(self, prompt, sampling=None) -> str:
         """Queue one request; it joins the batch at the next step. Invalid requests fail alone.
 
@@ -189,10 +221,9 @@ class LLMEngine:
         """
         request_id = f"req-{next(self._ids)}"
         try:
-            ids = self._tokenize(prompt)
-            params = self._validate(ids, sampling)
+            ids, params = self.check_request(prompt, sampling)
         except (ValueError, TypeError) as err:
-            prompt_ids = list(prompt) if not isinstance(prompt, str) else []
+            prompt_ids = [t for t in prompt if isinstance(t, int)] if isinstance(prompt, (list, tuple)) else []
             self.errors[request_id] = GenerationResult(request_id, prompt_ids, [], None, "error", str(err))
             self._counters["requests_failed"] += 1
             return request_id
@@ -209,34 +240,86 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[str, int, bool]]:
-        """Run one engine step; returns (request id, new token, finished) for each running request."""
+        """Run one engine step; returns (request id, new token, finished) for each request that advanced.
+
+        A fault (a worker died, stalled or raised mid-step) is recovered here
+        (:class:`~tessera.runtime.recovery.Recovery`): every rank restarts, the
+        shards reload, and the requests in flight recompute their KV from their
+        prompt and output at their next step, so no request is lost and seeded
+        tokens are the same. The requests of the failed step then run one at a
+        time once, so a request that keeps killing workers is found and failed
+        alone. When the restart budget is spent, the requests fail with the reason.
+        """
         if self._closed:
             raise RuntimeError("engine is closed")
+        if self.broken is not None:
+            self._fail_all(self.broken)
+            return []
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if any(s.request.suspect for s in batch):
+            return self._step_one_at_a_time(batch)
+        try:
+            output, elapsed, steps = self._run(batch)
+        except FAULTS as fault:
+            for s in batch:
+                s.request.suspect = True
+            self._recover(fault)
+            return []
+        return self._apply(batch, output, elapsed, steps)
+
+    def _step_one_at_a_time(self, batch) -> list[tuple[str, int, bool]]:
+        """After a fault: each request of the step alone, so a poison request fails alone."""
+        out = []
+        for s in batch:
+            if s.request.finished:
+                continue
+            try:
+                output, elapsed, steps = self._run([s])
+            except FAULTS as fault:
+                s.request.solo_faults += 1
+                if s.request.solo_faults >= self.options.recovery.poison_faults:
+                    self._fail(s.request, f"request {s.request.request_id} crashed the workers {s.request.solo_faults} "
+                                          f"times when run alone ({fault_kind(fault)}: {str(fault).splitlines()[0]}); "
+                                          "failed alone, the other requests go on")
+                self._recover(fault)
+                return out
+            s.request.suspect = False
+            out += self._apply([s], output, elapsed, steps)
+        return out
+
+    def _run(self, batch):
+        """One call for ``batch`` (several decode steps when nothing waits): (StepOutput, seconds, steps)."""
         seqs = tuple(
             mr.StepSeq(
                 s.token_ids, s.start, tuple(s.request.blocks),
                 SampleSpec(s.request.sampling.temperature, s.request.sampling.top_k, s.request.sampling.top_p,
-                           s.request.seed, len(s.request.output)),
+                           s.request.seed, len(s.request.output))
+                if s.samples else None,  # a prefill chunk that does not end its prompt samples nothing
             )
             for s in batch
         )
         steps = self._decode_steps(batch)
         if steps > 1:
-            call = ("call", (self.key, mr.ModelRunner.decode_steps, mr.StepBatch(seqs), steps,
-                             tuple(s.request.stop_ids for s in batch)))
+            call = (self.key, mr.ModelRunner.decode_steps, mr.StepBatch(seqs), steps,
+                    tuple(s.request.stop_ids for s in batch))
         else:
-            call = ("call", (self.key, mr.ModelRunner.step, mr.StepBatch(seqs)))
+            call = (self.key, mr.ModelRunner.step, mr.StepBatch(seqs))
+        units = sum(len(s.token_ids) for s in batch) * steps
         started = time.perf_counter()
         try:
-            results = self.controller.collective_rpc(*call, timeout_s=self.options.step_timeout_s)
-        except WorkerDiedError as err:
-            self._recover(batch, err)
-            results = self.controller.collective_rpc(*call, timeout_s=self.options.step_timeout_s)
+            results = self.controller.collective_rpc("call", args=call, timeout_s=self.deadline.seconds(units),
+                                                     stall_s=self.options.recovery.stall_floor_s)
+        except FAULTS as fault:
+            fault.detect_s = time.perf_counter() - started
+            raise
         elapsed = time.perf_counter() - started
-        per_seq = results[self.result_rank].tokens
+        self.deadline.record(elapsed, units)
+        return results[self.result_rank], elapsed, steps
+
+    def _apply(self, batch, output, elapsed: float, steps: int) -> list[tuple[str, int, bool]]:
+        """Record a step's tokens on the driver (the source of truth for replays)."""
         prefill = sum(len(s.token_ids) for s in batch if s.is_prefill)
         c = self._counters
         c["steps"] += 1
@@ -244,12 +327,17 @@ class LLMEngine:
             c["prefill_tokens"] += prefill
             c["prefill_s"] += elapsed
         else:
-            c["decode_tokens"] += sum(len(t) for t in per_seq)
+            c["decode_tokens"] += sum(len(t) for t in output.tokens)
             c["decode_s"] += elapsed
         out = []
-        for s, new_tokens in zip(batch, per_seq):
+        for s, new_tokens in zip(batch, output.tokens):
             r = s.request
+            r.num_computed = s.start + len(s.token_ids)  # also after a chunk that sampled nothing
             for i, token in enumerate(new_tokens):
+                if token == NOT_FINITE:
+                    self._fail(r, "the model's logits for this request were not finite (NaN or inf): the checkpoint's "
+                                  "weights or this prompt overflow the model dtype; try float32")
+                    break
                 r.num_computed = s.start + len(s.token_ids) + i
                 r.output.append(token)
                 if token in r.stop_ids:
@@ -261,12 +349,15 @@ class LLMEngine:
                 out.append((r.request_id, token, r.finished))
                 if r.finished:
                     break
+        if self.recovery.records and self.recovery.records[-1].replay_s == 0.0 and self._replaying:
+            self.recovery.records[-1].replay_s = elapsed  # the first step after a recovery recomputes the KV
+            self._replaying = False
         return out
 
     def _decode_steps(self, batch) -> int:
         """How many decode steps the next call may run: >1 only when every sequence decodes,
         nothing waits to join, there is one pipeline stage, and every sequence has that many tokens left."""
-        if self.options.decode_steps == 1 or self.scheduler.waiting or any(s.is_prefill for s in batch):
+        if self.options.decode_steps == 1 or self.scheduler.has_prefill() or any(s.is_prefill for s in batch):
             return 1
         if self.controller.placement.plan.degree("pp") != 1:
             return 1
@@ -277,35 +368,64 @@ class LLMEngine:
         )
         return max(1, min(self.options.decode_steps, left))
 
-    def _recover(self, batch, err: Exception) -> None:
-        """A worker died: rebuild every rank, reload the shards, rebuild the KV of the batch.
+    _replaying = False
 
-        The driver holds every request's prompt and output, so nothing is lost:
-        a decoding sequence gets its cache back from one prefill of
-        ``prompt + output[:-1]`` (the token it samples is dropped: the request
-        already has it), then the failed step runs again. Sampling is seeded by
-        (request seed, token index), so the replayed tokens are identical.
+    def _recover(self, fault: BaseException) -> None:
+        """A fault: restart every rank, reload the shards; every running request recomputes its KV next step.
+
+        The driver holds every request's prompt and output, so nothing is lost: a
+        request's next step feeds ``prompt + output`` (not yet in the new cache)
+        and samples the next token; sampling is seeded by (request seed, token
+        index), so the replayed tokens are identical.
         """
-        log.warning("%s; restarting the workers and replaying %d request(s) in flight", err, len(batch))
-        self.controller.restart()
-        self.shards = self.controller.collective_rpc("attach", args=(self.key, mr.load_runner, self._load_spec))
-        rebuild = tuple(
-            mr.StepSeq(tuple(s.request.prompt + s.request.output[:-1]), 0, tuple(s.request.blocks),
-                       SampleSpec(0.0, 0, 1.0, s.request.seed, 0))
-            for s in batch
-            if not s.is_prefill
-        )
-        if rebuild:
-            self.controller.collective_rpc("call", args=(self.key, mr.ModelRunner.step, mr.StepBatch(rebuild)),
-                                           timeout_s=self.options.step_timeout_s)
+        log.warning("%s; restarting the workers and replaying %d request(s) in flight", fault,
+                    len(self.scheduler.running))
+        self._tell("start")
+        try:
+            self.recovery.recover(fault, detect_s=getattr(fault, "detect_s", 0.0))
+        except RecoveryFailed as failed:
+            self.broken = f"the workers could not be recovered: {failed}"
+        except Exception as err:  # noqa: BLE001 - e.g. the placement cannot be satisfied any more
+            self.broken = f"the workers could not be restarted: {type(err).__name__}: {err}"
+        if self.broken is not None:
+            self._fail_all(self.broken)
+            self._tell("failed")
+            return
+        for r in self.scheduler.running:
+            # The new workers' caches are empty: each request feeds prompt + output again (in prefill-budget
+            # chunks, like any prompt) before it decodes on.
+            r.num_computed = 0
+        self._replaying = True
         self._counters["recoveries"] += 1
+        self._tell("done")
+
+    def _tell(self, state: str) -> None:
+        if self.on_recovery is not None:
+            self.on_recovery(state)
+
+    def _reload(self) -> None:
+        """Attach this model's shards to the restarted workers (Recovery's reload step)."""
+        self.shards = self.controller.collective_rpc("attach", args=(self.key, self.runner_factory, self._load_spec))
+
+    def _fail(self, request: Request, message: str) -> None:
+        """Finish ``request`` with an error (its KV blocks freed); the others go on."""
+        request.error = message
+        self.scheduler.finish(request, "error")
+        self._counters["requests_failed"] += 1
+
+    def _fail_all(self, message: str) -> None:
+        for request in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if request in self.scheduler.waiting:
+                self.scheduler.waiting.remove(request)
+            self._fail(request, message)
 
     def result(self, request_id: str) -> GenerationResult:
         if request_id in self.errors:
             return self.errors[request_id]
         r = self.requests[request_id]
         text = self.tokenizer.decode(r.output) if self.tokenizer is not None else None
-        return GenerationResult(r.request_id, list(r.prompt), list(r.output), text, r.finish_reason or "running")
+        return GenerationResult(r.request_id, list(r.prompt), list(r.output), text, r.finish_reason or "running",
+                                r.error)
 
     def _pop(self, request_id: str) -> GenerationResult:
         res = self.result(request_id)
@@ -322,7 +442,8 @@ class LLMEngine:
         request with a bad prompt or bad sampling parameters gets ``finish_reason
         "error"`` and its message; the others run normally.
         """
-        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0
+                                              and isinstance(prompts[0], int) and not isinstance(prompts[0], bool))
         plist = [prompts] if single else list(prompts)
         if isinstance(sampling, (list, tuple)):
             if len(sampling) != len(plist):
@@ -333,8 +454,12 @@ class LLMEngine:
         ids = [self.add_request(p, s) for p, s in zip(plist, slist)]
         pending = {i for i in ids if i not in self.errors}
         while pending:
-            if not self.step() and self.scheduler.running == [] and self.scheduler.waiting:
-                raise RuntimeError("scheduler made no progress: the KV cache cannot hold the next request")
+            self.step()
+            if not self.scheduler.running and self.scheduler.waiting and pending:
+                for request in list(self.scheduler.waiting):  # nothing runs and nothing can be admitted
+                    self.scheduler.waiting.remove(request)
+                    self._fail(request, "the KV cache cannot hold this request next to the others; load the engine "
+                                        "with a larger num_kv_blocks or ask for fewer max_new_tokens")
             pending = {i for i in pending if not self.requests[i].finished}
         return [self._pop(i) for i in ids]
 
@@ -392,6 +517,8 @@ class LLMEngine:
             load_s=self.load_s,
             kv_blocks_total=self.allocator.num_blocks,
             kv_blocks_free=self.allocator.num_free,
+            recovery=self.recovery.summary(),
+            broken=self.broken,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
             shards=[dataclasses.asdict(s) for s in self.shards],

@@ -33,8 +33,8 @@ from tessera.models.registry import family_for
 from tessera.options import OffloadConfig
 from tessera.parallel.groups import LLMGroups, llm_groups
 from tessera.parallel.parallelize import parallelize_moe_stage
-from tessera.parallel.pipeline import micro_batches, run_pipeline
-from tessera.runtime.llm.sampler import SampleSpec, sample
+from tessera.parallel.pipeline import StageSchedule, micro_batches
+from tessera.runtime.llm.sampler import NOT_FINITE, SampleSpec, sample
 
 log = logging.getLogger("tessera.llm.runner")
 
@@ -63,7 +63,7 @@ class StepSeq:
     token_ids: tuple[int, ...]
     start: int
     block_table: tuple[int, ...]
-    sample: SampleSpec | None  # None: no token wanted (not used by the engine today)
+    sample: SampleSpec | None  # None: no token wanted (a prefill chunk that does not end its prompt; a KV rebuild)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,11 @@ class StepBatch:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What the result rank returns: per sequence, the tokens sampled (one per decode step run), and logits if asked."""
+    """What the result rank returns: per sequence, the tokens sampled (one per decode step run; none for a
+    sequence that asked for none), and logits if asked.
+
+    A token equal to ``sampler.NOT_FINITE`` means that sequence's logits were not finite (its request fails alone).
+    """
 
     tokens: tuple[tuple[int, ...], ...]
     logits: tuple[torch.Tensor, ...] | None = None
@@ -103,6 +107,7 @@ class ModelRunner:
     first: bool
     last: bool
     info: ShardInfo
+    schedule: StageSchedule
     stats: dict[str, float] = field(default_factory=lambda: {"steps": 0, "tokens": 0, "compute_s": 0.0})
 
     def describe(self) -> ShardInfo:
@@ -124,7 +129,7 @@ class ModelRunner:
         st, g = self.stage, self.groups
         arch = st.arch
         dtype = next(iter(st.params.values()))["attn_norm"].dtype if st.params else torch.float32
-        tokens: list[int] = []
+        tokens: list[tuple[int, ...]] = []
         logits_out: list[torch.Tensor] = []
 
         def start(chunk):
@@ -152,23 +157,24 @@ class ModelRunner:
                 logits_out.extend(logits[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
             elif batch.return_logits == "last":
                 logits_out.extend(last)
-            tokens.extend(sample(last.cpu(), [s.sample for s in chunk]))  # seeded CPU generators
+            wanted = [i for i, s in enumerate(chunk) if s.sample is not None]
+            drawn = iter(sample(last[wanted].cpu(), [chunk[i].sample for i in wanted]) if wanted else [])  # seeded CPU generators
+            tokens.extend((next(drawn),) if s.sample is not None else () for s in chunk)
 
         chunk_meta: dict[int, Any] = {}
-        chunks = micro_batches(list(batch.seqs), g.pp)
         with torch.inference_mode():
-            run_pipeline(
-                chunks, self.first, self.last, g.prev_rank, g.next_rank,
-                tokens_of=lambda c: sum(len(s.token_ids) for s in c), hidden=arch.hidden_size, dtype=dtype,
-                start=start, body=body, finish=finish,
-            )
+            for chunk in micro_batches(list(batch.seqs), g.pp):  # stages overlap on micro-batches of sequences
+                rows = sum(len(s.token_ids) for s in chunk)
+                self.schedule(lambda: {"h": start(chunk)}, lambda c: {"h": body(chunk, c["h"])},
+                              lambda c: finish(chunk, c["h"]), expect={"h": ((rows, arch.hidden_size), dtype)})
+            self.schedule.wait()
         self.stats["steps"] += 1
         self.stats["tokens"] += sum(len(s.token_ids) for s in batch.seqs)
         self.stats["compute_s"] += time.perf_counter() - started
         if not (self.returns_result or every_rank_samples):
             return None
         logits = tuple(t.cpu().clone() for t in logits_out) if batch.return_logits != "none" else None
-        return StepOutput(tuple((t,) for t in tokens), logits)
+        return StepOutput(tuple(tokens), logits)
 
     def decode_steps(self, batch: StepBatch, steps: int, stop_ids: tuple[frozenset[int], ...]) -> StepOutput | None:
         """Up to ``steps`` decode steps in one call, so the driver is not on the per-token path.
@@ -193,7 +199,7 @@ class ModelRunner:
             tokens = self.step(StepBatch(step_seqs), every_rank_samples=True).tokens
             for i, (token,) in zip(active, tokens):
                 out[i].append(token)
-            active = [i for i in active if out[i][-1] not in stop_ids[i]]
+            active = [i for i in active if out[i][-1] not in stop_ids[i] and out[i][-1] != NOT_FINITE]
             if not active:
                 break
         return StepOutput(tuple(tuple(t) for t in out)) if self.returns_result else None
@@ -259,4 +265,5 @@ def load_runner(worker, spec: LoadSpec) -> ModelRunner:
         load_s=load_s,
         returns_result=last and groups.moe_rank == 0,
     )
-    return ModelRunner(spec, stage, groups, first, last, info)
+    schedule = StageSchedule(groups.pp_rank, groups.pp, groups.prev_rank, groups.next_rank, worker.device)
+    return ModelRunner(spec, stage, groups, first, last, info, schedule)

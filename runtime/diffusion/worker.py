@@ -1,20 +1,24 @@
 """The worker-side half of the diffusion engine: one denoising loop per rank (SPMD).
 
-The driver calls these module functions through ``collective_rpc``:
-``load_runner`` once, then per request either ``run_request`` (the whole
-denoising loop runs here: one fan-out per image) or, when the driver shows a
-live progress bar, ``begin_request``, ``run_step`` once per denoising step
-and ``end_request``. Every rank keeps the latent
-rows of its patch band; ranks exchange activations only inside attention
-(``parallel/patch.py``, ``parallel/ulysses.py``) and predictions over the
-``cfg`` dim (``parallel/cfg.py``). Prompt encoding and VAE decoding happen on
-global rank 0 only, so text encoders and the VAE are not replicated.
+The driver attaches one :class:`DiffusionWorker` per rank (``load_worker``,
+from a typed :class:`~tessera.runtime.diffusion.protocol.LoadSpec`), then per
+request either calls ``run_request`` (the whole denoising loop runs here: one
+fan-out per image) or, when the driver shows a live progress bar,
+``DiffusionWorker.begin``, ``step`` once per denoising step and ``end``.
+Answers are the frozen dataclasses of ``protocol.py``. Every rank keeps the
+latent rows of its patch band; ranks exchange activations only inside
+attention (``parallel/patch.py``, ``parallel/ulysses.py``) and predictions
+over the ``cfg`` dim (``parallel/cfg.py``). Prompt encoding and VAE decoding
+happen on global rank 0 only, so text encoders and the VAE are not
+replicated. Everything family-specific comes from the family file
+(``DiffusersDir.module``: its ``Pipeline``, ``TP_PLAN``, ``STAGES``,
+``JOINT_TEXT``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import time
 from typing import Any
 
@@ -22,38 +26,32 @@ import torch
 import torch.distributed as dist
 
 from tessera.models.diffusers_loader import DiffusersDir, load_transformer
+from tessera.models.dit_family import Conditioning
 from tessera.models.dit_layers import TokenShard, local_self_attention, split_rows
 from tessera.parallel.cfg import COND, cfg_batched_combine, cfg_parallel_combine
 from tessera.parallel.counted import CommCounter, gather_tokens
 from tessera.parallel.patch import PatchParallelAttention
 from tessera.parallel.ulysses import UlyssesAttention, check_ulysses_heads
-from tessera.runtime.diffusion.families import Conditioning, adapter_for
+from tessera.runtime.diffusion.protocol import LoadSpec, RequestResult, RequestStart, StepResult, TraceStep, WorkerInfo
 from tessera.runtime.diffusion.request import DiffusionRequest
 
-log = logging.getLogger("tessera.diffusion")
-
-_JOINT_TEXT = ("flux", "sd3")  # families whose text is a token stream of joint attention (PixArt: cross-attention)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHM_SLOT_BYTES = 8 << 20  # per rank: a 1024-token Flux exchange fits; larger ones go through gloo
 
 
 def _degree(worker: Any, dim: str) -> int:
     return int(getattr(worker, "plan_degrees", {}).get(dim, 1))
 
 
-SHM_SLOT_BYTES = 8 << 20  # per rank: a 1024-token Flux exchange fits; larger ones go through gloo
+class DiffusionWorker:
+    """Per-rank state: the (possibly sharded) transformer, its family's pipeline, and the request in flight."""
 
-
-
-
-class DiffusionRunner:
-    """Per-rank state: the (possibly sharded) transformer, and the request in flight."""
-
-    def __init__(self, worker: Any, model_dir: str, dtype: str = "float32", offload: Any = None) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    def __init__(self, worker: Any, spec: LoadSpec) -> None:
         self.worker = worker
-        self.dir = DiffusersDir.open(model_dir)
-        self.dtype = _DTYPES[dtype]
+        self.spec = spec
+        self.dir = DiffusersDir.open(spec.model_dir)
+        self.family = self.dir.module
+        self.dtype = _DTYPES[spec.dtype]
         self.device = worker.device
         self.sp = _degree(worker, "sp")
         self.cfg = _degree(worker, "cfg")
@@ -69,7 +67,8 @@ class DiffusionRunner:
         if self.tp > 1:
             from tessera.parallel.dit_tensor import tensor_parallel_prepare
 
-            tp_prepare = tensor_parallel_prepare(worker.comm("tp", SHM_SLOT_BYTES), coords.get("tp", 0), self.tp,
+            tp_prepare = tensor_parallel_prepare(self.family.TP_PLAN, self.family.TP_PIECES,
+                                                 worker.comm("tp", SHM_SLOT_BYTES), coords.get("tp", 0), self.tp,
                                                  self.counter)
         if _degree(worker, "pp") > 1:  # pipeline stages: only this stage's blocks are built and read
             from tessera.parallel.dit_pipeline import DiTPipeline
@@ -78,19 +77,19 @@ class DiffusionRunner:
 
         def prepare(model):
             if self.pipe is not None:
-                self.pipe.prepare(model)
+                self.pipe.prepare(model, self.family.STAGES)
             return tp_prepare(model) if tp_prepare is not None else None
 
         started = time.perf_counter()
         self.loaded: dict = {}
         self.model = load_transformer(self.dir, self.device, self.dtype, prepare=prepare, report=self.loaded)
-        self.offload, self.offloaded = offload, None
-        if offload is not None:  # tessera.offload: transformer blocks streamed stage by stage within a budget
+        self.offloaded = None
+        if spec.offload is not None:  # tessera.offload: transformer blocks streamed stage by stage within a budget
             from tessera.offload.modules import offload_model_blocks
 
-            self.offloaded = offload_model_blocks(self.model, offload, self.device, tag=f"rank{worker.rank}")
+            self.offloaded = offload_model_blocks(self.model, spec.offload, self.device, tag=f"rank{worker.rank}")
         self.load_s = time.perf_counter() - started
-        self.adapter = adapter_for(self.dir, self.model)
+        self.pipeline = self.family.Pipeline(self.dir, self.model)
         vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
         self.vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
         self.vae = None
@@ -100,26 +99,28 @@ class DiffusionRunner:
     def close(self) -> None:
         if self.req is not None and self.attn is not None:
             self.attn.finish()
-        if getattr(self, "offloaded", None) is not None:
+        if self.offloaded is not None:
             self.offloaded.close()
             self.offloaded = None
         self.model = None
 
-    def describe(self) -> dict:
+    def offload_stats(self) -> dict | None:
+        """This rank's block-streaming counters (reads, bytes, peaks); None when the blocks are resident."""
+        return self.offloaded.stats() if self.offloaded is not None else None
+
+    def describe(self) -> WorkerInfo:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"family": self.dir.family, "param_bytes": params, "load_s": self.load_s,
-                "uses_cfg": self.adapter.uses_cfg, "loaded_bytes": self.loaded.get("bytes_read"),
-                "heads": self.model.num_heads, "rank": self.worker.rank,
-                **(self.pipe.describe() if self.pipe is not None else {})}
+        return WorkerInfo(rank=self.worker.rank, param_bytes=params, loaded_bytes=self.loaded["bytes_read"],
+                          load_s=self.load_s, blocks=self.pipe.block_range() if self.pipe is not None else None)
 
     # -- one request ---------------------------------------------------------------
 
-    def begin(self, req: DiffusionRequest) -> dict:
+    def begin(self, req: DiffusionRequest) -> RequestStart:
         if self.req is not None and self.attn is not None:
             self.attn.finish()
         self.req = req
         self.counter.reset()
-        unit = self.adapter.row_unit
+        unit = self.model.config.row_unit
         lat_h, lat_w = req.height // self.vae_scale, req.width // self.vae_scale
         if req.height % self.vae_scale or req.width % self.vae_scale or lat_h % unit or lat_w % unit:
             step = self.vae_scale * unit
@@ -135,8 +136,8 @@ class DiffusionRunner:
         payload: list[Any] = [None]
         if self.worker.rank == 0:
             try:
-                cond, uncond = self.adapter.encode(list(req.prompts), list(req.negative_prompts),
-                                                   req.max_sequence_length)
+                cond, uncond = self.pipeline.encode(list(req.prompts), list(req.negative_prompts),
+                                                    req.max_sequence_length)
                 payload = [(cond.tensors, uncond.tensors)]
             except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then all raise
                 payload = [f"{type(err).__name__}: {err}"]
@@ -146,7 +147,7 @@ class DiffusionRunner:
             self.req = None
             raise RuntimeError(f"prompt encoding failed on rank 0: {payload[0]}")
         cond, uncond = (Conditioning({k: v.to(self.device) for k, v in d.items()}) for d in payload[0])
-        self.guided = req.guided and self.adapter.uses_cfg
+        self.guided = req.guided and self.model.config.uses_cfg
         if not self.guided:
             self.text = cond
         elif self.cfg == 2:
@@ -157,16 +158,14 @@ class DiffusionRunner:
         self.text_counts = self._shard_text(req)
         # Same noise as diffusers' randn_tensor with a CPU generator, then this rank's rows.
         self.scheduler = self._fresh_scheduler()
-        self.timesteps = self.adapter.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
-        shape = (len(req.prompts), self.adapter.latent_channels, lat_h, lat_w)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(req.seed), dtype=torch.float32)
+        self.timesteps = self.pipeline.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
+        noise = req.noise(self.pipeline.latent_channels, lat_h, lat_w)
         sigma0 = float(getattr(self.scheduler, "init_noise_sigma", 1.0))
         self.latents = (noise[:, :, self.rows] * sigma0).to(self.device, self.dtype)
         self.attn = self._attention(req)
         self.step_index = 0
-        self.trace: list[dict] = []
-        self.step_bytes: list[int] = []
-        return {"rank": self.worker.rank, "rows": (r0, r1), "steps": len(self.timesteps)}
+        self.trace: list[TraceStep] = []
+        return RequestStart(rank=self.worker.rank, rows=(r0, r1), steps=len(self.timesteps))
 
     def _fresh_scheduler(self):
         template = self.dir.load_component("scheduler")
@@ -176,7 +175,7 @@ class DiffusionRunner:
         """Ulysses and exact patches on joint-attention families: each sp rank keeps a contiguous share of
         the text tokens, like the image (blocks are token-local outside attention, which exchanges them),
         so no rank repeats the text stream's linears. Stale-K/V modes keep the text replicated."""
-        if self.sp == 1 or req.mode not in ("ulysses", "exact") or self.dir.family not in _JOINT_TEXT:
+        if self.sp == 1 or req.mode not in ("ulysses", "exact") or not self.family.JOINT_TEXT:
             return None
         text = self.text.tensors["text"]
         if text.shape[1] < self.sp:
@@ -196,15 +195,15 @@ class DiffusionRunner:
         return PatchParallelAttention(self.sp_comm, self.sp_rank, self.bands, self.shard.grid_w, req.patch_config(),
                                       len(self.timesteps), self.counter, text_counts=self.text_counts)
 
-    def step(self) -> dict:
+    def step(self) -> StepResult:
         req = self.req
         if req is None or self.step_index >= len(self.timesteps):
-            raise RuntimeError("run_step called with no request in flight or after the last step; call begin_request")
+            raise RuntimeError("step called with no request in flight or after the last step; call begin")
         i = self.step_index
         t = self.timesteps[i]  # stays on the CPU for the scheduler (it looks itself up in its CPU timesteps)
         t_model = t.to(self.device) if isinstance(t, torch.Tensor) else t  # the model's input lives with its weights
         started, cpu_started = time.perf_counter(), time.process_time()
-        before = self.counter.snapshot()["sent_bytes"]
+        before = self.counter.sent_bytes
         if self.attn is not None:
             self.attn.start_step(i)
         self_attn = self.attn if self.attn is not None else local_self_attention
@@ -213,56 +212,50 @@ class DiffusionRunner:
         x_in = torch.cat([x, x]) if batched_cfg else x
         if hasattr(self.scheduler, "scale_model_input"):
             x_in = self.scheduler.scale_model_input(x_in, t)
+        hw = (req.height, req.width)
         with torch.no_grad():
             if self.pipe is None:
-                pred = self.adapter.predict(x_in, self.text, t_model, self.shard, self_attn, (req.height, req.width),
-                                            guidance=req.guidance_scale)
+                pred = self.pipeline.predict(x_in, self.text, t_model, self.shard, self_attn, hw, guidance=req.guidance_scale)
             else:  # stages overlap on micro-batches unless attention keeps per-layer state (stale patch K/V)
                 pred = self.pipe.predict(
-                    lambda rows, stage: self.adapter.predict(x_in[rows], self.text.select(rows), t_model, self.shard,
-                                                             self_attn, (req.height, req.width),
-                                                             guidance=req.guidance_scale, stage=stage),
+                    lambda rows, stage: self.pipeline.predict(x_in[rows], self.text.select(rows), t_model, self.shard,
+                                                              self_attn, hw, guidance=req.guidance_scale, stage=stage),
                     x_in, micro_batches=self.pipe.pp if self.sp == 1 or req.mode in ("exact", "ulysses") else 1)
         if batched_cfg:
             pred = cfg_batched_combine(pred, req.guidance_scale)
         elif self.guided:
             pred = cfg_parallel_combine(pred, self.cfg_comm, req.guidance_scale, self.counter)
         if req.trace:
-            self.trace.append({"t": float(t), "latents": x.detach().clone(), "pred": pred.detach().clone()})
+            self.trace.append(TraceStep(float(t), x.detach().clone(), pred.detach().clone()))
         self.latents = self.scheduler.step(pred, t, x, return_dict=False)[0]
         self.step_index += 1
-        self.step_bytes.append(self.counter.snapshot()["sent_bytes"] - before)
-        return {"step": i, "seconds": time.perf_counter() - started, "sent_bytes": self.step_bytes[-1],
-                "cpu_seconds": time.process_time() - cpu_started}  # this process's CPU: robust to other jobs
+        return StepResult(step=i, seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started,
+                          sent_bytes=self.counter.sent_bytes - before)
 
-    def end(self) -> dict:
+    def end(self) -> RequestResult:
         req = self.req
         if req is None:
-            raise RuntimeError("end_request called with no request in flight")
+            raise RuntimeError("end called with no request in flight")
         if self.step_index != len(self.timesteps):
-            raise RuntimeError(f"end_request after {self.step_index} of {len(self.timesteps)} steps")
+            raise RuntimeError(f"end after {self.step_index} of {len(self.timesteps)} steps")
         if self.attn is not None:
             self.attn.finish()
         latents = self._gather_rows(self.latents)
         trace = None
-        if req.trace:
-            trace = [{"t": s["t"], "latents": self._gather_rows(s["latents"]), "pred": self._gather_rows(s["pred"])}
-                     for s in self.trace]
-        out: dict[str, Any] = {"rank": self.worker.rank, "comm": self.counter.snapshot(), "step_bytes": self.step_bytes}
-        if self.worker.rank == 0:
-            out["latents"] = latents.float().cpu()
-            if req.output == "image":
-                out["images"] = self._decode(latents)
-            if trace is not None:
-                out["trace"] = trace
-                out["embeds"] = self.embeds
+        if req.trace:  # every rank takes part in the gathers; rank 0 keeps the result
+            trace = tuple(TraceStep(s.t, self._gather_rows(s.latents), self._gather_rows(s.pred)) for s in self.trace)
         self.req, self.attn, self.trace = None, None, []
-        return out
+        comm = self.counter.snapshot()
+        if self.worker.rank != 0:
+            return RequestResult(rank=self.worker.rank, comm=comm)
+        return RequestResult(rank=0, comm=comm, latents=latents.float().cpu(),
+                             images=self._decode(latents) if req.output == "image" else None,
+                             trace=trace, embeds=self.embeds if req.trace else None)
 
     def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if self.sp == 1:
             return rows
-        unit = self.adapter.row_unit
+        unit = self.model.config.row_unit
         counts = [(e - s) * unit for s, e in self.bands]
         _, finish = gather_tokens(rows.movedim(2, 0), counts, self.sp_comm, None, "gather_rows")
         return finish().movedim(0, 2)
@@ -273,28 +266,24 @@ class DiffusionRunner:
         if self.vae is None:  # on rank 0's device, in fp32
             self.vae = self.dir.load_component("vae").eval().to(self.device)
         with torch.no_grad():
-            image = self.vae.decode(self.adapter.to_vae(latents.float().to(self.device), self.vae), return_dict=False)[0]
+            image = self.vae.decode(self.pipeline.to_vae(latents.float().to(self.device), self.vae), return_dict=False)[0]
         return VaeImageProcessor(vae_scale_factor=self.vae_scale).postprocess(image, output_type="np")
 
 
-# -- the verbs the driver fans out (through Worker.call) ----------------------------------------
+# -- the verbs the driver fans out (through Worker.attach / Worker.call) ----------------------------------------
 
 
-def load_runner(worker: Any, engine_id: str, model_dir: str, dtype: str = "float32", offload: Any = None) -> dict:
-    """Build this rank's runner as engine ``engine_id``, or keep the loaded one when nothing changed
-    (tests and benchmarks reload the same model on cached workers)."""
+def load_worker(worker: Any, engine_id: str, spec: LoadSpec) -> WorkerInfo:
+    """Build this rank's :class:`DiffusionWorker` as engine ``engine_id``, or keep the loaded one when the spec
+    is the same (tests and benchmarks reload the same model on cached workers)."""
     old = worker.engines.get(engine_id)
-    if old is not None and str(old.dir.path) == str(DiffusersDir.open(model_dir).path) and old.dtype == _DTYPES[dtype] \
-            and old.offload == offload:
+    if isinstance(old, DiffusionWorker) and old.spec == spec:
         return old.describe()
-    return worker.attach(engine_id, DiffusionRunner, model_dir, dtype, offload)
+    return worker.attach(engine_id, DiffusionWorker, spec)
 
 
-def run_request(runner: DiffusionRunner, request: DiffusionRequest) -> dict:
-    """The whole request in one call: begin, every denoising step, end (the driver's one rpc per image).
-
-    Returns ``end``'s result plus ``steps``, the per-step results measured here on the worker.
-    """
-    runner.begin(request)
-    steps = [runner.step() for _ in range(len(runner.timesteps))]
-    return {**runner.end(), "steps": steps}
+def run_request(dw: DiffusionWorker, request: DiffusionRequest) -> RequestResult:
+    """The whole request in one call: begin, every denoising step, end (the driver's one rpc per image)."""
+    dw.begin(request)
+    steps = tuple(dw.step() for _ in range(len(dw.timesteps)))
+    return dataclasses.replace(dw.end(), steps=steps)
