@@ -12,20 +12,33 @@ then)`` -> Future):
   as fast as aio: ~2 GB/s on the VM disk). Works everywhere; on a file system
   without O_DIRECT (tmpfs) it falls back to buffered reads and says so.
 
-``then`` runs on the I/O thread after the bytes have landed (checksum,
-unpacking, host-to-device copy), so that work overlaps compute too.
+``then`` runs on an I/O thread after the bytes have landed (checksum,
+unpacking, host-to-device copy), so that work overlaps compute too, and
+never holds up the next read.
+
+Reads are served by urgency: ``submit(..., urgent=True)`` (a read the model
+waits for now) goes ahead of every queued ``urgent=False`` read (a
+prefetch), so a wrong prediction can delay the disk but never a demanded
+expert that queues behind it.
 """
 
 from __future__ import annotations
 
 import errno
 import glob
+import hashlib
+import heapq
 import importlib
+import importlib.metadata
 import importlib.util
+import itertools
 import logging
 import os
+import platform
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -50,16 +63,58 @@ def _aio_builder():
     return AsyncIOBuilder()
 
 
-def _cached_library(name: str) -> str | None:
-    """Path of a JIT-built DeepSpeed op ``name`` in the torch extensions cache, if one is there."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
+def env_extensions_dir() -> Path:
+    """Where ``make test`` pre-builds DeepSpeed's ops (``python -m tessera.offload.aio_build``): inside this
+    Python environment, keyed by what the compiled library depends on.
 
-        build_dir = _get_build_directory(name, verbose=False)
-    except Exception:  # noqa: BLE001
-        return None
-    found = sorted(glob.glob(os.path.join(build_dir, f"{name}*.so")))
-    return found[0] if found else None
+    The library is built with ``-march=native`` against this torch and this deepspeed, so the key holds
+    the Python version, both package versions and a digest of the CPU's feature flags: a venv copied to
+    another CPU, or an upgraded torch/deepspeed, gets a fresh directory (and a fresh build) instead of
+    loading a library that crashes or does not link.
+    """
+    try:
+        ds = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        ds = "none"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    cpu = hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:10]
+    key = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-deepspeed{ds}-cpu{cpu}"
+    return Path(sys.prefix) / "torch_extensions" / key
+
+
+def _extension_dirs(name: str) -> list[Path]:
+    """Build directories of op ``name``, most specific first: this environment's pre-build, then torch's
+    own cache (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions/pyXY_cpu``). Creates nothing."""
+    dirs = [env_extensions_dir() / name]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        try:
+            from torch.utils.cpp_extension import get_default_build_root
+
+            accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+            root = os.path.join(get_default_build_root(),
+                                f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}")
+        except Exception:  # noqa: BLE001
+            root = None
+    if root is not None:
+        dirs.append(Path(root) / name)
+    return dirs
+
+
+def _cached_library(name: str) -> str | None:
+    """Path of a JIT-built DeepSpeed op ``name`` (this environment's pre-build first), if one is there."""
+    for d in _extension_dirs(name):
+        found = sorted(glob.glob(os.path.join(d, f"{name}*.so")))
+        if found:
+            return found[0]
+    return None
 
 
 def _cached_aio_library() -> str | None:
@@ -77,7 +132,9 @@ def _load_cached_aio(builder: Any, library: str) -> Any:
     globally (as DeepSpeed's own loader does)."""
     import ctypes
 
-    pin_memory = _cached_library("pin_memory")
+    # The pin_memory op built next to this library (same build root), else any cached one.
+    sibling = sorted(glob.glob(os.path.join(Path(library).parent.parent, "pin_memory", "pin_memory*.so")))
+    pin_memory = sibling[0] if sibling else _cached_library("pin_memory")
     if pin_memory is not None:
         ctypes.CDLL(pin_memory, mode=ctypes.RTLD_GLOBAL)
     spec = importlib.util.spec_from_file_location(builder.name, library)
@@ -134,6 +191,48 @@ def load_aio(allow_build: bool = False):
         return _AIO_MODULE
 
 
+class _UrgencyPool:
+    """Worker threads that run queued jobs urgent-first, then in submission order.
+
+    ``concurrent.futures.ThreadPoolExecutor`` serves its queue first-in first-out: a
+    demanded read would wait behind every prefetch queued before it.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: list[tuple[int, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Callable[[], None], urgent: bool = True) -> None:
+        with self._cv:
+            if self._closed:
+                raise OffloadError("the tier reader is closed")
+            heapq.heappush(self._queue, (0 if urgent else 1, next(self._seq), job))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return  # closed and drained
+                _, _, job = heapq.heappop(self._queue)
+            job()  # jobs deliver their own errors to their futures
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop the threads."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+
+
 class Reader:
     """Reads whole aligned extents into aligned CPU buffers, asynchronously."""
 
@@ -141,8 +240,13 @@ class Reader:
     direct = True  # whether reads bypass the page cache
 
     def submit(
-        self, path: str, offset: int, out: torch.Tensor, then: Callable[[], Any] | None = None
+        self, path: str, offset: int, out: torch.Tensor, then: Callable[[], Any] | None = None, urgent: bool = True
     ) -> "Future[Any]":
+        """Read ``out.numel()`` bytes at ``offset`` into ``out``, then run ``then``; urgent reads go first."""
+        raise NotImplementedError
+
+    def in_flight(self) -> int:
+        """How many requests this reader keeps outstanding at most (for the disk bound it is compared with)."""
         raise NotImplementedError
 
     def alloc(self, nbytes: int) -> torch.Tensor:
@@ -171,8 +275,9 @@ class PreadvReader(Reader):
 
     def __init__(self, io_threads: int = 4, chunk_bytes: int = 4 << 20, read_delay_s: float = 0.0) -> None:
         self.chunk_bytes = chunk_bytes
+        self.io_threads = io_threads
         self.read_delay_s = read_delay_s  # tests: an artificially slow disk
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="tessera-preadv")
+        self._pool = _UrgencyPool(io_threads, "tessera-preadv")
         self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-preadv-post")
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -201,7 +306,10 @@ class PreadvReader(Reader):
                 raise OffloadError(f"short read at offset {offset + done}: the tier file is truncated; delete it to rebuild")
             done += n
 
-    def submit(self, path, offset, out, then=None):
+    def in_flight(self) -> int:
+        return self.io_threads  # one synchronous chunk per thread
+
+    def submit(self, path, offset, out, then=None, urgent=True):
         self._check(offset, out)
         fd = self._fd(path)
         mv = memoryview(out.numpy())
@@ -236,11 +344,11 @@ class PreadvReader(Reader):
                 self._post.submit(finish)
 
         for a, b in pieces:
-            self._pool.submit(piece, a, b)
+            self._pool.submit(lambda a=a, b=b: piece(a, b), urgent)
         return result
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         self._post.shutdown(wait=True)
         with self._lock:
             for fd in self._fds.values():
@@ -264,8 +372,12 @@ class AioReader(Reader):
         aio = load_aio(allow_build=allow_build)
         self.handle = aio.aio_handle(block_size, queue_depth, False, True, io_threads)
         self.read_delay_s = read_delay_s
-        # One submitter thread: the handle's wait() completes every op in flight on it.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-aio")
+        # One submitter thread: the handle's wait() completes every op in flight on it. What runs once
+        # the bytes are in (``then``: checksum, unpacking, copies) runs on another thread, so the next
+        # extent is already being read meanwhile: the disk never waits for a checksum.
+        self.queue_depth, self.io_threads = queue_depth, io_threads
+        self._thread = _UrgencyPool(1, "tessera-aio")
+        self._post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-aio-post")
         self._example = torch.empty(0, dtype=torch.uint8)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
@@ -279,24 +391,40 @@ class AioReader(Reader):
         if self.handle.is_pinned(buf):
             self.handle.free_cpu_locked_tensor(buf)
 
-    def submit(self, path, offset, out, then=None):
+    def in_flight(self) -> int:
+        return self.queue_depth * self.io_threads  # the handle's threads, each with its libaio queue
+
+    def submit(self, path, offset, out, then=None, urgent=True):
         self._check(offset, out)
+        result: Future = Future()
 
-        def job():
-            if self.read_delay_s:
-                threading.Event().wait(self.read_delay_s)
-            n = self.handle.async_pread(out, path, offset)
-            if n != 0:
-                raise OffloadError(f"aio read of {path} at {offset} could not be submitted (code {n})")
-            done = self.handle.wait()
-            if done < 1:
-                raise OffloadError(f"aio read of {path} at {offset} did not complete ({done} ops)")
-            return then() if then is not None else None
+        def finish() -> None:
+            try:
+                result.set_result(then() if then is not None else None)
+            except BaseException as exc:  # noqa: BLE001 - delivered to the waiter
+                result.set_exception(exc)
 
-        return self._thread.submit(job)
+        def job() -> None:
+            try:
+                if self.read_delay_s:
+                    threading.Event().wait(self.read_delay_s)
+                n = self.handle.async_pread(out, path, offset)
+                if n != 0:
+                    raise OffloadError(f"aio read of {path} at {offset} could not be submitted (code {n})")
+                done = self.handle.wait()
+                if done < 1:
+                    raise OffloadError(f"aio read of {path} at {offset} did not complete ({done} ops)")
+            except BaseException as exc:  # noqa: BLE001 - delivered to the waiter
+                result.set_exception(exc)
+                return
+            self._post.submit(finish)
+
+        self._thread.submit(job, urgent)
+        return result
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown()
+        self._post.shutdown(wait=True)
 
 
 def make_reader(config: OffloadConfig, read_delay_s: float = 0.0) -> Reader:

@@ -114,7 +114,7 @@ class BufferPool:
             self._drop_free_until_fits(nbytes)
         self.budget.reserve(nbytes, what, timeout_s=timeout_s)
         try:
-            return self._alloc(nbytes)
+            return self._new(nbytes)
         except BaseException:
             self.budget.release(nbytes)
             raise
@@ -130,10 +130,16 @@ class BufferPool:
             if not self.budget.try_reserve(nbytes):
                 return None
         try:
-            return self._alloc(nbytes)
+            return self._new(nbytes)
         except BaseException:
             self.budget.release(nbytes)
             raise
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        # An ordinary tensor whatever mode the caller is in: pooled buffers outlive the call and are
+        # written on I/O threads (reads, repairs), where an inference tensor could not be updated in place.
+        with torch.inference_mode(False):
+            return self._alloc(nbytes)
 
     def give_back(self, buf: torch.Tensor) -> None:
         """Return a buffer for reuse (it stays charged until dropped)."""

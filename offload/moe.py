@@ -143,7 +143,7 @@ class ExpertSink:
             raise OffloadConfigError(f"expert {name!r} has an unexpected size; the checkpoint does not match its config")
         self.local.setdefault(layer, []).append(expert)
         if self.tier == Tier.HOST:
-            self.host[name] = tensors
+            self.host[name] = {k: own_memory(v) for k, v in tensors.items()}
         elif self.writer is not None:
             self.writer.add(name, tensors)
 
@@ -156,6 +156,15 @@ class ExpertSink:
         if self.writer is not None:
             self.writer.finish()
             self.writer = None
+        # The resident weights are charged to the device budget: they must really be resident. Read
+        # zero-copy, they are views of the checkpoint's memory map, which keeps the whole file mapped
+        # (every page the load touched, experts included, stays in the process's memory) and lets the
+        # kernel evict and re-read dense weights under a memory limit, every token (issue 14).
+        for params in weights.params.values():
+            for k, v in params.items():
+                params[k] = own_memory(v)
+        for k, v in weights.globals.items():
+            weights.globals[k] = own_memory(v)
         specs = []
         for name, nbytes in self.expected.items():
             layer, expert = _parse(name)
@@ -177,9 +186,29 @@ class ExpertSink:
 
         cache = ExpertCache(
             store, arch.num_layers, arch.num_experts, layers=moe_layers, gate_weight=gate_weight,
-            router_top_k=arch.top_k,
+            router_top_k=arch.top_k, cyclic=True,  # every forward visits the MoE layers in order
         )
         return OffloadedExperts(store, cache, {l: sorted(v) for l, v in self.local.items()})
+
+
+def own_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in anonymous memory of its own (a CPU copy), not a view of a memory-mapped file.
+
+    The copy keeps the source's offset within a page: BLAS kernels choose their code path by the
+    operands' alignment and round differently, so an offloaded engine computes bitwise what the
+    in-memory engine computes on its zero-copy views. Device tensors are returned as they are.
+    """
+    if t.device.type != "cpu":
+        return t
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+    start = (t.data_ptr() - raw.data_ptr()) % _PAGE
+    out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
+_PAGE = 4096
 
 
 def _parse(name: str) -> tuple[int, int]:

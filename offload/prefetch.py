@@ -52,7 +52,7 @@ class LayerStreamer:
         """Issue the read of ``name`` if it is not in flight and the device tier has room."""
         if name in self._inflight:
             return True
-        fut = self.store.fetch_async(name, try_only=True)
+        fut = self.store.fetch_async(name, try_only=True, urgent=False)
         if fut is None:
             return False
         self._inflight[name] = fut

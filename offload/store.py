@@ -342,11 +342,13 @@ class TieredStore:
         assert fut is not None
         return fut.result().ready()
 
-    def fetch_async(self, name: str, timeout_s: float = 0.0, try_only: bool = False) -> "Future[WeightHandle] | None":
+    def fetch_async(self, name: str, timeout_s: float = 0.0, try_only: bool = False,
+                    urgent: bool = True) -> "Future[WeightHandle] | None":
         """Start bringing one group into the device tier; the device bytes are charged now.
 
         Raises BudgetExceeded when the device tier cannot take the group within
-        ``timeout_s``; with ``try_only`` returns None instead (prefetch).
+        ``timeout_s``; with ``try_only`` returns None instead. ``urgent=False``
+        (a prefetch): its read queues behind every urgent read (one the model waits for).
         """
         if self._closed:
             raise OffloadError("the tiered store is closed")
@@ -374,7 +376,7 @@ class TieredStore:
             fut.set_result(WeightHandle(name, tensors, spec.nbytes, lambda: budget.release(spec.nbytes), event,
                                         self.copier))
             return fut
-        return self._read_nvme(name, timeout_s, try_only)
+        return self._read_nvme(name, timeout_s, try_only, urgent)
 
     def _charge(self, budget: TierBudget, nbytes: int, name: str, timeout_s: float, try_only: bool) -> bool:
         if self.copier.cuda:  # device bytes released earlier come back once the compute stream is past them
@@ -391,7 +393,8 @@ class TieredStore:
             self.counters["h2d_bytes"] += sum(v.numel() * v.element_size() for v in out.values())
         return out, event
 
-    def _read_nvme(self, name: str, timeout_s: float, try_only: bool) -> "Future[WeightHandle] | None":
+    def _read_nvme(self, name: str, timeout_s: float, try_only: bool, urgent: bool = True
+                   ) -> "Future[WeightHandle] | None":
         assert self.tier_file is not None and self.reader is not None
         g = self.tier_file.groups[name]
         on_cuda = self.device.type == "cuda"
@@ -432,7 +435,7 @@ class TieredStore:
                     dev_budget.release(g.nbytes)
                 raise
 
-        return self.reader.submit(str(self.tier_file.path), g.offset, buf, then=land)
+        return self.reader.submit(str(self.tier_file.path), g.offset, buf, then=land, urgent=urgent)
 
     def _verify_or_repair(self, g, buf: torch.Tensor) -> None:
         try:

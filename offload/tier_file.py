@@ -97,15 +97,25 @@ def group_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 def pack_group(tensors: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[TensorEntry]]:
-    """The group's bytes as one padded uint8 extent (zero padding)."""
+    """The group's bytes as one padded uint8 extent (zero padding).
+
+    ``out`` (a uint8 CPU buffer of the extent's size) is filled through NumPy, not torch in-place
+    ops: a read buffer may have been allocated under ``torch.inference_mode()`` on the compute
+    thread (an inference tensor) and be repaired here on an I/O thread outside it, where torch
+    refuses in-place updates of inference tensors.
+    """
     entries, size = layout_group(tensors)
-    buf = torch.zeros(size, dtype=torch.uint8) if out is None else out
-    if out is not None:
-        buf.zero_()
+    if out is None:
+        out = torch.zeros(size, dtype=torch.uint8)
+    elif out.numel() != size or out.dtype != torch.uint8 or out.device.type != "cpu":
+        raise ValueError(f"pack_group: out must be a uint8 CPU buffer of {size} bytes, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    raw = out.numpy()
+    raw[:] = 0
     for e, t in zip(entries, tensors.values()):
         flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        buf[e.offset : e.offset + e.nbytes].copy_(flat)
-    return buf, entries
+        raw[e.offset : e.offset + e.nbytes] = flat.numpy()
+    return out, entries
 
 
 def unpack_group(buf: torch.Tensor, tensors: Iterable[TensorEntry]) -> dict[str, torch.Tensor]:

@@ -97,7 +97,7 @@ def _generate(engine):
 
 def _store_facts(worker, key):
     """Offload stats, the dense bytes kept resident, whether the host tier is page-locked, and the staging pool."""
-    runner = worker.engines[key]
+    runner = worker.engines[key]  # the rank's ModelRunner (Worker.attach)
     store = runner.stage.experts.store
     host = [t for group in store._host.values() for t in group.values()]
     return {"stats": runner.offload_stats(), "resident": store.external_resident_bytes,

@@ -77,3 +77,45 @@ def test_diffusion_engine_with_offloaded_blocks_gives_the_same_latents(local_con
             assert sum(sizes) > 1.4 * cfg.device_budget_bytes  # the blocks do not fit at once
     finally:
         off.close()
+
+
+def test_diffusion_engine_repairs_a_corrupt_stage_while_it_runs(local_controller, session_tmp, tmp_path):  # noqa: F811
+    """A corrupt extent of the DiT's tier file (default on_corrupt="rebuild") is rewritten from the weights
+    it was written from and used: the same latents as without offload, and the file verifies again."""
+    from tessera.models.tiny_diffusion import build_tiny_diffusion
+    from tessera.offload.tier_file import TierFile
+    from tessera.runtime.diffusion.engine import ENGINE_ID, DiffusionEngine
+
+    path = str(build_tiny_diffusion("pixart", session_tmp / "offload-tiny-pixart-repair"))
+    args = dict(steps=2, height=64, width=64, seed=5, output="latent")
+    ref = DiffusionEngine.load(local_controller, path, progress=False)
+    try:
+        blocks = list(local_controller.worker.engines[ENGINE_ID].model.transformer_blocks)
+        sizes = [group_spec("s", {f"0.{k}": v for k, v in b.named_parameters()}).nbytes for b in blocks]
+        want = ref.generate_images(["a blue circle"], **args)
+    finally:
+        ref.close()
+    cfg = OffloadConfig(device_budget_bytes=2 * max(sizes), nvme_dir=str(tmp_path), reader="preadv")
+    assert cfg.on_corrupt == "rebuild"
+    DiffusionEngine.load(local_controller, path, progress=False, offload=cfg).close()  # writes the tier file
+    (data,) = tmp_path.glob("*.tier")
+    name = data.name.removesuffix(".tier")
+    tf = TierFile.open(tmp_path, name)
+    with open(data, "r+b") as f:  # one flipped byte in every stage's extent
+        for g in tf.groups.values():
+            f.seek(g.offset + g.nbytes // 3)
+            byte = f.read(1)
+            f.seek(g.offset + g.nbytes // 3)
+            f.write(bytes([byte[0] ^ 0x5A]))
+    assert sorted(tf.verify_all()) == sorted(tf.groups)
+    off = DiffusionEngine.load(local_controller, path, progress=False, offload=cfg)
+    try:
+        runner = local_controller.worker.engines[ENGINE_ID]
+        got = off.generate_images(["a blue circle"], **args)
+        assert len(got) == len(want) == 1
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        s = runner.offloaded.stats()
+        assert s["repaired"] == len(tf.groups)  # every stage was read, found corrupt and rewritten once
+    finally:
+        off.close()
+    assert TierFile.open(tmp_path, name).verify_all() == []

@@ -108,3 +108,58 @@ def test_offload_on_real_workers_with_expert_parallel(make_controller, moe_path,
     finally:
         off.close()
         ref.close()
+
+
+def _corrupt_layer(tier_dir: Path, layer: int) -> dict[Path, list[str]]:
+    """Flip one byte in the middle of every extent of ``layer``'s experts in each tier file; returns the groups hit."""
+    from tessera.offload.tier_file import TierFile
+
+    hit: dict[Path, list[str]] = {}
+    for data in sorted(tier_dir.glob("*.tier")):
+        tf = TierFile.open(tier_dir, data.name.removesuffix(".tier"))
+        assert tf is not None
+        names = [n for n in tf.groups if n.startswith(f"layers.{layer}.experts.")]
+        with open(data, "r+b") as f:
+            for n in names:
+                g = tf.groups[n]
+                f.seek(g.offset + g.nbytes // 2)
+                byte = f.read(1)
+                f.seek(g.offset + g.nbytes // 2)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        hit[data] = names
+        assert tf.verify_all() == names  # really corrupt
+    return hit
+
+
+def test_corrupt_extent_is_repaired_while_the_engine_runs_at_ep2(make_controller, moe_path, tmp_path):
+    """A corrupt tier-file extent found during decode (default on_corrupt="rebuild") is rewritten from the
+    checkpoint and used, on both ranks of ep=2: the same tokens as in memory, and the file is whole again."""
+    from tessera.offload.tier_file import TierFile
+
+    ctl = make_controller({"ep": 2})
+    cfg = OffloadConfig(device_budget_bytes=_weight_bytes(moe_path) // 6, nvme_dir=str(tmp_path), reader="preadv")
+    assert cfg.on_corrupt == "rebuild" and cfg.verify_reads
+    ref = LLMEngine.load(ctl, moe_path, **OPTS)
+    try:
+        sampling = SamplingParams(max_new_tokens=5)
+        want = [r.token_ids for r in ref.generate(list(PROMPTS), sampling)]
+    finally:
+        ref.close()
+    LLMEngine.load(ctl, moe_path, offload=cfg, **OPTS).close()  # writes one tier file per rank
+    corrupted = _corrupt_layer(tmp_path, layer=0)  # every token's first MoE layer reads from these
+    assert len(corrupted) == 2 and all(corrupted.values())
+    off = LLMEngine.load(ctl, moe_path, offload=cfg, **OPTS)  # reuses the (corrupt) files: same fingerprint
+    try:
+        assert [r.token_ids for r in off.generate(list(PROMPTS), sampling)] == want
+        stats = off.offload_stats()
+    finally:
+        off.close()
+    assert sum(s["store_repaired"] for s in stats) >= 1
+    for data, names in corrupted.items():
+        tf = TierFile.open(tmp_path, data.name.removesuffix(".tier"))
+        still_bad = tf.verify_all()
+        repaired = [n for n in names if n not in still_bad]
+        # every extent the rank read was rewritten in place (an unread one may stay corrupt until read)
+        rank = int(data.name.split("-rank")[1].split("of")[0])
+        assert len(repaired) == stats[rank]["store_repaired"]
+        assert set(still_bad) <= set(names)

@@ -142,3 +142,68 @@ def test_too_many_experts_at_once_is_a_clear_error(tmp_path):
     finally:
         cache.close()
         store.close()
+
+
+def _passes(cache, layers, route, passes):
+    for _ in range(passes):
+        for layer in range(layers):
+            got = cache.get(layer, route[layer])
+            for e, w in got.items():
+                assert float(w["w"][0, 0]) == layer * 100 + e  # the right expert's bytes
+
+
+def test_cyclic_eviction_keeps_part_of_a_pass_that_does_not_fit(tmp_path):
+    """One pass over the layers uses 8 experts, the cache holds 5: LRU evicts exactly the entry the cycle
+    needs next and never hits; told that layers come round in order, the cache hits as often as Belady's optimum."""
+    layers, experts, passes = 4, 4, 6
+    specs = _expert_specs(layers, experts)
+    size = specs[0].nbytes
+    route = {l: [l % experts, (l + 1) % experts] for l in range(layers)}
+    hits = {}
+    for cyclic in (False, True):
+        d = tmp_path / f"cyclic-{cyclic}"
+        d.mkdir()
+        store = _store(d, specs, 5 * size)
+        cache = ExpertCache(store, layers, experts, predictor="none", cyclic=cyclic)
+        try:
+            _passes(cache, layers, route, passes)
+            s = cache.stats()
+            hits[cyclic] = s["hits"]
+            assert s["hits"] + s["misses"] == passes * layers * 2
+            assert store.stats()["bytes_read"] == s["misses"] * size
+            assert store.stats()["device_peak"] <= 5 * size
+        finally:
+            cache.close()
+            store.close()
+    from tessera.benchmarks.bench_offload import simulate  # an independent offline replay
+
+    steps = [(layer, route[layer]) for _ in range(passes) for layer in range(layers)]
+    total = passes * layers * 2
+    assert hits[False] == round(simulate(steps, 5, "lru") * total) == 0  # LRU on a cycle longer than the cache
+    assert hits[True] == round(simulate(steps, 5, "belady") * total) > 0  # Belady's optimum, exactly
+
+
+def test_prefetches_that_keep_missing_stop_being_issued(tmp_path):
+    """Predictions that are always wrong (seeded affinity pointing elsewhere) cost a read each: after a
+    few wasted reads the cache issues only one in PREFETCH_EXPLORE of them; right ones are not throttled."""
+    from tessera.offload.expert_cache import PREFETCH_EXPLORE
+
+    layers, experts, passes = 3, 6, 20
+    specs = _expert_specs(layers, experts)
+    size = specs[0].nbytes
+    route = {0: [0, 1], 1: [2, 3], 2: [4, 5]}
+    wrong = torch.zeros(layers - 1, experts, experts, dtype=torch.float64)
+    wrong[0, 0, 4] = wrong[0, 1, 5] = wrong[1, 2, 0] = wrong[1, 3, 1] = 1e9  # never the experts used
+    store = _store(tmp_path, specs, 8 * size)
+    cache = ExpertCache(store, layers, experts, predictor="affinity", affinity_counts=wrong)
+    try:
+        _passes(cache, layers, route, passes)
+        s = cache.stats()
+        considered = s["prefetch_issued"] + s["prefetch_throttled"]
+        assert s["prefetch_used"] == 0 and s["prefetch_throttled"] > 0
+        # 1.0 * 0.9**7 < 0.5: seven wasted reads, then one in PREFETCH_EXPLORE
+        assert s["prefetch_issued"] <= 7 + considered // PREFETCH_EXPLORE + 1
+        assert s["prefetch_score"] < 0.5
+    finally:
+        cache.close()
+        store.close()

@@ -112,6 +112,8 @@ def total_bytes(specs) -> int:
 
 
 import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -129,8 +131,11 @@ def aio_ready() -> str | None:
 
     build = os.environ.get("TESSERA_BUILD_AIO") == "1"
     if not aio_built() and not build:
+        # `make test` pre-builds it once per environment and records why when it could not
+        stamp = Path(sys.prefix) / ".tessera-aio"
+        why = f" (make test's set-up: {stamp.read_text().strip()})" if stamp.is_file() else ""
         return ("DeepSpeed aio op not pre-built on this machine; CI does not compile it (~5 min): "
-                "pre-build it as in the README, or set TESSERA_BUILD_AIO=1")
+                f"pre-build it as in the README, or set TESSERA_BUILD_AIO=1{why}")
     try:
         load_aio(allow_build=build)
         return None

@@ -206,3 +206,29 @@ def test_same_shapes_different_bytes_never_reuse_a_stale_file(tmp_path):
                 assert torch.equal(h.tensors["w"], groups["g"]["w"])
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("reader", ["preadv", "aio"])
+def test_an_urgent_read_goes_ahead_of_queued_prefetches(tmp_path, reader, aio_ready):
+    """A demanded read submitted after several prefetches is served before every prefetch still queued."""
+    if reader == "aio" and aio_ready is not None:
+        pytest.skip(aio_ready)
+    from tessera.offload.aio import AioReader, PreadvReader
+    from tessera.offload.buffers import aligned_empty
+
+    data = tmp_path / "extents.bin"
+    data.write_bytes(os.urandom(8 * 4096))
+    # one read at a time, each held for 0.2 s: the queue's order is the order reads complete in
+    r = PreadvReader(io_threads=1, chunk_bytes=4096, read_delay_s=0.2) if reader == "preadv" else \
+        AioReader(block_size=4096, queue_depth=1, io_threads=1, read_delay_s=0.2)
+    done: list[str] = []
+    try:
+        futs = [r.submit(str(data), i * 4096, aligned_empty(4096), then=lambda i=i: done.append(f"prefetch{i}"),
+                         urgent=False) for i in range(4)]
+        futs.append(r.submit(str(data), 7 * 4096, aligned_empty(4096), then=lambda: done.append("demand")))
+        for f in futs:
+            f.result(timeout=60)
+    finally:
+        r.close()
+    assert sorted(done) == sorted(["demand"] + [f"prefetch{i}" for i in range(4)])
+    assert done.index("demand") <= 1  # at most the prefetch already being read goes first
