@@ -13,7 +13,7 @@ import pytest
 
 from tessera.config import ConfigError
 from tessera.launch.local_cluster import BIN, RayHead, ray_head_fixture
-from tessera.runtime.ray_env import EmbeddedAuth, check_ray_version
+from tessera.runtime.ray_env import check_ray_version
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -174,25 +174,51 @@ def test_embedded_ray_uses_a_private_token(tmp_path):
     assert not report["home_ray"], "Ray wrote a token under HOME"
 
 
-def test_embedded_auth_respects_the_users_token_and_an_explicit_disable(monkeypatch, caplog):
+# Run in a child process: EmbeddedAuth edits os.environ's RAY_AUTH_* variables, and a Ray driver in the
+# test process (the session's shared cluster) that opens a new GCS connection while they are edited sends
+# the wrong token and dies on a RAY_CHECK (exit 1, pytest's own output lost).
+USERS_TOKEN_PROBE = textwrap.dedent("""
+    import logging, os, sys
+    from tessera.config import ConfigError
+    from tessera.runtime.ray_env import EmbeddedAuth
+
+    class Lines(logging.Handler):
+        text = ""
+        def emit(self, record):
+            Lines.text += record.getMessage() + "\\n"
+
+    logging.getLogger().addHandler(Lines())
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "users-own-token")
+        os.environ.pop(name, None)
+    os.environ["RAY_AUTH_TOKEN"] = "users-own-token"
     auth = EmbeddedAuth()
     auth.enable()
     assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ["RAY_AUTH_TOKEN"] == "users-own-token"
     assert auth.token_path is None and "RAY_AUTH_TOKEN_PATH" not in os.environ
     auth.disable()
     assert "RAY_AUTH_MODE" not in os.environ and os.environ["RAY_AUTH_TOKEN"] == "users-own-token"
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    del os.environ["RAY_AUTH_TOKEN"]
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     auth = EmbeddedAuth()
     auth.enable()
-    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "anyone who reaches this machine" in caplog.text
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "anyone who reaches this machine" in Lines.text, Lines.text
     auth.disable()
-    monkeypatch.setenv("RAY_AUTH_MODE", "tokn")
-    with pytest.raises(ConfigError, match="RAY_AUTH_MODE='tokn' is not a mode tessera knows"):
+    os.environ["RAY_AUTH_MODE"] = "tokn"
+    try:
         EmbeddedAuth().enable()
+    except ConfigError as e:
+        assert "RAY_AUTH_MODE='tokn' is not a mode tessera knows" in str(e), str(e)
+    else:
+        sys.exit("RAY_AUTH_MODE='tokn' was accepted")
+    print("OK")
+""")
+
+
+def test_embedded_auth_respects_the_users_token_and_an_explicit_disable():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", USERS_TOKEN_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_ray_older_than_2_52_is_refused():
