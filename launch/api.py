@@ -343,6 +343,16 @@ def launch(
     an embedded Ray (default: enough for the plan, at least 8, so several
     handles fit).
     """
+    jobfile = _jobfile_from_keywords(model, plan, cluster, device=device, offload=offload,
+                                     cpus_per_rank=cpus_per_rank, timeouts=timeouts, log_level=log_level,
+                                     engine_options=engine_options, min_nodes=min_nodes)
+    return launch_job(jobfile, runtime_env=runtime_env, num_cpus=num_cpus)
+
+
+def _jobfile_from_keywords(model: str | None, plan: Any, cluster: str | None, *, device: str,
+                           offload: Any, cpus_per_rank: float, timeouts: Timeouts | None, log_level: str | None,
+                           engine_options: Any, min_nodes: int = 1) -> JobFile:
+    """The JobFile that :func:`launch` and :func:`serve` keywords describe; the task follows the model."""
     data: dict[str, Any] = {
         "task": {None: "mesh", "llm": "generate", "diffusion": "images"}[model_kind(model) if model else None],
         "plan": plan if not hasattr(plan, "degrees") else dict(plan.degrees),
@@ -350,20 +360,11 @@ def launch(
         "cpus_per_rank": cpus_per_rank,
         "min_nodes": min_nodes,
     }
-    if model is not None:
-        data["model"] = model
-    if cluster is not None:
-        data["cluster"] = cluster
-    if log_level is not None:
-        data["log_level"] = log_level
-    if offload is not None:
-        data["offload"] = offload
-    if engine_options is not None:
-        data["engine"] = engine_options
+    optional = {"model": model, "cluster": cluster, "log_level": log_level, "offload": offload,
+                "engine": engine_options}
+    data.update({k: v for k, v in optional.items() if v is not None})
     jobfile = JobFile.from_dict(data)
-    if timeouts is not None:
-        jobfile = jobfile.with_overrides(timeouts=timeouts)
-    return launch_job(jobfile, runtime_env=runtime_env, num_cpus=num_cpus)
+    return jobfile.with_overrides(timeouts=timeouts) if timeouts is not None else jobfile
 
 
 def launch_job(jobfile: JobFile, runtime_env: Mapping[str, Any] | None = None, num_cpus: int | None = None) -> Handle:
@@ -485,18 +486,7 @@ def serve(
         if model is None:
             raise ConfigError("serve() needs a model: a checkpoint directory, tiny-moe:<family> or "
                               "tiny-diffusion:<family> (or job=PATH of a job file)")
-        data: dict[str, Any] = {"model": model, "plan": plan if not hasattr(plan, "degrees") else dict(plan.degrees),
-                                "device": device, "cpus_per_rank": cpus_per_rank}
-        if cluster is not None:
-            data["cluster"] = cluster
-        if log_level is not None:
-            data["log_level"] = log_level
-        if offload is not None:
-            data["offload"] = offload
-        if engine_options is not None:
-            data["engine"] = engine_options
-        data["task"] = "generate" if model_kind(model) == "llm" else "images"
-        jobfile = JobFile.from_dict(data)
-        if timeouts is not None:
-            jobfile = jobfile.with_overrides(timeouts=timeouts)
+        jobfile = _jobfile_from_keywords(model, plan, cluster, device=device, offload=offload,
+                                         cpus_per_rank=cpus_per_rank, timeouts=timeouts, log_level=log_level,
+                                         engine_options=engine_options)
     return start(jobfile, options, runtime_env=runtime_env, num_cpus=num_cpus)
