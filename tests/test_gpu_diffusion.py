@@ -15,17 +15,16 @@ machine by benchmarks/gpu_check.py).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from tessera.models.tiny_diffusion import build_tiny_diffusion
 from tessera.tests import diffusion_reference as ref
+from tessera.tests.gpu_testing import DEVICE, full_fp32_matmuls, gpu_controller  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.gpu
 
-DEVICE = os.environ.get("TESSERA_GPU_TESTS_DEVICE", "cuda")
 STEPS = 3
 # family -> (prompt, height, width, guidance, seed); sizes as in the CPU tests
 CASES = {
@@ -33,27 +32,6 @@ CASES = {
     "sd3": ("a white boat", 40, 24, 5.0, 4),
     "flux": ("a green tree", 40, 32, 0.0, 2),
 }
-
-
-@pytest.fixture(scope="module")
-def gpu_controller():
-    from tessera.runtime.inprocess import InProcessController
-
-    ctl = InProcessController(device=DEVICE, log_level="WARNING").start()
-    try:
-        yield ctl
-    finally:
-        ctl.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def full_fp32_matmuls():
-    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 @pytest.fixture(scope="module")

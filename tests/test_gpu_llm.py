@@ -25,16 +25,15 @@ code on the CPU, to check the tests themselves).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from tessera.models.tiny_moe import build_tiny_moe
+from tessera.tests.gpu_testing import DEVICE, full_fp32_matmuls, gpu_controller  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.gpu
 
-DEVICE = os.environ.get("TESSERA_GPU_TESTS_DEVICE", "cuda")
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 PROMPTS = ([5, 7, 9, 11, 13, 17, 19], [3, 1, 4, 1, 5])
 STEPS = 4
@@ -42,29 +41,6 @@ FP32_TOL = 1e-4
 BF16_TOL = 0.125
 MARGIN = 0.1  # fp32 top-1 minus top-2 logit: 3-5x the typical bf16 logit error (~0.02-0.03)
 OPTS = dict(stop_at_eos=False, max_model_len=64, block_size=4)
-
-
-@pytest.fixture(scope="module")
-def gpu_controller():
-    from tessera.runtime.inprocess import InProcessController
-
-    ctl = InProcessController(device=DEVICE, log_level="WARNING").start()
-    try:
-        yield ctl
-    finally:
-        ctl.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def full_fp32_matmuls():
-    """fp32 means fp32 on both sides: no TF32 GEMMs or convolutions."""
-    precision = torch.get_float32_matmul_precision()
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.set_float32_matmul_precision(precision)
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def _hf(path, dtype):

@@ -16,41 +16,21 @@ on the CPU, without the CUDA-counter checks).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from tessera.models.tiny_moe import build_tiny_moe
 from tessera.options import OffloadConfig
+from tessera.tests.gpu_testing import DEVICE, full_fp32_matmuls, gpu_controller  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.gpu
 
-DEVICE = os.environ.get("TESSERA_GPU_TESTS_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
 PROMPTS = ([5, 7, 9, 11, 13, 17, 19], [3, 1, 4, 1, 5])
 OPTS = dict(dtype="float32", stop_at_eos=False, max_model_len=64, block_size=4)
 NEW_TOKENS = 6
 SLACK = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def gpu_controller():
-    from tessera.runtime.inprocess import InProcessController
-
-    ctl = InProcessController(device=DEVICE, log_level="WARNING").start()
-    try:
-        yield ctl
-    finally:
-        ctl.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def full_fp32_matmuls():
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture(scope="module")
