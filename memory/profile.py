@@ -187,16 +187,12 @@ TEXT_TOKENS = {"pixart": 300, "sd3": 333, "flux": 512}  # T5 (+ CLIP) tokens eac
 def diffusion_family(cfg: Mapping[str, Any], where: str) -> str:
     """tessera's family of a diffusers ``transformer/config.json`` (the generic ``Transformer2DModel``
     with ``norm_type: ada_norm_single`` is PixArt-alpha/Sigma, as diffusers itself maps it)."""
-    from tessera.models.diffusers_loader import FAMILY_BY_CLASS
+    from tessera.models.diffusers_loader import ModelDirError, family_of
 
-    name = str(cfg.get("_class_name", ""))
-    family = FAMILY_BY_CLASS.get(name)
-    if family is None and name == "Transformer2DModel" and cfg.get("norm_type") == "ada_norm_single":
-        family = "pixart"
-    if family is None:
-        raise ConfigError(f"{where}: transformer class {name!r} is not one tessera runs; supported: "
-                          f"{', '.join(sorted(FAMILY_BY_CLASS))} (and Transformer2DModel with norm_type ada_norm_single)")
-    return family
+    try:
+        return family_of(cfg).NAME  # the loader's own mapping, generic Transformer2DModel included
+    except ModelDirError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _token_kind(block_list: str, rel: str) -> str:
@@ -209,25 +205,25 @@ def _token_kind(block_list: str, rel: str) -> str:
 
 
 def _dit_profile(cfg: Mapping[str, Any], where: str, spec: ModelSpec | None, dtype: str, others: int) -> ModelProfile:
-    from tessera.models.diffusers_loader import build_transformer
+    from tessera.models.diffusers_loader import FAMILIES, build_transformer
 
     family = diffusion_family(cfg, where)
+    plan = FAMILIES[family]  # the family file: TP_PLAN (what tp splits, and how) and STAGES (blocks, head)
     try:
         model = build_transformer(family, cfg)  # meta device: shapes only, no memory
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
-    pspec = model.parallel_spec
     wbytes = DTYPE_BYTES[dtype]
 
     def match(name: str, patterns: tuple[str, ...]) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
-    split_patterns = tuple(pspec.colwise) + tuple(pspec.rowwise) + tuple(p for p, _ in pspec.rowwise_pieces) + \
-        tuple(pspec.colwise_gather)
+    split_patterns = tuple(plan.TP_PLAN)  # every kind splits the weight over tp
+    row_patterns = tuple(p for p, kind in plan.TP_PLAN.items() if kind in ("rowwise", "rowwise_pieces"))
     layers = []
     joint = family in ("sd3", "flux")
     d = model.config.num_attention_heads * model.config.attention_head_dim
-    for list_name in pspec.stage_blocks:
+    for list_name in plan.STAGES.blocks:
         for i, block in enumerate(getattr(model, list_name)):
             counts = {"split_b": 0, "rep_b": 0, "image": 0, "text": 0, "joint": 0, "sample": 0, "split_p": 0, "rows": 0,
                       "rows_text": 0}
@@ -240,20 +236,20 @@ def _dit_profile(cfg: Mapping[str, Any], where: str, spec: ModelSpec | None, dty
                     mrel = rel.rsplit(".", 1)[0]
                     counts[_token_kind(list_name, mrel)] += param.numel()
                     counts["split_p"] += param.numel() if split else 0
-                    if match(module, tuple(pspec.rowwise) + tuple(p for p, _ in pspec.rowwise_pieces)):
+                    if match(module, row_patterns):
                         counts["rows_text" if _token_kind(list_name, mrel) == "text" else "rows"] += 1
             layers.append(LayerProfile(
                 split_bytes=counts["split_b"], replicated_bytes=counts["rep_b"], split_params=counts["image"],
                 replicated_params=0, text_params=counts["text"], joint_params=counts["joint"],
                 sample_params=counts["sample"], attn_flops=4 * d, joint_attention=joint,
                 row_parallel=counts["rows"], row_text=counts["rows_text"]))
-    block_ids = {id(p) for name in pspec.stage_blocks for p in getattr(model, name).parameters()}
+    block_ids = {id(p) for name in plan.STAGES.blocks for p in getattr(model, name).parameters()}
     first = last = last_p = 0
     for name, param in model.named_parameters():
         if id(param) in block_ids:
             continue
         nb = param.numel() * wbytes
-        if match(name.rsplit(".", 1)[0], tuple(pspec.head)) or match(name, tuple(pspec.head)):
+        if match(name.rsplit(".", 1)[0], plan.STAGES.head) or match(name, plan.STAGES.head):
             last += nb
             last_p += param.numel() if param.dim() == 2 else 0
         else:
