@@ -239,25 +239,6 @@ def prompts_for(batch: int, base: list[int], vocab: int = 512) -> list[list[int]
 # -- one side, in a subprocess ------------------------------------------------------------------------
 
 
-class _InProcessController:
-    """One rank in this process (the single-rank plan), so the cgroup holds the whole runtime."""
-
-    def __init__(self, threads: int) -> None:
-        from tessera.config import ParallelPlan
-        from tessera.memory.placement import Placement
-        from tessera.runtime.worker import Worker
-
-        self.worker = Worker(0, 1, "cpu", log_level="WARNING", num_threads=threads)
-        self.placement = Placement(ParallelPlan({}))
-
-    def collective_rpc(self, fn, args=(), kwargs=None, timeout_s=None, ranks=None):
-        call = getattr(self.worker, fn) if isinstance(fn, str) else (lambda *a, **k: fn(self.worker, *a, **k))
-        return [call(*args, **(kwargs or {}))]
-
-    def shutdown(self) -> None:
-        pass
-
-
 def _rank_join_cgroup(worker, prefix: str, limit: int) -> bool:
     return join_cgroup(f"{prefix}-rank{worker.rank}", limit)
 
@@ -267,8 +248,10 @@ def _rank_io(worker) -> dict[str, Any]:
 
 
 def _controller(ep: int, threads: int):
-    if ep == 1:
-        return _InProcessController(threads)
+    if ep == 1:  # one rank in this process (torch threads already set), so the cgroup holds the whole runtime
+        from tessera.runtime.inprocess import InProcessController
+
+        return InProcessController(log_level="WARNING").start()
     from tessera.config import ParallelPlan
     from tessera.memory.placement import Placement
     from tessera.runtime.controller import Controller
