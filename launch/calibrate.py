@@ -334,8 +334,8 @@ class _InProcess:
         torch.set_num_threads(threads)
         self.placement = Placement(ParallelPlan({}))
 
-    def collective_rpc(self, fn, args=(), kwargs=None, timeout_s=None, ranks=None):  # noqa: ANN001
-        return [self.worker.execute(fn, tuple(args), kwargs)]
+    def collective_rpc(self, fn, args=(), kwargs=None, timeout_s=None, ranks=None, stall_s=None):  # noqa: ANN001
+        return [self.worker.execute(fn, tuple(args), kwargs)]  # timeouts and stall deadlines: the caller's own
 
     def describe(self) -> list:
         return []
