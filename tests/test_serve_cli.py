@@ -125,6 +125,11 @@ def test_cli_refuses_an_open_bind_without_a_key_before_starting_anything(model_d
                            "--api-key-file", str(keyfile)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "readable by other users" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tessera.launch.cli", "serve", "--model", str(model_dir),
+                           "--max-image-batch", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "max_image_batch" in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
