@@ -95,14 +95,12 @@ class OffloadedBlocks:
         self.store.close()
 
 
-# Where the DiT families keep their block stacks (PixArt/SD3: transformer_blocks; Flux: both).
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-
-
-def offload_model_blocks(model: nn.Module, config: OffloadConfig, device: str | torch.device = "cpu",
-                         tag: str = "rank0", blocks_per_stage: int = 1) -> OffloadedBlocks:
-    """Offload every block of a DiT's block stacks (in forward order), one stage per ``blocks_per_stage``."""
-    blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, [])]
+def offload_model_blocks(model: nn.Module, block_lists: Sequence[str], config: OffloadConfig,
+                         device: str | torch.device = "cpu", tag: str = "rank0",
+                         blocks_per_stage: int = 1) -> OffloadedBlocks:
+    """Offload every block of a DiT's block stacks ``block_lists`` (the family's ``STAGES.blocks``, in
+    forward order), one stage per ``blocks_per_stage``."""
+    blocks = [b for name in block_lists for b in getattr(model, name, [])]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has none of {BLOCK_LISTS}; nothing to offload in stages")
+        raise ValueError(f"{type(model).__name__} has none of {tuple(block_lists)}; nothing to offload in stages")
     return OffloadedBlocks(blocks, config, blocks_per_stage=blocks_per_stage, name=f"dit-{tag}", device=device)

@@ -87,7 +87,8 @@ class DiffusionWorker:
         if spec.offload is not None:  # tessera.offload: transformer blocks streamed stage by stage within a budget
             from tessera.offload.modules import offload_model_blocks
 
-            self.offloaded = offload_model_blocks(self.model, spec.offload, self.device, tag=f"rank{worker.rank}")
+            self.offloaded = offload_model_blocks(self.model, self.family.STAGES.blocks, spec.offload, self.device,
+                                                  tag=f"rank{worker.rank}")
         self.load_s = time.perf_counter() - started
         self.pipeline = self.family.Pipeline(self.dir, self.model)
         vae_cfg = json.loads((self.dir.path / "vae" / "config.json").read_text())
