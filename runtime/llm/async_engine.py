@@ -293,13 +293,13 @@ class AsyncLLMEngine:
                 stream.engine_id = rid
                 self._totals["prompt_tokens"] += len(stream.prompt_ids)
                 if rid in engine.errors:  # validated before, so only if the engine's rules changed
-                    res = engine._pop(rid)
+                    res = engine.pop(rid)
                     self._end(stream, "error", res.error)
                 else:
                     self._streams[rid] = stream
             elif verb == "abort" and stream.engine_id is not None and stream.engine_id in self._streams:
                 engine.abort(stream.engine_id)  # frees its KV blocks now
-                engine._pop(stream.engine_id)
+                engine.pop(stream.engine_id)
                 del self._streams[stream.engine_id]
                 self._totals["requests_aborted"] += 1
                 self._end(stream, "abort", None)
@@ -338,7 +338,7 @@ class AsyncLLMEngine:
             stream = self._streams[rid]
             reason, error = ended.get(rid, (None, None))
             if reason is not None:
-                self.engine._pop(rid)
+                self.engine.pop(rid)
                 del self._streams[rid]
                 self._totals["requests_failed" if reason == "error" else "requests_finished"] += 1
             self._send(stream, Output(tuple(tokens), "".join(texts.get(rid, ())), reason is not None, reason, error,
@@ -354,7 +354,7 @@ class AsyncLLMEngine:
         for rid in running & set(self._streams):
             stream = self._streams.pop(rid)
             self.engine.abort(rid)  # frees its KV blocks
-            self.engine._pop(rid)
+            self.engine.pop(rid)
             self._totals["requests_failed"] += 1
             self._end(stream, "error", f"the engine failed: {message}")
         with self._lock:
@@ -366,7 +366,7 @@ class AsyncLLMEngine:
         if abort and stream.engine_id is not None and stream.engine_id in self.engine.requests:
             try:
                 self.engine.abort(stream.engine_id)
-                self.engine._pop(stream.engine_id)
+                self.engine.pop(stream.engine_id)
             except Exception:  # noqa: BLE001 - best effort while stopping
                 pass
         self._send(stream, Output((), "", True, reason, error, stream.generated, time.monotonic()))

@@ -427,7 +427,8 @@ class LLMEngine:
         return GenerationResult(r.request_id, list(r.prompt), list(r.output), text, r.finish_reason or "running",
                                 r.error)
 
-    def _pop(self, request_id: str) -> GenerationResult:
+    def pop(self, request_id: str) -> GenerationResult:
+        """The request's result, and the engine forgets it (the caller owns the request's lifetime)."""
         res = self.result(request_id)
         self.errors.pop(request_id, None)
         self.requests.pop(request_id, None)
@@ -461,13 +462,13 @@ class LLMEngine:
                     self._fail(request, "the KV cache cannot hold this request next to the others; load the engine "
                                         "with a larger num_kv_blocks or ask for fewer max_new_tokens")
             pending = {i for i in pending if not self.requests[i].finished}
-        return [self._pop(i) for i in ids]
+        return [self.pop(i) for i in ids]
 
     def stream(self, prompt, sampling=None) -> Iterator[int]:
         """Yield the token ids of one request as they are produced (other requests keep running)."""
         request_id = self.add_request(prompt, sampling)
         if request_id in self.errors:
-            raise ValueError(self._pop(request_id).error)
+            raise ValueError(self.pop(request_id).error)
         request = self.requests[request_id]
         sent = 0
         try:
@@ -478,7 +479,7 @@ class LLMEngine:
                     sent += 1
         finally:  # also when the caller stops iterating early: free the request's KV blocks
             self.abort(request_id)
-            self._pop(request_id)
+            self.pop(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a queued or running request now (finish_reason "abort"); its KV blocks are freed."""
