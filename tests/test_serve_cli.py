@@ -58,10 +58,32 @@ def _wait_line(lines: "queue.Queue[str]", needle: str, timeout_s: float, seen: l
     raise AssertionError(f"no {needle!r} line within {timeout_s:.0f}s; output:\n{''.join(seen)[-4000:]}")
 
 
+def _cmdline(proc: "psutil.Process | int") -> str:
+    """A process's command line, or "" when it exited (or became a zombie) between listing and reading: Ray
+    starts and ends short-lived helper processes at any time, so a listed child may be gone a moment later."""
+    try:
+        return " ".join((proc if isinstance(proc, psutil.Process) else psutil.Process(proc)).cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
+def _name(pid: int) -> str:
+    try:
+        return psutil.Process(pid).name()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
 def _tree(pid: int) -> dict[int, float]:
     """pid -> create time of a process and all its descendants (a pid may be reused: the time tells)."""
     root = psutil.Process(pid)
-    return {p.pid: p.create_time() for p in [root, *root.children(recursive=True)]}
+    tree = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            tree[p.pid] = p.create_time()
+        except psutil.NoSuchProcess:  # a short-lived helper that ended while we listed: nothing to stop
+            pass
+    return tree
 
 
 def _alive(pids: dict[int, float]) -> list[str]:
@@ -70,7 +92,7 @@ def _alive(pids: dict[int, float]) -> list[str]:
         try:
             p = psutil.Process(pid)
             if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{pid} {' '.join(p.cmdline())[:80]}")
+                left.append(f"{pid} {_cmdline(p)[:80]}")
         except psutil.NoSuchProcess:
             pass
     return left
@@ -97,9 +119,9 @@ def test_cli_serves_and_sigterm_stops_every_process(model_dir, tmp_path):
         assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         pids = _tree(proc.pid)
-        names = " ".join(psutil.Process(p).name() for p in pids if psutil.pid_exists(p))
+        names = " ".join(_name(p) for p in pids)
         assert "raylet" in names and "gcs_server" in names  # the embedded Ray's processes are in the tree
-        assert sum("Worker" in " ".join(psutil.Process(p).cmdline()) for p in pids if psutil.pid_exists(p)) >= 2
+        assert sum("Worker" in _cmdline(p) for p in pids) >= 2
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == 0, "".join(seen)[-4000:]
         wait_until(lambda: not _alive(pids), 60, f"every process of the server to exit: {_alive(pids)}")
@@ -170,18 +192,17 @@ def test_ray_job_submit_serves_and_ray_job_stop_removes_it(ray_head, model_dir, 
                        json={"model": "job-model", "prompt": "the router", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         head = psutil.Process(ray_head.proc.pid)
-        workers = {p.pid for p in head.children(recursive=True) if "ray::Worker" in " ".join(p.cmdline())}
+        workers = {p.pid for p in head.children(recursive=True) if "ray::Worker" in _cmdline(p)}
         assert len(workers) >= 2
     finally:
         stop = job("stop", timeout=300)
     assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
     logs = job("logs").stdout
     assert "tessera serve: stopping" in logs and "Traceback" not in logs, logs[-4000:]
-    wait_until(lambda: not any(psutil.pid_exists(p) and "ray::Worker" in " ".join(psutil.Process(p).cmdline())
-                               for p in workers), 60, "the engine's workers to exit")
+    wait_until(lambda: not any("ray::Worker" in _cmdline(p) for p in workers), 60, "the engine's workers to exit")
     left = [p for p in head.children(recursive=True)
-            if any(name in " ".join(p.cmdline()) for name in ("ServeReplica", "ServeController", "ProxyActor"))]
-    assert not left, [" ".join(p.cmdline())[:80] for p in left]
+            if any(name in _cmdline(p) for name in ("ServeReplica", "ServeController", "ProxyActor"))]
+    assert not left, [_cmdline(p)[:80] for p in left]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
 
