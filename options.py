@@ -225,11 +225,18 @@ class LLMOptions:
 
 @dataclass(frozen=True)
 class DiffusionOptions:
-    """Options of the diffusion engine (``DiffusionEngine.load``): weight dtype and the driver's progress bar."""
+    """Options of the diffusion engine (``DiffusionEngine.load``): weight dtype, the driver's progress bar, faults.
+
+    ``checkpoint_s``: seconds of denoising between step checkpoints. The driver keeps every rank's latents and
+    scheduler state after each such chunk of steps, so a fault resumes the image there instead of rerunning it
+    from its seed (the same bits either way); an image shorter than that stays one rpc. ``None``: no
+    checkpoints. The stale-K/V modes (``displaced``, ``partial``) always rerun from the seed.
+    """
 
     dtype: str = "float32"
     progress: bool = True
     recovery: RecoveryPolicy = RecoveryPolicy()
+    checkpoint_s: float | None = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recovery", _recovery(self.recovery))
@@ -237,6 +244,10 @@ class DiffusionOptions:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         if not isinstance(self.progress, bool):
             raise ConfigError(f"progress is {self.progress!r}; it must be true or false")
+        if self.checkpoint_s is not None and (not _is_number(self.checkpoint_s) or not math.isfinite(self.checkpoint_s)
+                                              or self.checkpoint_s < 0):
+            raise ConfigError(f"checkpoint_s is {self.checkpoint_s!r}; give seconds >= 0 between step checkpoints, "
+                              "or null for none")
 
 
 # -- offload ------------------------------------------------------------------------------------------------

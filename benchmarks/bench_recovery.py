@@ -10,10 +10,17 @@ recovery records split the time (``runtime/recovery.RecoveryRecord``):
   reported by Ray at once; a stall by the step deadline);
 - ``restart_s``: the controller's restart, of which ``worker_start_s`` is Ray
   starting the actors and their Python imports (reported apart: it is not
-  tessera's time);
-- ``reload_s``: the shards read again; ``replay_s``: the interrupted step (or
-  image) run again; ``own_s`` = restart - worker start + reload + replay (tessera's
-  recovery work once the fault is known; detection is reported apart).
+  tessera's time; libraries an engine imports lazily, such as the text encoder's,
+  are imported in the reload or the replay and count there);
+- ``reload_s``: the shards read again; ``replay_s``: the work lost to the fault
+  run again (the interrupted step; the steps since an image's last checkpoint,
+  or the whole image without one); ``own_s`` = restart - worker start + reload + replay (tessera's
+  recovery work once the fault is known; detection is reported apart); ``total_s`` = detect + restart +
+  reload + replay: all the time the fault cost, worker start included;
+- ``resume_step``: the denoising step a checkpointed image resumed from (0: rerun from its seed);
+- ``added_latency_s`` (images): the faulted image's latency less its fault-free latency: what the fault
+  cost that request, end to end (``replay_s`` of an image rerun from its seed also counts the steps the
+  fault never reached).
 
 Every request must complete with the fault-free tokens / latents
 (``completed`` / ``submitted``). Results: ``benchmarks/results/recovery.json``.
@@ -89,12 +96,15 @@ def llm_case(model_dir: Path, plan: dict, kind: str) -> dict:
     return {"completed": sum(g == w for g, w in zip(got, want)), "submitted": len(prompts), "records": records}
 
 
-def dit_case(model_dir: Path, kind: str) -> dict:
+def dit_case(model_dir: Path, kind: str, steps: int = 30, checkpoint_s: float | None = 0.5) -> dict:
+    """One image of ``steps`` steps; the fault a third of the way in. 30 steps take less than the default
+    0.5 s checkpoint interval (one rpc: rerun from the seed); 200 steps are checkpointed and resume (or, with
+    ``checkpoint_s=None``, rerun from the seed: the comparison)."""
     from tessera.runtime.diffusion.engine import DiffusionEngine
 
-    args = dict(steps=30, height=64, width=64, seed=4, output="latent")
+    args = dict(steps=steps, height=64, width=64, seed=4, output="latent")
     with Controller(Placement(ParallelPlan({"sp": 2})), timeouts=TIMEOUTS) as ctl:
-        engine = DiffusionEngine.load(ctl, model_dir, progress=False, recovery=POLICY)
+        engine = DiffusionEngine.load(ctl, model_dir, progress=False, recovery=POLICY, checkpoint_s=checkpoint_s)
         want = engine.generate_images(["a red square"], **args)[0]
         engine.generate_images(["a red square"], **args)
         seconds = engine.stats()["last"]["seconds"]
@@ -112,19 +122,27 @@ def dit_case(model_dir: Path, kind: str) -> dict:
         sig = signal.SIGSTOP if kind == "stall" else signal.SIGKILL
         timer = threading.Timer(seconds / 3, _kill, args=(victim, sig))
         timer.start()
+        started = time.perf_counter()
         got = engine.generate_images(["a red square"], **args)[0]
+        faulted = time.perf_counter() - started
         timer.join()
         _kill(victim, signal.SIGKILL)
         records = engine.stats()["recovery"]
         engine.close()
-    return {"completed": int(torch.equal(got, want)), "submitted": 1, "records": records}
+    return {"completed": int(torch.equal(got, want)), "submitted": 1, "records": records,
+            "request_s": faulted, "fault_free_s": seconds}
 
 
 def _summary(runs: list[dict]) -> dict:
     records = [r for run in runs for r in run["records"]]
     out = {"completed": sum(r["completed"] for r in runs), "submitted": sum(r["submitted"] for r in runs),
            "recoveries": len(records), "attempts": sum(r["attempts"] for r in records)}
-    for key in ("detect_s", "restart_s", "worker_start_s", "reload_s", "replay_s", "own_s"):
+    if all("request_s" in r for r in runs):  # an image: its latency with the fault, less its fault-free latency
+        added = [r["request_s"] - r["fault_free_s"] for r in runs]
+        out["added_latency_s"] = {"median": statistics.median(added), "min": min(added), "max": max(added)}
+        out["fault_free_s"] = statistics.median(r["fault_free_s"] for r in runs)
+    for key in ("detect_s", "restart_s", "worker_start_s", "reload_s", "replay_s", "own_s", "total_s",
+                "resume_step"):
         values = [r[key] for r in records]
         if values:
             out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -149,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(f"llm {plan} {kind}", lambda plan=plan, kind=kind: llm_case(moe, {plan[:2]: 2}, kind))
                  for plan in ("tp=2", "ep=2") for kind in kinds]
         cases += [(f"dit sp=2 {kind}", lambda kind=kind: dit_case(pixart, kind)) for kind in kinds]
+        cases += [(f"dit sp=2 {kind}, 200 steps", lambda kind=kind: dit_case(pixart, kind, steps=200))
+                  for kind in ("kill", "stall")]
+        cases += [("dit sp=2 kill, 200 steps, no checkpoints",
+                   lambda: dit_case(pixart, "kill", steps=200, checkpoint_s=None))]
         for name, run in cases:
             started = time.perf_counter()
             runs = [run() for _ in range(args.repeats)]
@@ -161,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, c in results["cases"].items():
         med = lambda k: f"{c[k]['median']:.2f} [{c[k]['min']:.2f}-{c[k]['max']:.2f}]" if k in c else "-"  # noqa: E731
         rows.append([name, f"{c['completed']}/{c['submitted']}", c["attempts"], med("detect_s"), med("worker_start_s"),
-                     med("restart_s"), med("reload_s"), med("replay_s"), med("own_s")])
-    print_table("recovery per fault (median [min-max] over repeats)", ["case", "completed", "restarts", "detect s", "worker start s", "restart s", "reload s", "replay s",
-                 "tessera's own s (no detect)"], rows)
+                     med("restart_s"), med("reload_s"), med("replay_s"), med("own_s"), med("total_s"),
+                     med("added_latency_s")])
+    print_table("recovery per fault (median [min-max] over repeats)",
+                ["case", "completed", "restarts", "detect s", "worker start s", "restart s", "reload s", "replay s",
+                 "tessera's own s (no detect)", "total s", "image latency added s"], rows)
     write_result("recovery", results)
     return 0 if all(c["completed"] == c["submitted"] for c in results["cases"].values()) else 1
 

@@ -9,7 +9,8 @@ The same tiny PixArt checkpoint on the same 2 cores, ``--requests`` distinct pro
   all requests in one call (a batch of ``n`` prompts with one generator per image: what a perfect batcher gets);
 - tessera's Python API (plan sp=2, two one-thread workers), one request at a time;
 - ``tessera serve`` (same plan) with ``--max-image-batch 1`` (every request alone) at 4 concurrent clients, and
-  with the default batching (8) at 1, 4 and 8 concurrent clients. Clients post ``/v1/images/generations``
+  with the default batching (8, exact: each image with the bits it has alone) at 1, 4 and 8 concurrent clients,
+  and with ``--image-batching fast`` (one forward per batch) at 4 and 8. Clients post ``/v1/images/generations``
   over HTTP; a client sends its next request when its last one returns (closed loop).
 
 Each figure is the median of ``--repeats`` runs with the spread (min..max); the load average is recorded before
@@ -102,7 +103,7 @@ def python_api_rate(model_dir: str, n: int, size: int, steps: int, guidance: flo
 
 
 def server_rates(model_dir: str, n: int, size: int, steps: int, guidance: float, repeats: int, max_image_batch: int,
-                 clients: list[int]) -> dict[str, Any]:
+                 clients: list[int], image_batching: str = "exact") -> dict[str, Any]:
     import httpx
 
     import tessera
@@ -110,8 +111,8 @@ def server_rates(model_dir: str, n: int, size: int, steps: int, guidance: float,
 
     body = {"size": f"{size}x{size}", "steps": steps, "guidance_scale": guidance}
     server = tessera.serve(model_dir, plan={"sp": 2}, port=free_ports(1)[0], engine_options={"progress": False},
-                           max_image_batch=max_image_batch)
-    out: dict[str, Any] = {"max_image_batch": max_image_batch}
+                           max_image_batch=max_image_batch, image_batching=image_batching)
+    out: dict[str, Any] = {"max_image_batch": max_image_batch, "image_batching": image_batching}
     try:
         url = f"{server.url}/v1/images/generations"
         httpx.post(url, json={**body, "prompt": "warm up"}, timeout=300).raise_for_status()
@@ -165,12 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     alone = server_rates(model_dir, *shape, max_image_batch=1, clients=[4])
     print(f"load {loadavg()}: tessera serve, batching", flush=True)
     batched = server_rates(model_dir, *shape, max_image_batch=8, clients=[1, 4, 8])
+    print(f"load {loadavg()}: tessera serve, fast batching", flush=True)
+    fast = server_rates(model_dir, *shape, max_image_batch=8, clients=[4, 8], image_batching="fast")
 
     rows = [("diffusers 2 threads, one request per call", peer["one_by_one"]),
             ("diffusers 2 threads, all requests in one call", peer["one_batch"]),
             ("tessera Python API sp=2, one at a time", api),
             ("tessera serve --max-image-batch 1, 4 clients", alone["4_clients"])]
-    rows += [(f"tessera serve (batching), {c} client{'s' if c > 1 else ''}", batched[f"{c}_clients"]) for c in (1, 4, 8)]
+    rows += [(f"tessera serve (exact batching), {c} client{'s' if c > 1 else ''}", batched[f"{c}_clients"])
+             for c in (1, 4, 8)]
+    rows += [(f"tessera serve --image-batching fast, {c} clients", fast[f"{c}_clients"]) for c in (4, 8)]
     print_table(f"images/s, tiny PixArt {args.size}x{args.size}, {args.steps} steps, {args.requests} requests, "
                 f"median of {args.repeats}", ["system", "images/s", "spread", "under load"],
                 [[name, r["median"], f"{r['min']:.2f}-{r['max']:.2f}", "yes" if r["under_load"] else "no"]
@@ -180,13 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         "serve_batching_4_clients_vs_python_api": batched["4_clients"]["median"] / api["median"],
         "serve_batching_8_clients_vs_diffusers_one_by_one": batched["8_clients"]["median"] / peer["one_by_one"]["median"],
         "serve_batching_8_clients_vs_diffusers_one_batch": batched["8_clients"]["median"] / peer["one_batch"]["median"],
+        "serve_fast_4_clients_vs_serve_alone_4_clients": fast["4_clients"]["median"] / alone["4_clients"]["median"],
+        "serve_fast_8_clients_vs_serve_exact_8_clients": fast["8_clients"]["median"] / batched["8_clients"]["median"],
     }
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     write_result("serve_images", {"model": "tiny pixart", "plan": "sp=2", "size": args.size, "steps": args.steps,
                                   "guidance": args.guidance, "requests": args.requests, "repeats": args.repeats,
                                   "diffusers_2_threads": peer, "python_api": api, "serve_alone": alone,
-                                  "serve_batching": batched, "ratios": ratios})
+                                  "serve_batching": batched, "serve_fast_batching": fast, "ratios": ratios})
     return 0
 
 

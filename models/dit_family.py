@@ -74,9 +74,14 @@ class Conditioning:
     def cat(self, other: "Conditioning") -> "Conditioning":
         return Conditioning({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
 
-    def select(self, rows: slice) -> "Conditioning":
-        """Batch rows ``rows`` (a pipeline micro-batch)."""
+    def select(self, rows: slice | list[int]) -> "Conditioning":
+        """Batch rows ``rows``: a slice (a pipeline micro-batch) or a list of row indices (one image's branches)."""
         return Conditioning({k: v[rows] for k, v in self.tensors.items()})
+
+    @staticmethod
+    def concat(parts: list["Conditioning"]) -> "Conditioning":
+        """The rows of ``parts`` in order (prompts encoded one at a time, then batched)."""
+        return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
 @dataclass(frozen=True)

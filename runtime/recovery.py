@@ -74,6 +74,7 @@ class RecoveryRecord:
     worker_start_s: float  # of which Ray starting the actors and their imports
     reload_s: float
     replay_s: float = 0.0  # set by the engine once the interrupted work ran again
+    resume_step: int = 0  # diffusion: the denoising step the image resumed from (0: rerun from its seed)
 
     @property
     def own_s(self) -> float:
@@ -81,6 +82,12 @@ class RecoveryRecord:
         the actors and their Python imports), reload and replay. Detection is reported apart (``detect_s``):
         a death is reported at once, a stall after the heartbeat or step deadline."""
         return self.restart_s - self.worker_start_s + self.reload_s + self.replay_s
+
+    @property
+    def total_s(self) -> float:
+        """All the time the fault cost the work in flight: detection, restart (worker start included), reload and
+        replay."""
+        return self.detect_s + self.restart_s + self.reload_s + self.replay_s
 
 
 @dataclass
@@ -128,4 +135,4 @@ class Recovery:
             return record
 
     def summary(self) -> list[dict]:
-        return [dict(r.__dict__, own_s=r.own_s) for r in self.records]
+        return [dict(r.__dict__, own_s=r.own_s, total_s=r.total_s) for r in self.records]

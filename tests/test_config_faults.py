@@ -425,7 +425,7 @@ BAD_VALUES = {
                  "max_prefill_tokens": True, "record_routing": "yes", "stop_at_eos": 1, "step_timeout_s": "abc",
                  "moe_dispatch": "fast", "decode_steps": 0, "expert_parallel_mode": 3, "expert_map": "abc",
                  "expert_replicas": 5, "placement_file": 5, "recovery": {"max_restarts": 0}},
-    DiffusionOptions: {"dtype": "int8", "progress": "no", "recovery": {"stall_floor_s": "soon"}},
+    DiffusionOptions: {"dtype": "int8", "progress": "no", "recovery": {"stall_floor_s": "soon"}, "checkpoint_s": -1},
     RecoveryPolicy: {"max_restarts": 0, "window_s": -1, "backoff_s": float("nan"), "max_backoff_s": "long",
                      "poison_faults": 0, "stall_floor_s": 0, "stall_factor": 0.5},
     OffloadConfig: {"device_budget_bytes": "12XB", "host_budget_bytes": -5, "nvme_dir": 5, "reader": "fast",

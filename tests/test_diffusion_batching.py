@@ -4,7 +4,8 @@
 denoising loop; what makes that correct is that each prompt's noise is drawn alone from its own seed. Here a
 batch of three prompts with seeds (5, 6, 7) must give, row by row, the latents each prompt makes alone with its
 seed: to fp32 rounding (a larger batch changes the matmul blocking), on every family and on plans that split
-patches (sp) and the guidance batch (cfg).
+patches (sp) and the guidance batch (cfg); with ``batch_invariant`` (one forward per image inside the shared
+loop, what ``tessera serve`` does) bit for bit, latents and decoded images.
 """
 
 from __future__ import annotations
@@ -57,3 +58,28 @@ def test_bad_per_prompt_seeds_name_the_fix(seed, message):
 
     with pytest.raises(ValueError, match=message):
         DiffusionRequest(prompts=("a", "b"), negative_prompts=("", ""), seed=seed)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("model, plan, guidance", CASES, ids=[c[0] for c in CASES])
+def test_a_batch_invariant_batch_equals_each_prompt_alone_bit_for_bit(request, make_controller, model, plan,
+                                                                      guidance):
+    engine = engine_on(make_controller, plan, request.getfixturevalue(model))
+    args = dict(steps=3, height=32, width=48, guidance_scale=guidance)
+    batch = engine.generate_images(PROMPTS, seed=SEEDS, batch_invariant=True, **args)
+    latents = engine.last["latents"]
+    assert engine.last["batch"] == 3
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS)):
+        (alone,) = engine.generate_images([prompt], seed=seed, **args)
+        assert torch.equal(latents[i:i + 1], engine.last["latents"]), f"{prompt!r}: latents differ from alone"
+        assert list(batch[i].getdata()) == list(alone.getdata()), f"{prompt!r}: image differs from alone"
+
+
+def test_batch_invariance_is_refused_where_the_batch_shares_state(make_controller, tiny_pixart):
+    engine = engine_on(make_controller, {"sp": 2}, tiny_pixart)
+    assert engine.supports_batch_invariance("exact") and not engine.supports_batch_invariance("displaced")
+    with pytest.raises(ValueError, match="stale K/V shared by the batch"):
+        engine.generate_images(PROMPTS[:2], steps=2, height=32, width=48, seed=[1, 2], mode="displaced",
+                               batch_invariant=True)
+    (one,) = engine.generate_images(PROMPTS[:1], steps=2, height=32, width=48, seed=[1], mode="displaced",
+                                    batch_invariant=True)  # one image: nothing shared, nothing refused

@@ -1,5 +1,6 @@
-"""Diffusion survives worker faults (issue 12): a kill or a stall mid-denoise restarts the ranks and re-runs
-the interrupted image from its seed: the same latents as without the fault; the handle stays usable."""
+"""Diffusion survives worker faults (issue 12): a kill or a stall mid-denoise restarts the ranks and resumes the
+interrupted image from the ranks' last step checkpoint, or reruns it from its seed without checkpoints: the same
+latents as without the fault either way; the handle stays usable."""
 
 from __future__ import annotations
 
@@ -52,10 +53,11 @@ def _fault_during(engine, controller, sig: int, after_s: float):
     return thread, victim
 
 
-@pytest.mark.parametrize("fault", ["kill", "stall"])
-def test_a_fault_mid_denoise_reruns_the_image_from_its_seed(controller, pixart, fault):
+@pytest.mark.parametrize("fault, checkpoint_s", [("kill", None), ("stall", None), ("kill", 0.0), ("stall", 0.0)],
+                         ids=["kill-rerun", "stall-rerun", "kill-resume", "stall-resume"])
+def test_a_fault_mid_denoise_reruns_or_resumes_the_image(controller, pixart, fault, checkpoint_s):
     policy = RecoveryPolicy(stall_floor_s=3.0, stall_factor=4.0)
-    engine = DiffusionEngine.load(controller, pixart, progress=False, recovery=policy)
+    engine = DiffusionEngine.load(controller, pixart, progress=False, recovery=policy, checkpoint_s=checkpoint_s)
     want = engine.generate_images(["a red square"], **ARGS)[0]
     engine.generate_images(["a red square"], **ARGS)  # a second timed run: the stall deadline has history
     seconds = engine.stats()["last"]["seconds"]
@@ -74,6 +76,10 @@ def test_a_fault_mid_denoise_reruns_the_image_from_its_seed(controller, pixart, 
     assert records, "the fault landed after the request finished: nothing was recovered (make the request longer)"
     assert records[-1]["kind"] == ("death" if fault == "kill" else "stall")
     assert records[-1]["detect_s"] < policy.stall_floor_s + 10.0  # a stalled rank misses heartbeats: seconds
+    if checkpoint_s is None:
+        assert records[-1]["resume_step"] == 0  # rerun from the seed
+    else:  # a checkpoint after every step, the fault a third of the way in: resumed mid-image
+        assert 0 < records[-1]["resume_step"] < ARGS["steps"]
     assert torch.equal(got, want)  # bitwise: the same seed, the same schedule, the same ranks' math
     assert victim not in {r.pid for r in controller.describe()}
     # The handle stays usable.

@@ -155,3 +155,33 @@ def test_bf16_transformer_within_bf16_tolerance(gpu_controller, model_dirs, fami
         assert torch.isfinite(last["latents"]).all()
     finally:
         engine.close()
+
+
+def test_a_step_checkpoint_resumes_on_the_device(gpu_controller, model_dirs):
+    """PixArt's multistep solver keeps its last model outputs on the device: a checkpoint carries them on the
+    host (pickled, as Ray does) and a resume puts them back, giving the uninterrupted latents."""
+    import pickle
+
+    from tessera.runtime.diffusion.engine import ENGINE_ID, DiffusionEngine
+    from tessera.runtime.diffusion.worker import begin_request, end_request, run_steps
+
+    engine = DiffusionEngine.load(gpu_controller, model_dirs["pixart"], progress=False, checkpoint_s=None)
+    try:
+        prompt, h, w, g, seed = CASES["pixart"]
+        want = engine.generate_images(prompt, steps=6, height=h, width=w, guidance_scale=g, seed=seed,
+                                      output="latent")[0]
+        req = engine._request([prompt], 6, h, w, g, seed, "exact", 1, 0.25, "", None, "latent", False)
+        gpu_controller.collective_rpc("call", args=(ENGINE_ID, begin_request, req, None))
+        (chunk,) = gpu_controller.collective_rpc("call", args=(ENGINE_ID, run_steps, 3, True))
+        saved = chunk.checkpoint
+        assert saved.latents.device.type == "cpu"
+        assert all(t is None or t.device.type == "cpu" for t in saved.scheduler.scheduler.model_outputs)
+        if DEVICE != "cpu":
+            assert "model_outputs" in saved.scheduler.on_device
+        gpu_controller.collective_rpc("call", args=(ENGINE_ID, run_steps, 2, False))
+        gpu_controller.collective_rpc("call", args=(ENGINE_ID, begin_request, req, pickle.loads(pickle.dumps((saved,)))))
+        gpu_controller.collective_rpc("call", args=(ENGINE_ID, run_steps, 10, True))
+        (result,) = gpu_controller.collective_rpc("call", args=(ENGINE_ID, end_request))
+        assert torch.equal(result.latents, want)
+    finally:
+        engine.close()

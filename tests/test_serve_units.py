@@ -161,7 +161,8 @@ def test_server_options_are_secure_by_default():
         ServeOptions(host="0.0.0.0")
     assert "sekrit" not in repr(ServeOptions(host="0.0.0.0", api_key="sekrit"))
     for bad in ({"host": "example.com"}, {"port": 0}, {"api_key": "has space"}, {"max_waiting": -1},
-                {"served_model_name": "../x"}, {"retry_after_s": 0}, {"max_image_batch": 0}):
+                {"served_model_name": "../x"}, {"retry_after_s": 0}, {"max_image_batch": 0},
+                {"image_batching": "approx"}):
         with pytest.raises(ConfigError):
             ServeOptions(**bad)
     assert ServeOptions(host="::1").url == "http://[::1]:8000"

@@ -67,7 +67,8 @@ class TesseraServer:
             self.state = lambda: self.loop.state
         else:
             self.loop = ImageService(handle.engine, options.max_waiting, options.retry_after_s,
-                                     max_batch_images=options.max_image_batch).start()
+                                     max_batch_images=options.max_image_batch,
+                                     exact_batches=options.image_batching == "exact").start()
             self.metrics = ServeMetrics(self.loop.snapshot)
             self.service = self.loop
             self.model_info = {}

@@ -12,9 +12,12 @@ head of the queue and every queued request with its key that fits, and
 each request its own images. A request arriving while a loop runs joins the
 next one. Each image's noise is drawn alone from its own seed (image ``i`` of
 a request uses ``seed + i``), so a request's images do not depend on what it
-was batched with: they equal the request run alone (to the fp32 rounding of
-a larger batch's matmuls). If a batch fails, its requests run alone, so a
-request that fails inside the engine fails alone.
+was batched with: with ``exact_batches`` (the default) the engine runs each
+image's forward with the shapes it has alone (``batch_invariant``), so they
+equal the request run alone bit for bit; without it one batched forward per
+step, equal to fp32 rounding. Modes that share per-step state across the
+batch (stale K/V) run alone when exact. If a batch fails, its requests run
+alone, so a request that fails inside the engine fails alone.
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ class ImageService:
     """The loop around one DiffusionEngine: ``await generate(job)`` -> PNG bytes per image."""
 
     def __init__(self, engine, max_waiting: int = 64, retry_after_s: float = 1.0, rate_window_s: float = 30.0,
-                 max_batch_images: int = 8) -> None:
+                 max_batch_images: int = 8, exact_batches: bool = True) -> None:
         self.engine = engine
         self.max_batch_images = max_batch_images
+        self.exact_batches = exact_batches
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         self.rate_window_s = rate_window_s
@@ -128,6 +132,8 @@ class ImageService:
                 return []
             head = self._queue.popleft()
             batch, images, key = [head], head.job.n, batch_key(head.job)
+            if self.exact_batches and not self.engine.supports_batch_invariance(head.job.mode):
+                return batch  # its images would depend on the batch: it runs alone
             for p in list(self._queue):
                 if not p.cancelled and batch_key(p.job) == key and images + p.job.n <= self.max_batch_images:
                     self._queue.remove(p)
@@ -142,7 +148,7 @@ class ImageService:
         seeds = [p.job.seed + i for p in batch for i in range(p.job.n)]
         images = self.engine.generate_images(
             prompts, steps=head.steps, height=head.height, width=head.width, guidance_scale=head.guidance_scale,
-            seed=seeds, mode=head.mode, negative_prompt=head.negative_prompt)
+            seed=seeds, mode=head.mode, negative_prompt=head.negative_prompt, batch_invariant=self.exact_batches)
         out, at = [], 0
         for p in batch:
             out.append([_png(im) for im in images[at:at + p.job.n]])

@@ -46,6 +46,9 @@ def read_api_key(path: str | None = None) -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
+IMAGE_BATCHING = ("exact", "fast")  # see ServeOptions.image_batching
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How the HTTP service runs.
@@ -59,6 +62,9 @@ class ServeOptions:
     ``max_waiting`` plus the engine's ``max_num_seqs``, so the 429 is tessera's).
     ``max_image_batch``: images one denoising loop may hold (concurrent image requests of one size,
     step count, mode and guidance share a loop); 1 runs every request alone.
+    ``image_batching``: "exact" (default): a batched image gets the bits it gets alone (one forward per
+    image inside the shared loop); "fast": one forward for the batch (more images/s where larger matmuls
+    pay, as on GPUs; each image equals its run alone to fp32 rounding).
     ``app_name``: the Ray Serve application's name. ``ready_timeout_s``: how long starting may take
     (loading the model included). ``shutdown_timeout_s``: how long a graceful stop may take.
     """
@@ -71,6 +77,7 @@ class ServeOptions:
     retry_after_s: float = 1.0
     max_ongoing_requests: int = 4096
     max_image_batch: int = 8
+    image_batching: str = "exact"
     app_name: str = "tessera"
     ready_timeout_s: float = 900.0
     shutdown_timeout_s: float = 60.0
@@ -106,6 +113,8 @@ class ServeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_waiting" else 1):
                 raise ConfigError(f"{name} is {value!r}; it must be an integer >= {0 if name == 'max_waiting' else 1}")
+        if self.image_batching not in IMAGE_BATCHING:
+            raise ConfigError(f"image_batching is {self.image_batching!r}; use one of {', '.join(IMAGE_BATCHING)}")
         for name in ("retry_after_s", "ready_timeout_s", "shutdown_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -24,9 +24,12 @@ from typing import Any, Mapping, Sequence
 from tessera.errors import ConfigError
 from tessera.models.diffusers_loader import DiffusersDir
 from tessera.options import DiffusionOptions, OffloadConfig, from_mapping
-from tessera.runtime.diffusion.protocol import LoadSpec, RequestResult, StepResult, WorkerInfo
-from tessera.runtime.diffusion.request import DiffusionRequest, prompt_tuple
-from tessera.runtime.diffusion.worker import DiffusionWorker, load_worker, run_request
+from tessera.runtime.diffusion.checkpoint import resumable
+from tessera.runtime.diffusion.protocol import (ChunkResult, LoadSpec, RequestResult, StepCheckpoint, StepResult,
+                                                WorkerInfo)
+from tessera.runtime.diffusion.request import DiffusionRequest, keeps_stale_kv, prompt_tuple
+from tessera.runtime.diffusion.worker import (DiffusionWorker, begin_request, end_request, load_worker, run_request,
+                                              run_steps)
 from tessera.runtime.recovery import FAULTS, Recovery, StepDeadline
 
 ENGINE_ID = "diffusion"  # one diffusion model per set of workers: a new load replaces the old one
@@ -51,6 +54,8 @@ class DiffusionEngine:
         self.vae_scale = _vae_scale(model_dir)
         self.last: dict[str, Any] = {}
         self.history: list[dict] = []
+        self._seconds_per_unit: float | None = None  # measured denoising time per (step x image x pixel)
+        self._pending_replay: tuple[Any, float] | None = None  # (recovery record, resume time) until replayed
 
     @classmethod
     def load(cls, controller: Any, model_dir: str | Path, options: DiffusionOptions | Mapping[str, Any] | None = None,
@@ -106,7 +111,7 @@ class DiffusionEngine:
                         mode: str = "exact",
                         warmup_steps: int = 1, partial_fraction: float = 0.25,
                         negative_prompt: str | Sequence[str] | None = "", max_sequence_length: int | None = None,
-                        output: str = "image", trace: bool = False) -> list:
+                        output: str = "image", trace: bool = False, batch_invariant: bool = False) -> list:
         """Return one ``PIL.Image`` per prompt (``output="latent"``: the final latents tensor instead).
 
         ``mode``: "exact", "displaced", "partial" (patch parallel) or "ulysses" (sequence parallel).
@@ -116,9 +121,15 @@ class DiffusionEngine:
         ``seed``: one seed (one batch-shaped noise draw, as diffusers with one generator), or one per prompt
         (each prompt's noise drawn alone: its image does not depend on what it is batched with; concurrent
         requests that share a size, step count, mode and guidance run as one batch this way).
+        ``batch_invariant``: each image's text encoding, transformer forward and decode run with the shapes they
+        have alone, so with one seed per prompt every image has the bits it gets alone (what ``tessera serve``
+        does for concurrent requests); the denoising loop, its rpcs and exchanges stay shared. Without it the
+        batch runs as one forward (faster where a larger matmul is: GPUs) and equals each image alone to fp32
+        rounding. Needs a plan and mode without per-step shared state (no ``pp``; ``exact`` or ``ulysses``
+        when ``sp`` > 1): see :meth:`supports_batch_invariance`.
         """
         req = self._request(prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps,
-                            partial_fraction, negative_prompt, max_sequence_length, output, trace)
+                            partial_fraction, negative_prompt, max_sequence_length, output, trace, batch_invariant)
         started = time.perf_counter()
         per_step, step_s, results = self._run_recovering(req)
         step_bytes = [sum(s.sent_bytes for s in ranks) for ranks in per_step]
@@ -145,60 +156,121 @@ class DiffusionEngine:
 
     def _run_recovering(self, req: DiffusionRequest):
         """Run ``req``; after a fault (a rank died, stalled or failed mid-loop) restart every rank, reload and
-        run it again from its seed: the same noise, the same schedule, so the same latents. A request that
-        cannot finish within the restart budget fails with :class:`~tessera.runtime.recovery.RecoveryFailed`."""
+        resume from the ranks' last step checkpoints (or rerun from the seed: the same noise and schedule), so
+        the same latents come out. A request that cannot finish within the restart budget fails with
+        :class:`~tessera.runtime.recovery.RecoveryFailed`."""
         units = req.steps * len(req.prompts) * req.height * req.width
-        while True:
+        if self.options.progress or self._worth_checkpointing(req, units):
+            return self._run_in_chunks(req, units)
+        while True:  # one rpc per image: the denoising loop runs on the workers, per-step times measured there
             started = time.perf_counter()
             try:
-                if not self.options.progress:
-                    # no live bar: the denoising loop runs on the workers, one rpc per image; per-step times
-                    # are measured there (slowest rank per step)
-                    results: list[RequestResult] = self.controller.collective_rpc(
-                        "call", args=(ENGINE_ID, run_request, req), timeout_s=self.deadline.seconds(units),
-                        stall_s=self.options.recovery.stall_floor_s)
-                    per_step = [[r.steps[i] for r in results] for i in range(req.steps)]
-                    step_s = [max(s.seconds for s in ranks) for ranks in per_step]
-                else:
-                    per_step, step_s, results = self._run_with_bar(req, units)
+                results: list[RequestResult] = self.controller.collective_rpc(
+                    "call", args=(ENGINE_ID, run_request, req), timeout_s=self.deadline.seconds(units),
+                    stall_s=self.options.recovery.stall_floor_s)
             except FAULTS as fault:
                 record = self.recovery.recover(fault, detect_s=time.perf_counter() - started)
-                replay_started = time.perf_counter()
-                self._replay_record = (record, replay_started)
+                self._pending_replay = (record, time.perf_counter())
                 continue
-            elapsed = time.perf_counter() - started
-            self.deadline.record(elapsed, units)
-            replay = getattr(self, "_replay_record", None)
-            if replay is not None:  # this run replayed the interrupted request
-                replay[0].replay_s = elapsed
-                self._replay_record = None
-            return per_step, step_s, results
+            self.deadline.record(time.perf_counter() - started, units)
+            self._replayed()  # the rerun of the whole image was the replay
+            self._seconds_per_unit = (time.perf_counter() - started) / units
+            per_step = [[r.steps[i] for r in results] for i in range(req.steps)]
+            return per_step, [max(s.seconds for s in ranks) for ranks in per_step], results
+
+    def _worth_checkpointing(self, req: DiffusionRequest, units: float) -> bool:
+        """Chunked with checkpoints when the mode can resume and the image takes longer than one checkpoint
+        interval (or its time is not known yet); a short image stays one rpc."""
+        every = self.options.checkpoint_s
+        if every is None or not resumable(req.mode, self.degrees.get("sp", 1)):
+            return False
+        return self._seconds_per_unit is None or self._seconds_per_unit * units > every
+
+    def _chunk_steps(self, req: DiffusionRequest, units: float) -> int:
+        """Steps per rpc: one with the bar or before any step was timed, else a checkpoint interval's worth."""
+        every = self.options.checkpoint_s
+        if self.options.progress or self._seconds_per_unit is None or every is None:
+            return 1
+        return max(1, int(every / (self._seconds_per_unit * units / req.steps)))
+
+    def _run_in_chunks(self, req: DiffusionRequest, units: float):
+        """begin, ``run_steps`` per chunk (timed here, shown on a tqdm bar when ``progress``), end. After each chunk
+        the driver keeps every rank's checkpoint; after a fault the ranks restart from it."""
+        from tqdm.auto import tqdm
+
+        ctl, stall_s, every = self.controller, self.options.recovery.stall_floor_s, self.options.checkpoint_s
+        keep = every is not None and resumable(req.mode, self.degrees.get("sp", 1))
+        per_step: list[list[StepResult]] = []
+        step_s: list[float] = []
+        saved: tuple[StepCheckpoint, ...] | None = None
+        saved_at = time.perf_counter()
+        reached = 0  # the steps done or in flight when the last fault struck: the replay ends once past them
+        bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False,
+                   disable=not self.options.progress)
+        try:
+            while True:
+                started, in_flight = time.perf_counter(), len(per_step)
+                try:
+                    ctl.collective_rpc("call", args=(ENGINE_ID, begin_request, req, saved),
+                                       timeout_s=self.deadline.seconds(units / req.steps), stall_s=stall_s)
+                    while len(per_step) < req.steps:
+                        count = min(self._chunk_steps(req, units), req.steps - len(per_step))
+                        work = units * count / req.steps
+                        started, in_flight = time.perf_counter(), len(per_step) + count
+                        # a checkpoint after every chunk, or with the bar's one-step chunks every ``every`` seconds
+                        want = keep and (not self.options.progress or started - saved_at >= every)
+                        chunk: list[ChunkResult] = ctl.collective_rpc(
+                            "call", args=(ENGINE_ID, run_steps, count, want), timeout_s=self.deadline.seconds(work),
+                            stall_s=stall_s)
+                        elapsed = time.perf_counter() - started
+                        self.deadline.record(elapsed, work)
+                        self._seconds_per_unit = elapsed / work
+                        per_step += [[r.steps[i] for r in chunk] for i in range(count)]
+                        step_s += [elapsed / count] * count if self.options.progress \
+                            else [max(s.seconds for s in ranks) for ranks in per_step[-count:]]
+                        if chunk[0].checkpoint is not None:
+                            saved, saved_at = tuple(r.checkpoint for r in chunk), time.perf_counter()
+                        if len(per_step) >= reached:
+                            self._replayed()  # the lost steps ran again, through the interrupted chunk
+                        bar.set_postfix_str(f"{elapsed / count * 1e3:.0f} ms/step")
+                        bar.update(count)
+                    started, in_flight = time.perf_counter(), req.steps
+                    results = ctl.collective_rpc("call", args=(ENGINE_ID, end_request),
+                                                 timeout_s=self.deadline.seconds(units / req.steps), stall_s=stall_s)
+                    self._replayed()
+                    return per_step, step_s, results
+                except FAULTS as fault:
+                    record = self.recovery.recover(fault, detect_s=time.perf_counter() - started)
+                    self._pending_replay = (record, time.perf_counter())
+                    done = record.resume_step = saved[0].step if saved is not None else 0
+                    reached = max(reached, in_flight)
+                    del per_step[done:], step_s[done:]  # the steps after the checkpoint run again
+                    bar.reset(total=req.steps)
+                    bar.update(done)
+        finally:
+            bar.close()
+
+    def _replayed(self) -> None:
+        """Close the pending recovery record: ``replay_s`` is the time from the resume (or rerun) until the work
+        lost to the fault ran again: the steps since the last checkpoint through the interrupted chunk (the whole
+        image without checkpoints)."""
+        if self._pending_replay is not None:
+            record, resumed = self._pending_replay
+            record.replay_s = time.perf_counter() - resumed
+            self._pending_replay = None
 
     def _reload(self) -> None:
         """Rebuild every rank's shard on the restarted workers (Recovery's reload step)."""
         self.info = self.controller.collective_rpc(load_worker, args=(ENGINE_ID, self.spec))
 
-    def _run_with_bar(self, req: DiffusionRequest, units: float) -> tuple[list[list[StepResult]], list[float],
-                                                                          list[RequestResult]]:
-        """One rpc per step, timed here, with a live tqdm bar."""
-        from tqdm.auto import tqdm
-
-        ctl = self.controller
-        per_call = self.deadline.seconds(units / req.steps)
-        ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req), timeout_s=per_call)
-        bar = tqdm(total=req.steps, desc=f"denoise ({req.mode}, {self.dir.family})", unit="step", leave=False)
-        per_step, step_s = [], []
-        for _ in range(req.steps):
-            t0 = time.perf_counter()
-            per_step.append(ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.step), timeout_s=per_call))
-            step_s.append(time.perf_counter() - t0)
-            bar.set_postfix_str(f"{step_s[-1] * 1e3:.0f} ms")
-            bar.update(1)
-        bar.close()
-        return per_step, step_s, ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.end), timeout_s=per_call)
+    def supports_batch_invariance(self, mode: str) -> bool:
+        """Whether images of ``mode`` can be computed one forward each inside a shared loop: not with pipeline
+        stages (their micro-batches split the batch) nor when patch-parallel ranks keep stale K/V of the whole
+        batch between steps (``displaced``, ``partial`` with ``sp`` > 1)."""
+        return self.degrees.get("pp", 1) == 1 and not keeps_stale_kv(mode, self.degrees.get("sp", 1))
 
     def _request(self, prompts, steps, height, width, guidance_scale, seed, mode, warmup_steps, partial_fraction,
-                 negative_prompt, max_sequence_length, output, trace) -> DiffusionRequest:
+                 negative_prompt, max_sequence_length, output, trace, batch_invariant=False) -> DiffusionRequest:
         """The validated request: arguments, then what this model and plan allow."""
         prompts = prompt_tuple(prompts, "prompts")
         if negative_prompt is None:
@@ -212,8 +284,12 @@ class DiffusionEngine:
             seed=seed if isinstance(seed, int) or not isinstance(seed, Sequence) else tuple(seed),
             mode=mode, warmup_steps=warmup_steps, partial_fraction=partial_fraction,
             max_sequence_length=d.max_sequence_length if max_sequence_length is None else max_sequence_length,
-            output=output, trace=trace,
+            output=output, trace=trace, batch_invariant=batch_invariant,
         )
+        if req.batch_invariant and len(req.prompts) > 1 and not self.supports_batch_invariance(req.mode):
+            raise ValueError(f"batch_invariant images need one forward per image, which mode {req.mode!r} on plan "
+                             f"{self.degrees} cannot do (pipeline stages, or stale K/V shared by the batch); "
+                             "use mode='exact' or 'ulysses' on a plan without pp, or generate the prompts one by one")
         if req.max_sequence_length > d.max_sequence_limit:
             raise ValueError(f"max_sequence_length {req.max_sequence_length} exceeds {d.max_sequence_limit}, the "
                              f"longest text this {self.dir.family} pipeline encodes; use at most "

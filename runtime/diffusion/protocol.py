@@ -73,6 +73,35 @@ class TraceStep:
 
 
 @dataclass(frozen=True)
+class SchedulerState:
+    """A scheduler copied to the host; ``on_device`` names the attributes whose tensors were on the rank's device."""
+
+    scheduler: Any
+    on_device: frozenset[str]
+
+
+@dataclass(frozen=True)
+class StepCheckpoint:
+    """One rank's state after ``step`` denoising steps of the request in flight."""
+
+    rank: int
+    step: int
+    latents: torch.Tensor  # this rank's band of rows, on the host
+    scheduler: SchedulerState
+    trace: tuple[TraceStep, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """A rank's answer to a run of consecutive steps: their timings and, unless the loop is done or its mode
+    keeps stale activations between steps, the rank's checkpoint after them."""
+
+    rank: int
+    steps: tuple[StepResult, ...]
+    checkpoint: StepCheckpoint | None = None
+
+
+@dataclass(frozen=True)
 class RequestResult:
     """A rank's end of a request. Global rank 0 also carries the latents, images and (on request) the trace."""
 

@@ -14,6 +14,13 @@ from typing import Any
 from tessera.parallel.patch import PATCH_MODES, PatchConfig
 
 MODES = PATCH_MODES + ("ulysses",)
+STALE_KV_MODES = ("displaced", "partial")  # patch-parallel ranks reuse neighbours' K/V from earlier steps
+
+
+def keeps_stale_kv(mode: str, sp: int) -> bool:
+    """Whether ranks carry per-layer state from one step to the next (stale neighbour K/V): then a rank's state
+    is more than its latents and scheduler, and the batch's images share it."""
+    return sp > 1 and mode in STALE_KV_MODES
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
@@ -52,6 +59,7 @@ class DiffusionRequest:
     max_sequence_length: int = 300
     output: str = "image"          # "image" | "latent"
     trace: bool = False            # return per-step model inputs/outputs (tests)
+    batch_invariant: bool = False  # each image computed with the shapes it has alone: the same bits as alone
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompts, tuple) or not self.prompts:
@@ -86,6 +94,8 @@ class DiffusionRequest:
             raise ValueError(f"output must be 'image' or 'latent', got {self.output!r}")
         if not isinstance(self.trace, bool):
             raise ValueError(f"trace must be true or false, got {self.trace!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if not _is_real(self.partial_fraction) or not math.isfinite(self.partial_fraction):
             raise ValueError(f"partial_fraction must be a number in (0, 1], got {self.partial_fraction!r}")
         self.patch_config()  # validates warmup_steps / partial_fraction

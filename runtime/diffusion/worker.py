@@ -3,8 +3,10 @@
 The driver attaches one :class:`DiffusionWorker` per rank (``load_worker``,
 from a typed :class:`~tessera.runtime.diffusion.protocol.LoadSpec`), then per
 request either calls ``run_request`` (the whole denoising loop runs here: one
-fan-out per image) or, when the driver shows a live progress bar,
-``DiffusionWorker.begin``, ``step`` once per denoising step and ``end``.
+fan-out per image) or ``begin_request``, ``run_steps`` per chunk of steps and
+``end_request``: the driver shows a live progress bar over the chunks and keeps
+each rank's step checkpoint after every chunk, so a fault resumes there
+(``checkpoint.py``).
 Answers are the frozen dataclasses of ``protocol.py``. Every rank keeps the
 latent rows of its patch band; ranks exchange activations only inside
 attention (``parallel/patch.py``, ``parallel/ulysses.py``) and predictions
@@ -32,7 +34,9 @@ from tessera.parallel.cfg import COND, cfg_batched_combine, cfg_parallel_combine
 from tessera.parallel.counted import CommCounter, gather_tokens
 from tessera.parallel.patch import PatchParallelAttention
 from tessera.parallel.ulysses import UlyssesAttention, check_ulysses_heads
-from tessera.runtime.diffusion.protocol import LoadSpec, RequestResult, RequestStart, StepResult, TraceStep, WorkerInfo
+from tessera.runtime.diffusion.checkpoint import host_scheduler, host_trace, restore_scheduler, resumable
+from tessera.runtime.diffusion.protocol import (ChunkResult, LoadSpec, RequestResult, RequestStart, StepCheckpoint,
+                                                StepResult, TraceStep, WorkerInfo)
 from tessera.runtime.diffusion.request import DiffusionRequest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,7 +120,9 @@ class DiffusionWorker:
 
     # -- one request ---------------------------------------------------------------
 
-    def begin(self, req: DiffusionRequest) -> RequestStart:
+    def begin(self, req: DiffusionRequest, resume: tuple[StepCheckpoint, ...] | None = None) -> RequestStart:
+        """Set up ``req`` on this rank: its band, the encoded prompts, the noise; with ``resume`` (every rank's
+        checkpoint, from the driver) continue from this rank's saved step instead of the first."""
         if self.req is not None and self.attn is not None:
             self.attn.finish()
         self.req = req
@@ -137,8 +143,7 @@ class DiffusionWorker:
         payload: list[Any] = [None]
         if self.worker.rank == 0:
             try:
-                cond, uncond = self.pipeline.encode(list(req.prompts), list(req.negative_prompts),
-                                                    req.max_sequence_length)
+                cond, uncond = self._encode(req)
                 payload = [(cond.tensors, uncond.tensors)]
             except Exception as err:  # noqa: BLE001 - every rank must leave the broadcast, then all raise
                 payload = [f"{type(err).__name__}: {err}"]
@@ -166,7 +171,36 @@ class DiffusionWorker:
         self.attn = self._attention(req)
         self.step_index = 0
         self.trace: list[TraceStep] = []
+        if resume is not None:
+            self._restore(resume[self.worker.rank])
         return RequestStart(rank=self.worker.rank, rows=(r0, r1), steps=len(self.timesteps))
+
+    def checkpoint(self) -> StepCheckpoint:
+        """This rank's state between two steps, on the host (the driver keeps it; see ``checkpoint.py``)."""
+        return StepCheckpoint(rank=self.worker.rank, step=self.step_index,
+                              latents=self.latents.detach().to("cpu", copy=True),
+                              scheduler=host_scheduler(self.scheduler), trace=host_trace(self.trace))
+
+    def _restore(self, saved: StepCheckpoint) -> None:
+        if saved.rank != self.worker.rank or not resumable(self.req.mode, self.sp):
+            raise RuntimeError(f"rank {self.worker.rank} was given rank {saved.rank}'s checkpoint, or a mode "
+                               f"({self.req.mode}) that keeps stale activations between steps")
+        if saved.latents.shape != self.latents.shape:
+            raise RuntimeError(f"checkpoint latents {tuple(saved.latents.shape)} do not fit this rank's band "
+                               f"{tuple(self.latents.shape)}: the plan changed between the fault and the resume")
+        self.latents = saved.latents.to(self.device, self.dtype)
+        self.scheduler = restore_scheduler(saved.scheduler, self.device)
+        self.step_index = saved.step
+        self.trace = [TraceStep(s.t, s.latents.to(self.device), s.pred.to(self.device)) for s in saved.trace]
+
+    def _encode(self, req: DiffusionRequest) -> tuple[Conditioning, Conditioning]:
+        """The prompts' conditioning (cond, uncond): batched, or one prompt at a time for a batch-invariant
+        request (the text encoder's matmuls then have the shapes they have alone)."""
+        if not req.batch_invariant or len(req.prompts) == 1:
+            return self.pipeline.encode(list(req.prompts), list(req.negative_prompts), req.max_sequence_length)
+        pairs = [self.pipeline.encode([p], [n], req.max_sequence_length)
+                 for p, n in zip(req.prompts, req.negative_prompts)]
+        return Conditioning.concat([c for c, _ in pairs]), Conditioning.concat([u for _, u in pairs])
 
     def _fresh_scheduler(self):
         template = self.dir.load_component("scheduler")
@@ -215,7 +249,9 @@ class DiffusionWorker:
             x_in = self.scheduler.scale_model_input(x_in, t)
         hw = (req.height, req.width)
         with torch.no_grad():
-            if self.pipe is None:
+            if self.pipe is None and req.batch_invariant and x.shape[0] > 1:
+                pred = self._predict_each(x_in, x.shape[0], batched_cfg, t_model, self_attn, hw)
+            elif self.pipe is None:
                 pred = self.pipeline.predict(x_in, self.text, t_model, self.shard, self_attn, hw, guidance=req.guidance_scale)
             else:  # stages overlap on micro-batches unless attention keeps per-layer state (stale patch K/V)
                 pred = self.pipe.predict(
@@ -232,6 +268,19 @@ class DiffusionWorker:
         self.step_index += 1
         return StepResult(step=i, seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started,
                           sent_bytes=self.counter.sent_bytes - before)
+
+    def _predict_each(self, x_in: torch.Tensor, images: int, batched_cfg: bool, t_model: Any, self_attn: Any,
+                      hw: tuple[int, int]) -> torch.Tensor:
+        """The prediction of a batch-invariant request: one forward per image, over the rows it has alone (with
+        batched guidance its uncond and cond rows, ``[i, images + i]``), so every matmul has the shape it has
+        alone and the image gets the same bits; the loop, the rpcs and the scheduler stay shared."""
+        groups = [[i, images + i] if batched_cfg else [i] for i in range(images)]
+        preds = [self.pipeline.predict(x_in[g], self.text.select(g), t_model, self.shard, self_attn, hw,
+                                       guidance=self.req.guidance_scale) for g in groups]
+        order = [row for g in groups for row in g]
+        pred = torch.empty((len(order), *preds[0].shape[1:]), dtype=preds[0].dtype, device=preds[0].device)
+        pred[order] = torch.cat(preds)
+        return pred
 
     def end(self) -> RequestResult:
         req = self.req
@@ -250,7 +299,7 @@ class DiffusionWorker:
         if self.worker.rank != 0:
             return RequestResult(rank=self.worker.rank, comm=comm)
         return RequestResult(rank=0, comm=comm, latents=latents.float().cpu(),
-                             images=self._decode(latents) if req.output == "image" else None,
+                             images=self._decode(latents, req.batch_invariant) if req.output == "image" else None,
                              trace=trace, embeds=self.embeds if req.trace else None)
 
     def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -261,13 +310,15 @@ class DiffusionWorker:
         _, finish = gather_tokens(rows.movedim(2, 0), counts, self.sp_comm, None, "gather_rows")
         return finish().movedim(0, 2)
 
-    def _decode(self, latents: torch.Tensor):
+    def _decode(self, latents: torch.Tensor, each: bool = False):
         from diffusers.image_processor import VaeImageProcessor
 
         if self.vae is None:  # on rank 0's device, in fp32
             self.vae = self.dir.load_component("vae").eval().to(self.device)
-        with torch.no_grad():
-            image = self.vae.decode(self.pipeline.to_vae(latents.float().to(self.device), self.vae), return_dict=False)[0]
+        with torch.no_grad():  # a batch-invariant request decodes each image with the shapes it has alone
+            scaled = self.pipeline.to_vae(latents.float().to(self.device), self.vae)
+            parts = scaled.split(1) if each else (scaled,)
+            image = torch.cat([self.vae.decode(part, return_dict=False)[0] for part in parts])
         return VaeImageProcessor(vae_scale_factor=self.vae_scale).postprocess(image, output_type="np")
 
 
@@ -288,3 +339,23 @@ def run_request(dw: DiffusionWorker, request: DiffusionRequest) -> RequestResult
     dw.begin(request)
     steps = tuple(dw.step() for _ in range(len(dw.timesteps)))
     return dataclasses.replace(dw.end(), steps=steps)
+
+
+def begin_request(dw: DiffusionWorker, request: DiffusionRequest,
+                  resume: tuple[StepCheckpoint, ...] | None = None) -> RequestStart:
+    """Start ``request`` here, from the first step or from this rank's checkpoint in ``resume``."""
+    return dw.begin(request, resume)
+
+
+def run_steps(dw: DiffusionWorker, count: int, checkpoint: bool = True) -> ChunkResult:
+    """Up to ``count`` more denoising steps; then, if asked, this rank's checkpoint, unless the loop is done or
+    its mode cannot resume (stale K/V)."""
+    steps = tuple(dw.step() for _ in range(min(count, len(dw.timesteps) - dw.step_index)))
+    done = dw.step_index == len(dw.timesteps)
+    keep = checkpoint and not done and resumable(dw.req.mode, dw.sp)
+    return ChunkResult(rank=dw.worker.rank, steps=steps, checkpoint=dw.checkpoint() if keep else None)
+
+
+def end_request(dw: DiffusionWorker) -> RequestResult:
+    """Gather the latents, decode on rank 0 and leave the request."""
+    return dw.end()
