@@ -142,16 +142,21 @@ class Controller:
     def _kill_local_worker_processes(self) -> tuple[list[int], list[str]]:
         import signal
 
+        import psutil
+
         here = socket.gethostname()
         stopped, elsewhere = [], []
         for info in getattr(self, "_node_infos", None) or []:
             if info["hostname"] != here:
                 elsewhere.append(f"rank {info['rank']} pid {info['pid']} on {info['hostname']}")
                 continue
-            try:
+            try:  # the pid only while it is still the worker's process (same start time)
+                started = psutil.Process(info["pid"]).create_time()
+                if info.get("started", started) != started:
+                    continue
                 os.kill(info["pid"], signal.SIGKILL)
                 stopped.append(info["pid"])
-            except ProcessLookupError:
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
         return stopped, elsewhere
 
@@ -327,6 +332,10 @@ class Controller:
             raise self._infrastructure_lost(problem)
         log.warning("restarting all %d worker(s) of mesh %s", self.world_size, self.placement.plan)
         t0 = time.perf_counter()
+        # A stopped (SIGSTOP) or stuck rank cannot answer Ray's kill request; Ray force-kills it only after a
+        # grace period of seconds, during which its bundle stays taken and the new actor waits. The ranks on
+        # this host are SIGKILLed by pid first, so their bundles free at once.
+        self._kill_local_worker_processes()
         self._kill_workers()
         self._started = False
         try:

@@ -51,14 +51,24 @@ class StepDeadline:
         self.policy = policy
         self.ceiling_s = ceiling_s  # never longer than the engine's step_timeout_s
         self._rates: deque[float] = deque(maxlen=history)  # seconds per unit of work of recent calls
+        self._cold = False
+
+    def expect_cold_start(self) -> None:
+        """The next call runs on freshly started workers (after a restart and reload): lazy imports and
+        component loads make it slow, so it gets the ceiling (stalls are still found by heartbeats) and its
+        time is not taken as a measure of the work."""
+        self._cold = True
 
     def seconds(self, units: float) -> float:
         """The deadline of a call doing ``units`` of work (tokens x steps, or denoising steps x pixels)."""
-        if len(self._rates) < 2:  # warm-up calls (lazy initialisation, first allocations): the ceiling
+        if self._cold or len(self._rates) < 2:  # warm-up calls (lazy initialisation, first allocations)
             return self.ceiling_s
         return min(self.ceiling_s, max(self.policy.stall_floor_s, self.policy.stall_factor * max(self._rates) * units))
 
     def record(self, seconds: float, units: float) -> None:
+        if self._cold:  # the first call after a restart: not a measure of the work
+            self._cold = False
+            return
         self._rates.append(seconds / max(units, 1e-9))
 
 

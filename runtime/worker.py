@@ -62,6 +62,7 @@ class Worker:
     # -- discovery -------------------------------------------------------------
 
     def node_info(self) -> dict[str, Any]:
+        import psutil
         import ray
 
         ctx = ray.get_runtime_context()
@@ -71,6 +72,7 @@ class Worker:
             "node_ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
+            "started": psutil.Process().create_time(),  # with the pid: this process, not a later one
             "device": str(self.device),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }

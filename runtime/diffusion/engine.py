@@ -211,8 +211,10 @@ class DiffusionEngine:
             while True:
                 started, in_flight = time.perf_counter(), len(per_step)
                 try:
+                    # begin and end encode and decode, and may first load the text encoders or the VAE (lazy):
+                    # no step-sized deadline for them, heartbeats still find a stalled rank
                     ctl.collective_rpc("call", args=(ENGINE_ID, begin_request, req, saved),
-                                       timeout_s=self.deadline.seconds(units / req.steps), stall_s=stall_s)
+                                       timeout_s=self.deadline.ceiling_s, stall_s=stall_s)
                     while len(per_step) < req.steps:
                         count = min(self._chunk_steps(req, units), req.steps - len(per_step))
                         work = units * count / req.steps
@@ -236,7 +238,7 @@ class DiffusionEngine:
                         bar.update(count)
                     started, in_flight = time.perf_counter(), req.steps
                     results = ctl.collective_rpc("call", args=(ENGINE_ID, end_request),
-                                                 timeout_s=self.deadline.seconds(units / req.steps), stall_s=stall_s)
+                                                 timeout_s=self.deadline.ceiling_s, stall_s=stall_s)
                     self._replayed()
                     return per_step, step_s, results
                 except FAULTS as fault:
@@ -262,6 +264,7 @@ class DiffusionEngine:
     def _reload(self) -> None:
         """Rebuild every rank's shard on the restarted workers (Recovery's reload step)."""
         self.info = self.controller.collective_rpc(load_worker, args=(ENGINE_ID, self.spec))
+        self.deadline.expect_cold_start()
 
     def supports_batch_invariance(self, mode: str) -> bool:
         """Whether images of ``mode`` can be computed one forward each inside a shared loop: not with pipeline

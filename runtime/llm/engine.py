@@ -406,6 +406,7 @@ class LLMEngine:
     def _reload(self) -> None:
         """Attach this model's shards to the restarted workers (Recovery's reload step)."""
         self.shards = self.controller.collective_rpc("attach", args=(self.key, self.runner_factory, self._load_spec))
+        self.deadline.expect_cold_start()
 
     def _fail(self, request: Request, message: str) -> None:
         """Finish ``request`` with an error (its KV blocks freed); the others go on."""
