@@ -163,7 +163,7 @@ def test_a_step_checkpoint_resumes_on_the_device(gpu_controller, model_dirs):
     import pickle
 
     from tessera.runtime.diffusion.engine import ENGINE_ID, DiffusionEngine
-    from tessera.runtime.diffusion.worker import begin_request, end_request, run_steps
+    from tessera.runtime.diffusion.worker import DiffusionWorker, run_steps
 
     engine = DiffusionEngine.load(gpu_controller, model_dirs["pixart"], progress=False, checkpoint_s=None)
     try:
@@ -171,7 +171,7 @@ def test_a_step_checkpoint_resumes_on_the_device(gpu_controller, model_dirs):
         want = engine.generate_images(prompt, steps=6, height=h, width=w, guidance_scale=g, seed=seed,
                                       output="latent")[0]
         req = engine._request([prompt], 6, h, w, g, seed, "exact", 1, 0.25, "", None, "latent", False)
-        gpu_controller.collective_rpc("call", args=(ENGINE_ID, begin_request, req, None))
+        gpu_controller.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req, None))
         (chunk,) = gpu_controller.collective_rpc("call", args=(ENGINE_ID, run_steps, 3, True))
         saved = chunk.checkpoint
         assert saved.latents.device.type == "cpu"
@@ -179,9 +179,9 @@ def test_a_step_checkpoint_resumes_on_the_device(gpu_controller, model_dirs):
         if DEVICE != "cpu":
             assert "model_outputs" in saved.scheduler.on_device
         gpu_controller.collective_rpc("call", args=(ENGINE_ID, run_steps, 2, False))
-        gpu_controller.collective_rpc("call", args=(ENGINE_ID, begin_request, req, pickle.loads(pickle.dumps((saved,)))))
+        gpu_controller.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req, pickle.loads(pickle.dumps((saved,)))))
         gpu_controller.collective_rpc("call", args=(ENGINE_ID, run_steps, 10, True))
-        (result,) = gpu_controller.collective_rpc("call", args=(ENGINE_ID, end_request))
+        (result,) = gpu_controller.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.end))
         assert torch.equal(result.latents, want)
     finally:
         engine.close()

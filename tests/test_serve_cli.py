@@ -152,6 +152,10 @@ def test_cli_refuses_an_open_bind_without_a_key_before_starting_anything(model_d
                           timeout=120)
     assert proc.returncode == 2 and "max_image_batch" in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tessera.launch.cli", "serve", "--model", str(model_dir),
+                           "--image-batching", "approx"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--image-batching" in proc.stderr and "'exact', 'fast'" in proc.stderr
 
 
 @pytest.fixture(scope="module")

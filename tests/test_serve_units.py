@@ -284,3 +284,58 @@ def test_chat_on_a_checkpoint_without_template_is_a_400(engine, tiny, tmp_path):
         assert err.value.status == 400 and "no chat template" in err.value.body["error"]["message"]
     finally:
         loop.close()
+
+
+class _GatedImageEngine:
+    """A DiffusionEngine stand-in for the image loop: records each call; the first one waits for a gate, so the
+    requests sent meanwhile queue together. Exact batching is possible for mode "exact" only."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.calls: list[tuple[list[str], bool]] = []
+        self.gate = threading.Event()
+
+    def supports_batch_invariance(self, mode: str) -> bool:
+        return mode == "exact"
+
+    def generate_images(self, prompts, *, batch_invariant, **_):
+        from PIL import Image
+
+        self.calls.append((list(prompts), batch_invariant))
+        if len(self.calls) == 1:
+            assert self.gate.wait(30)
+        return [Image.new("RGB", (8, 8)) for _ in prompts]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_image_loop_batches_exactly_or_fast_and_runs_a_shared_state_mode_alone_when_exact(exact):
+    from tessera.launch.serve.images import ImageJob, ImageService
+
+    engine = _GatedImageEngine()
+    service = ImageService(engine, exact_batches=exact).start()
+
+    def job(prompt: str, mode: str) -> ImageJob:
+        return ImageJob(prompt=prompt, n=1, width=32, height=32, steps=2, guidance_scale=4.0, seed=0, mode=mode,
+                        negative_prompt="")
+
+    async def main():
+        first = asyncio.create_task(service.generate(job("busy", "exact")))
+        for _ in range(300):  # bounded: the loop has taken the first request
+            if engine.calls:
+                break
+            await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(service.generate(job(p, m)))
+                for p, m in (("a", "exact"), ("b", "exact"), ("c", "displaced"), ("d", "displaced"))]
+        await asyncio.sleep(0.2)  # all four queued behind the first
+        engine.gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), 60)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        service.close()
+    assert all(len(r) == 1 and r[0].startswith(b"\x89PNG") for r in results)
+    want = [(["busy"], exact), (["a", "b"], exact)]
+    want += [(["c"], True), (["d"], True)] if exact else [(["c", "d"], False)]
+    assert engine.calls == want

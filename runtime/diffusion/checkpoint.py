@@ -22,13 +22,6 @@ from typing import Any
 import torch
 
 from tessera.runtime.diffusion.protocol import SchedulerState, TraceStep
-from tessera.runtime.diffusion.request import keeps_stale_kv
-
-
-def resumable(mode: str, sp: int) -> bool:
-    """Whether a rank's state between steps is all in its :class:`StepCheckpoint`: not when patch-parallel
-    ranks keep stale neighbour K/V between steps (``displaced``, ``partial``)."""
-    return not keeps_stale_kv(mode, sp)
 
 
 def _move(value: Any, device: torch.device | str) -> tuple[Any, bool]:

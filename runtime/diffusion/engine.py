@@ -24,12 +24,10 @@ from typing import Any, Mapping, Sequence
 from tessera.errors import ConfigError
 from tessera.models.diffusers_loader import DiffusersDir
 from tessera.options import DiffusionOptions, OffloadConfig, from_mapping
-from tessera.runtime.diffusion.checkpoint import resumable
 from tessera.runtime.diffusion.protocol import (ChunkResult, LoadSpec, RequestResult, StepCheckpoint, StepResult,
                                                 WorkerInfo)
 from tessera.runtime.diffusion.request import DiffusionRequest, keeps_stale_kv, prompt_tuple
-from tessera.runtime.diffusion.worker import (DiffusionWorker, begin_request, end_request, load_worker, run_request,
-                                              run_steps)
+from tessera.runtime.diffusion.worker import DiffusionWorker, load_worker, run_request, run_steps
 from tessera.runtime.recovery import FAULTS, Recovery, StepDeadline
 
 ENGINE_ID = "diffusion"  # one diffusion model per set of workers: a new load replaces the old one
@@ -182,7 +180,7 @@ class DiffusionEngine:
         """Chunked with checkpoints when the mode can resume and the image takes longer than one checkpoint
         interval (or its time is not known yet); a short image stays one rpc."""
         every = self.options.checkpoint_s
-        if every is None or not resumable(req.mode, self.degrees.get("sp", 1)):
+        if every is None or keeps_stale_kv(req.mode, self.degrees.get("sp", 1)):
             return False
         return self._seconds_per_unit is None or self._seconds_per_unit * units > every
 
@@ -199,7 +197,7 @@ class DiffusionEngine:
         from tqdm.auto import tqdm
 
         ctl, stall_s, every = self.controller, self.options.recovery.stall_floor_s, self.options.checkpoint_s
-        keep = every is not None and resumable(req.mode, self.degrees.get("sp", 1))
+        keep = every is not None and not keeps_stale_kv(req.mode, self.degrees.get("sp", 1))
         per_step: list[list[StepResult]] = []
         step_s: list[float] = []
         saved: tuple[StepCheckpoint, ...] | None = None
@@ -213,7 +211,7 @@ class DiffusionEngine:
                 try:
                     # begin and end encode and decode, and may first load the text encoders or the VAE (lazy):
                     # no step-sized deadline for them, heartbeats still find a stalled rank
-                    ctl.collective_rpc("call", args=(ENGINE_ID, begin_request, req, saved),
+                    ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.begin, req, saved),
                                        timeout_s=self.deadline.ceiling_s, stall_s=stall_s)
                     while len(per_step) < req.steps:
                         count = min(self._chunk_steps(req, units), req.steps - len(per_step))
@@ -237,7 +235,7 @@ class DiffusionEngine:
                         bar.set_postfix_str(f"{elapsed / count * 1e3:.0f} ms/step")
                         bar.update(count)
                     started, in_flight = time.perf_counter(), req.steps
-                    results = ctl.collective_rpc("call", args=(ENGINE_ID, end_request),
+                    results = ctl.collective_rpc("call", args=(ENGINE_ID, DiffusionWorker.end),
                                                  timeout_s=self.deadline.ceiling_s, stall_s=stall_s)
                     self._replayed()
                     return per_step, step_s, results

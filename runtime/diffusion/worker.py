@@ -3,8 +3,8 @@
 The driver attaches one :class:`DiffusionWorker` per rank (``load_worker``,
 from a typed :class:`~tessera.runtime.diffusion.protocol.LoadSpec`), then per
 request either calls ``run_request`` (the whole denoising loop runs here: one
-fan-out per image) or ``begin_request``, ``run_steps`` per chunk of steps and
-``end_request``: the driver shows a live progress bar over the chunks and keeps
+fan-out per image) or ``DiffusionWorker.begin``, ``run_steps`` per chunk of steps
+and ``end``: the driver shows a live progress bar over the chunks and keeps
 each rank's step checkpoint after every chunk, so a fault resumes there
 (``checkpoint.py``).
 Answers are the frozen dataclasses of ``protocol.py``. Every rank keeps the
@@ -34,10 +34,10 @@ from tessera.parallel.cfg import COND, cfg_batched_combine, cfg_parallel_combine
 from tessera.parallel.counted import CommCounter, gather_tokens
 from tessera.parallel.patch import PatchParallelAttention
 from tessera.parallel.ulysses import UlyssesAttention, check_ulysses_heads
-from tessera.runtime.diffusion.checkpoint import host_scheduler, host_trace, restore_scheduler, resumable
+from tessera.runtime.diffusion.checkpoint import host_scheduler, host_trace, restore_scheduler
 from tessera.runtime.diffusion.protocol import (ChunkResult, LoadSpec, RequestResult, RequestStart, StepCheckpoint,
                                                 StepResult, TraceStep, WorkerInfo)
-from tessera.runtime.diffusion.request import DiffusionRequest
+from tessera.runtime.diffusion.request import DiffusionRequest, keeps_stale_kv
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHM_SLOT_BYTES = 8 << 20  # per rank: a 1024-token Flux exchange fits; larger ones go through gloo
@@ -162,6 +162,7 @@ class DiffusionWorker:
             self.text = uncond.cat(cond)  # diffusers' batch order [uncond, cond]
         self.embeds = (cond.tensors, uncond.tensors) if req.trace and self.worker.rank == 0 else None
         self.text_counts = self._shard_text(req)
+        self.per_image = self._per_image(req)
         # Same noise as diffusers' randn_tensor with a CPU generator, then this rank's rows.
         self.scheduler = self._fresh_scheduler()
         self.timesteps = self.pipeline.set_timesteps(self.scheduler, req.steps, lat_h, lat_w)
@@ -182,7 +183,7 @@ class DiffusionWorker:
                               scheduler=host_scheduler(self.scheduler), trace=host_trace(self.trace))
 
     def _restore(self, saved: StepCheckpoint) -> None:
-        if saved.rank != self.worker.rank or not resumable(self.req.mode, self.sp):
+        if saved.rank != self.worker.rank or keeps_stale_kv(self.req.mode, self.sp):
             raise RuntimeError(f"rank {self.worker.rank} was given rank {saved.rank}'s checkpoint, or a mode "
                                f"({self.req.mode}) that keeps stale activations between steps")
         if saved.latents.shape != self.latents.shape:
@@ -249,8 +250,8 @@ class DiffusionWorker:
             x_in = self.scheduler.scale_model_input(x_in, t)
         hw = (req.height, req.width)
         with torch.no_grad():
-            if self.pipe is None and req.batch_invariant and x.shape[0] > 1:
-                pred = self._predict_each(x_in, x.shape[0], batched_cfg, t_model, self_attn, hw)
+            if self.per_image is not None:
+                pred = self._predict_each(x_in, t_model, self_attn, hw)
             elif self.pipe is None:
                 pred = self.pipeline.predict(x_in, self.text, t_model, self.shard, self_attn, hw, guidance=req.guidance_scale)
             else:  # stages overlap on micro-batches unless attention keeps per-layer state (stale patch K/V)
@@ -269,15 +270,24 @@ class DiffusionWorker:
         return StepResult(step=i, seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started,
                           sent_bytes=self.counter.sent_bytes - before)
 
-    def _predict_each(self, x_in: torch.Tensor, images: int, batched_cfg: bool, t_model: Any, self_attn: Any,
-                      hw: tuple[int, int]) -> torch.Tensor:
-        """The prediction of a batch-invariant request: one forward per image, over the rows it has alone (with
-        batched guidance its uncond and cond rows, ``[i, images + i]``), so every matmul has the shape it has
-        alone and the image gets the same bits; the loop, the rpcs and the scheduler stay shared."""
+    def _per_image(self, req: DiffusionRequest) -> list[tuple[list[int], Conditioning]] | None:
+        """For a batch-invariant request of several images (no pipeline stages): each image's rows of the model
+        input (with batched guidance its uncond and cond rows, ``[i, images + i]``) and its text, selected once
+        here for every step's :meth:`_predict_each`. None otherwise."""
+        images = len(req.prompts)
+        if not req.batch_invariant or images == 1 or self.pipe is not None:
+            return None
+        batched_cfg = self.guided and self.cfg == 1
         groups = [[i, images + i] if batched_cfg else [i] for i in range(images)]
-        preds = [self.pipeline.predict(x_in[g], self.text.select(g), t_model, self.shard, self_attn, hw,
-                                       guidance=self.req.guidance_scale) for g in groups]
-        order = [row for g in groups for row in g]
+        return [(g, self.text.select(g)) for g in groups]
+
+    def _predict_each(self, x_in: torch.Tensor, t_model: Any, self_attn: Any, hw: tuple[int, int]) -> torch.Tensor:
+        """The prediction of a batch-invariant request: one forward per image over the rows it has alone, so
+        every matmul has the shape it has alone and the image gets the same bits; the loop, the rpcs and the
+        scheduler stay shared."""
+        preds = [self.pipeline.predict(x_in[rows], text, t_model, self.shard, self_attn, hw,
+                                       guidance=self.req.guidance_scale) for rows, text in self.per_image]
+        order = [row for rows, _ in self.per_image for row in rows]
         pred = torch.empty((len(order), *preds[0].shape[1:]), dtype=preds[0].dtype, device=preds[0].device)
         pred[order] = torch.cat(preds)
         return pred
@@ -341,21 +351,10 @@ def run_request(dw: DiffusionWorker, request: DiffusionRequest) -> RequestResult
     return dataclasses.replace(dw.end(), steps=steps)
 
 
-def begin_request(dw: DiffusionWorker, request: DiffusionRequest,
-                  resume: tuple[StepCheckpoint, ...] | None = None) -> RequestStart:
-    """Start ``request`` here, from the first step or from this rank's checkpoint in ``resume``."""
-    return dw.begin(request, resume)
-
-
 def run_steps(dw: DiffusionWorker, count: int, checkpoint: bool = True) -> ChunkResult:
     """Up to ``count`` more denoising steps; then, if asked, this rank's checkpoint, unless the loop is done or
     its mode cannot resume (stale K/V)."""
     steps = tuple(dw.step() for _ in range(min(count, len(dw.timesteps) - dw.step_index)))
     done = dw.step_index == len(dw.timesteps)
-    keep = checkpoint and not done and resumable(dw.req.mode, dw.sp)
+    keep = checkpoint and not done and not keeps_stale_kv(dw.req.mode, dw.sp)
     return ChunkResult(rank=dw.worker.rank, steps=steps, checkpoint=dw.checkpoint() if keep else None)
-
-
-def end_request(dw: DiffusionWorker) -> RequestResult:
-    """Gather the latents, decode on rank 0 and leave the request."""
-    return dw.end()
